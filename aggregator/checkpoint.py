@@ -1,0 +1,68 @@
+"""The aggregator's durable state, written atomically after every version.
+
+It holds the model weights, the version, the last round id used (round ids are never reused,
+so a device that already answered a round is never asked to train it again) and who was
+counted in the round that made this version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgpack
+import numpy as np
+
+from fedge.fsutil import atomic_write
+from fedge.limits import Limits
+from fedge.tensors import decode_records, dense_record, encode_records, spec_of
+
+__all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
+
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    version: int
+    last_round: int
+    weights: dict[str, np.ndarray]
+    counted: tuple[str, ...] = ()
+    failed_rounds: int = 0
+
+
+def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
+    blob = msgpack.packb(
+        {
+            "format": _FORMAT,
+            "version": ckpt.version,
+            "last_round": ckpt.last_round,
+            "counted": list(ckpt.counted),
+            "failed_rounds": ckpt.failed_rounds,
+            "spec": {k: list(s) for k, s in spec_of(ckpt.weights).items()},
+            "weights": encode_records([dense_record(k, v, "<f4") for k, v in ckpt.weights.items()]),
+        },
+        use_bin_type=True,
+    )
+    atomic_write(path, blob)
+
+
+def load_checkpoint(path: Path) -> Checkpoint | None:
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None
+    obj = msgpack.unpackb(raw, raw=False)
+    if obj.get("format") != _FORMAT:
+        raise ValueError(f"{path}: unknown checkpoint format {obj.get('format')!r}")
+    spec: Mapping[str, tuple[int, ...]] = {k: tuple(s) for k, s in obj["spec"].items()}
+    big = Limits(max_payload_bytes=len(raw) + 1, max_decompressed_bytes=len(raw) + 1)
+    weights = decode_records(obj["weights"], spec, ("<f4",), big)
+    return Checkpoint(
+        version=obj["version"],
+        last_round=obj["last_round"],
+        weights=weights,
+        counted=tuple(obj["counted"]),
+        failed_rounds=obj.get("failed_rounds", 0),
+    )

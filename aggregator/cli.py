@@ -1,0 +1,61 @@
+"""Command line of the aggregator service: ``fedge aggregator --config aggregator.yaml``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["add_arguments", "main", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="see examples/aggregator.yaml")
+    p.add_argument("--log-level", default="INFO")
+
+
+def run(args: argparse.Namespace) -> None:
+    from aggregator.config import load_aggregator_config
+    from aggregator.service import Aggregator
+    from fedge.mux import Mux
+    from fedge.runtime import setup_logging, wait_for_signal
+
+    setup_logging(args.log_level)
+    cfg = load_aggregator_config(args.config)
+    mux = Mux("aggregator").start()
+    agg = Aggregator(cfg, mux, on_round=lambda r: print(_line(r), flush=True))
+    print(
+        f"fedge aggregator: broker {cfg.broker}, fleet {cfg.fleet}, state {cfg.state_dir}",
+        flush=True,
+    )
+    agg.start()
+    try:
+        wait_for_signal(agg.done)
+    finally:
+        agg.stop()
+        import time
+
+        time.sleep(0.3)
+        mux.stop()
+    if agg.done.is_set():
+        print(f"done: version {agg.version} at {agg.latest_model_path}")
+
+
+def _line(r: dict[str, object]) -> str:
+    acc = r.get("accuracy")
+    acc_s = f" acc {acc:.4f}" if isinstance(acc, float) else ""
+    return (
+        f"round {r['round']} -> v{r['version']}: {r['devices']} devices,{acc_s} "
+        f"up {r['uplink_bytes']} B, {float(r['seconds']):.1f} s"
+    )  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fedge.errors import FedgeError
+
+    p = argparse.ArgumentParser(prog="python -m aggregator", description="fedge aggregator")
+    add_arguments(p)
+    try:
+        run(p.parse_args(argv))
+    except FedgeError as e:
+        sys.exit(f"fedge aggregator: error: {e}")

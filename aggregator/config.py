@@ -1,0 +1,90 @@
+"""Settings of the aggregator service, loaded once from YAML (see examples/aggregator.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fedge.codecs import parse_codec
+from fedge.config_io import load_yaml_config
+from fedge.envelopes import TrainHyper
+from fedge.mqtt import BrokerURL
+
+__all__ = ["AggregatorConfig", "HyperConfig", "ModelConfig", "load_aggregator_config"]
+
+_STRICT = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(BaseModel):
+    model_config = _STRICT
+    name: str = "mlp"
+    input_dim: int = Field(default=64, ge=1)
+    num_classes: int = Field(default=10, ge=2)
+    seed: int = 0
+
+
+class HyperConfig(BaseModel):
+    """Local training asked of devices each round."""
+
+    model_config = _STRICT
+    epochs: int = Field(default=5, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=65536)
+    lr: float = Field(default=0.1, gt=0, le=100)
+    momentum: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    prox_mu: float = Field(default=0.0, ge=0)
+
+    def to_hyper(self) -> TrainHyper:
+        return TrainHyper(**self.model_dump())
+
+
+class AggregatorConfig(BaseModel):
+    model_config = _STRICT
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    fleet: str = "default"
+    username: str = "aggregator"
+    password: str | None = None
+    client_id: str = "aggregator"
+    state_dir: Path = Path("fedge-aggregator-state")
+    model: ModelConfig = ModelConfig()
+    hyper: HyperConfig = HyperConfig()
+    codec: str = "fp32"
+    strategy: str = "fedavg"
+    server_lr: float = Field(default=1.0, gt=0)
+    rounds: int = Field(default=0, ge=0, description="stop after this many versions; 0 = forever")
+    target_devices: int = Field(default=10, ge=1, description="close a round when this many count")
+    min_devices: int = Field(default=2, ge=1, description="quorum needed at the deadline")
+    round_timeout: float = Field(default=120.0, gt=0, description="seconds from task to deadline")
+    max_num_samples: int = Field(default=100_000, ge=1, description="clamp for reported counts")
+    eval_data: Path | None = Field(default=None, description=".npz with x, y for central eval")
+    metrics_file: Path | None = Field(default=None, description="default: STATE_DIR/metrics.jsonl")
+
+    @field_validator("broker")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        BrokerURL.parse(v)
+        return v
+
+    @field_validator("codec")
+    @classmethod
+    def _codec(cls, v: str) -> str:
+        return parse_codec(v).name
+
+    @model_validator(mode="after")
+    def _quorum(self) -> AggregatorConfig:
+        if self.min_devices > self.target_devices:
+            raise ValueError(
+                f"min_devices ({self.min_devices}) must not exceed target_devices "
+                f"({self.target_devices})"
+            )
+        return self
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.metrics_file or self.state_dir / "metrics.jsonl"
+
+
+def load_aggregator_config(path: Path) -> AggregatorConfig:
+    return load_yaml_config(path, AggregatorConfig)

@@ -1,0 +1,25 @@
+"""Per-round metrics as JSON lines, and counters of rejected messages by reason."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLog"]
+
+
+class MetricsLog:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rejected: Counter[str] = Counter()
+        self.accepted = 0
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] += 1
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")

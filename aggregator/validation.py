@@ -1,0 +1,62 @@
+"""The boundary check of an update: everything a device sends is untrusted.
+
+Order matters: sizes and schema first (cheap, before any decompression), then the round's own
+rules (round, nonce, base version, codec, selection, duplicates), and only then the delta is
+decoded, which checks names, shapes, dtypes and finiteness against the model spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from aggregator.rounds import OpenRound
+from fedge.codecs import parse_codec
+from fedge.envelopes import ModelUpdate
+from fedge.errors import InvalidUpdate
+from fedge.limits import Limits
+from fedge.tensors import TensorSpec
+
+__all__ = ["Accepted", "validate_update"]
+
+
+@dataclass(frozen=True)
+class Accepted:
+    update: ModelUpdate
+    delta: dict[str, np.ndarray]
+    num_samples: int  # after clamping
+    clamped: bool
+
+
+def validate_update(
+    topic_device: str,
+    payload: bytes,
+    rnd: OpenRound,
+    spec: TensorSpec,
+    limits: Limits,
+    max_num_samples: int,
+) -> Accepted:
+    upd = ModelUpdate.from_bytes(payload, limits)
+    t = rnd.task
+    if upd.device != topic_device:
+        raise InvalidUpdate("device_mismatch", f"{topic_device} sent an update signed {upd.device}")
+    if upd.round != t.round:
+        raise InvalidUpdate("wrong_round", f"{upd.device}: round {upd.round}, open is {t.round}")
+    if upd.nonce != t.nonce:
+        raise InvalidUpdate("bad_nonce", f"{upd.device}: nonce does not match round {t.round}")
+    if upd.base_version != t.base_version:
+        raise InvalidUpdate(
+            "wrong_base", f"{upd.device}: base v{upd.base_version}, round uses v{t.base_version}"
+        )
+    if upd.codec != t.codec:
+        raise InvalidUpdate(
+            "wrong_codec", f"{upd.device}: codec {upd.codec!r}, round asks {t.codec!r}"
+        )
+    if not t.asks(upd.device):
+        raise InvalidUpdate("not_selected", f"{upd.device} was not asked in round {t.round}")
+    if upd.device in rnd.counted:
+        raise InvalidUpdate("duplicate", f"{upd.device} already counted in round {t.round}")
+    delta = parse_codec(upd.codec).decode(upd.delta, spec, limits)
+    n = min(upd.num_samples, max_num_samples)
+    return Accepted(upd, delta, n, clamped=n != upd.num_samples)

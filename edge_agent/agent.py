@@ -1,0 +1,281 @@
+"""The edge agent: an explicit state machine over one MQTT session.
+
+    CONNECTING -> WAITING_MODEL -> WAITING_TASK -> TRAINING -> UPLOADING -> IDLE
+                        ^               ^                                   |
+                        +---------------+--------- next model / task -------+
+
+Retained messages make the order of arrival free: a device that connects late (or reboots)
+gets the current model and task at once and joins the round if it is asked. Training runs on
+an executor so the MQTT loop keeps serving keepalives; its result comes back to the loop
+thread through ``Mux.call_soon``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from edge_agent.data import LocalData
+from edge_agent.store import AgentStore, HeldModel
+from fedge.codecs import parse_codec
+from fedge.envelopes import (
+    DeviceState,
+    DeviceStatus,
+    GlobalModel,
+    ModelArch,
+    ModelUpdate,
+    RoundTask,
+)
+from fedge.errors import ProtocolError
+from fedge.limits import DEFAULT_LIMITS, Limits
+from fedge.mqtt import BrokerURL, publish_packet_size
+from fedge.mux import Mux
+from fedge.session import Session, SessionOptions
+from fedge.topics import Topics
+
+__all__ = ["AgentCounters", "AgentState", "EdgeAgent"]
+
+log = logging.getLogger(__name__)
+
+TrainFn = Callable[..., Any]
+
+
+class AgentState(StrEnum):
+    CONNECTING = "connecting"
+    WAITING_MODEL = "waiting_model"
+    WAITING_TASK = "waiting_task"
+    TRAINING = "training"
+    UPLOADING = "uploading"
+    IDLE = "idle"
+
+
+@dataclass
+class AgentCounters:
+    rx_bytes: int = 0  # MQTT PUBLISH packets received (model, task)
+    tx_bytes: int = 0  # MQTT PUBLISH packets of updates sent
+    updates_sent: int = 0
+    rounds_skipped: int = 0
+    models_rejected: int = 0
+
+
+class EdgeAgent:
+    def __init__(
+        self,
+        *,
+        device_id: str,
+        mux: Mux,
+        broker: BrokerURL,
+        topics: Topics,
+        data: LocalData,
+        store: AgentStore,
+        executor: Executor,
+        train_fn: TrainFn | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        keepalive: int = 30,
+        seed: int = 0,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.device_id = device_id
+        self.mux = mux
+        self.topics = topics
+        self.data = data
+        self.store = store
+        self.executor = executor
+        self._train_fn = train_fn
+        self.seed = seed
+        self.limits = limits
+        self.state = AgentState.CONNECTING
+        self.counters = AgentCounters()
+        self.model: HeldModel | None = store.load_model()
+        self._weights: dict[str, np.ndarray] | None = None
+        self.task: RoundTask | None = None
+        self.last_round = store.last_round()
+        offline = DeviceStatus(device_id, DeviceState.OFFLINE, ts=0.0).to_bytes()
+        self.session = Session(
+            mux,
+            broker,
+            SessionOptions(
+                client_id=device_id,
+                username=username if username is not None else device_id,
+                password=password,
+                keepalive=keepalive,
+                will=(topics.status(device_id), offline),
+            ),
+            subscriptions=[topics.model, topics.task],
+            on_message=self._on_message,
+            on_connected=self._on_connected,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self.session.start()
+
+    def stop(self) -> None:
+        """Say offline and disconnect (safe from any thread)."""
+        self.mux.call_soon(self._stop)
+
+    def _stop(self) -> None:
+        last = (self.topics.status(self.device_id), self._status(DeviceState.OFFLINE))
+        self.session.close(last=last)
+
+    def _status(self, state: DeviceState) -> bytes:
+        version = self.model.version if self.model else None
+        return DeviceStatus(self.device_id, state, version, time.time()).to_bytes()
+
+    def _publish_status(self, state: DeviceState) -> None:
+        self.session.publish(
+            self.topics.status(self.device_id), self._status(state), qos=1, retain=True
+        )
+
+    def _on_connected(self) -> None:
+        self._publish_status(DeviceState.ONLINE)
+        if self.state == AgentState.CONNECTING:
+            self.state = AgentState.WAITING_MODEL if self.model is None else AgentState.WAITING_TASK
+        self._advance()
+
+    # -- incoming -----------------------------------------------------------------------------
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        self.counters.rx_bytes += publish_packet_size(topic, len(payload))
+        try:
+            if topic == self.topics.model:
+                self._on_model(GlobalModel.from_bytes(payload, self.limits))
+            elif topic == self.topics.task:
+                self._on_task(RoundTask.from_bytes(payload, self.limits))
+        except ProtocolError as e:
+            self.counters.models_rejected += topic == self.topics.model
+            log.warning("%s: ignored message on %s: %s", self.device_id, topic, e)
+
+    def _on_model(self, m: GlobalModel) -> None:
+        if self.model is not None and m.version < self.model.version:
+            log.warning(
+                "%s: refused model v%d older than held v%d",
+                self.device_id,
+                m.version,
+                self.model.version,
+            )
+            self.counters.models_rejected += 1
+            return
+        if (
+            self.model is not None
+            and m.version == self.model.version
+            and m.sha256 == self.model.sha256
+        ):
+            return
+        self.store.save_model(m)
+        self.model = HeldModel(m.version, m.arch, m.sha256, m.onnx)
+        self._weights = None
+        self._advance()
+
+    def _on_task(self, t: RoundTask) -> None:
+        self.task = t
+        self._advance()
+
+    # -- the state machine --------------------------------------------------------------------
+    def _advance(self) -> None:
+        """Decide what to do with the model and task we hold; called after every event."""
+        if self.state in (AgentState.CONNECTING, AgentState.TRAINING, AgentState.UPLOADING):
+            return
+        t, m = self.task, self.model
+        if m is None:
+            self.state = AgentState.WAITING_MODEL
+            return
+        if t is None:
+            self.state = AgentState.WAITING_TASK
+            return
+        if t.round <= self.last_round or not t.asks(self.device_id):
+            self.state = AgentState.IDLE
+            return
+        if m.version < t.base_version:
+            self.state = AgentState.WAITING_MODEL
+            return
+        if m.version > t.base_version or time.time() > t.deadline:
+            self.state = AgentState.IDLE
+            return
+        try:
+            codec = parse_codec(t.codec)
+        except ValueError as e:
+            log.error("%s: cannot honour round %d: %s", self.device_id, t.round, e)
+            self.counters.rounds_skipped += 1
+            self.last_round = t.round
+            self.state = AgentState.IDLE
+            return
+        self.state = AgentState.TRAINING
+        weights = self._global_weights(m)
+        fut = self.executor.submit(self._train, m.arch, weights, t, self.seed * 1_000_003 + t.round)
+        fut.add_done_callback(lambda f: self.mux.call_soon(self._trained, t, m, weights, codec, f))
+
+    def _global_weights(self, m: HeldModel) -> dict[str, np.ndarray]:
+        if self._weights is None:
+            from models.onnx_weights import read_initializers
+
+            self._weights = read_initializers(m.onnx)
+        return self._weights
+
+    def _train(
+        self, arch: ModelArch, weights: Mapping[str, np.ndarray], t: RoundTask, seed: int
+    ) -> Any:
+        train = self._train_fn
+        if train is None:
+            from edge_agent.trainer import train_local as train
+        return train(arch, weights, self.data.x, self.data.y, t.hyper, seed)
+
+    def _trained(
+        self,
+        t: RoundTask,
+        m: HeldModel,
+        base: Mapping[str, np.ndarray],
+        codec: Any,
+        fut: Future[Any],
+    ) -> None:
+        try:
+            result = fut.result()
+        except Exception:
+            log.exception("%s: local training failed in round %d", self.device_id, t.round)
+            self.state = AgentState.IDLE
+            self._advance()
+            return
+        delta = {k: result.weights[k] - base[k] for k in base}
+        update = ModelUpdate(
+            device=self.device_id,
+            round=t.round,
+            base_version=t.base_version,
+            update_id=uuid.uuid4().hex,
+            nonce=t.nonce,
+            num_samples=result.num_samples,
+            codec=codec.name,
+            delta=codec.encode(delta),
+            metrics={"loss": result.loss, "accuracy": result.accuracy, "seconds": result.seconds},
+        )
+        self.state = AgentState.UPLOADING
+        try:
+            size = self.session.publish(
+                self.topics.update(self.device_id),
+                update.to_bytes(),
+                qos=1,
+                on_done=lambda ok, why: self._uploaded(t, ok, why),
+            )
+        except ProtocolError as e:
+            log.error("%s: update for round %d not sent: %s", self.device_id, t.round, e)
+            self._uploaded(t, False, str(e))
+            return
+        self.counters.tx_bytes += size
+
+    def _uploaded(self, t: RoundTask, ok: bool, why: str) -> None:
+        if ok:
+            self.counters.updates_sent += 1
+        else:
+            log.warning("%s: broker refused update for round %d: %s", self.device_id, t.round, why)
+        # Either way this round is over for us: retrying a refused update would loop.
+        self.last_round = t.round
+        self.store.set_last_round(t.round)
+        self.state = AgentState.IDLE
+        self._advance()

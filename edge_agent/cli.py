@@ -1,0 +1,115 @@
+"""Command line of the edge agent: ``run`` (train in the fleet) and ``predict`` (inference).
+
+``predict`` uses onnxruntime only: nothing on its path imports torch, so a device that only
+runs inference needs neither torch nor the training extras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["add_arguments", "main", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="agent YAML config (see examples/agent.yaml)")
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="agent_cmd", metavar="{predict}")
+    pr = sub.add_parser("predict", help="classify samples with an ONNX model (onnxruntime only)")
+    pr.add_argument(
+        "--model", type=Path, required=True, help="ONNX file, e.g. STATE_DIR/model.onnx"
+    )
+    pr.add_argument("--input", type=Path, required=True, help=".npy, .npz (key x) or .csv rows")
+    pr.add_argument("--json", action="store_true", help="print JSON with logits")
+
+
+def predict(model: Path, inp: Path, as_json: bool) -> None:
+    from edge_agent.inference import OnnxPredictor, load_input
+    from fedge.errors import ConfigError
+
+    if not model.is_file():
+        raise ConfigError(f"model file {model} not found")
+    if not inp.is_file():
+        raise ConfigError(f"input file {inp} not found")
+    try:
+        predictor = OnnxPredictor.from_path(model)
+        x = load_input(inp)
+        logits = predictor.predict_logits(x)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    classes = logits.argmax(axis=1)
+    if as_json:
+        print(json.dumps({"classes": classes.tolist(), "logits": logits.tolist()}))
+    else:
+        for c in classes:
+            print(int(c))
+
+
+def run_agent(config: Path, log_level: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.config import load_agent_config
+    from edge_agent.data import load_local_data
+    from edge_agent.store import AgentStore
+    from fedge.mqtt import BrokerURL
+    from fedge.mux import Mux
+    from fedge.runtime import setup_logging, wait_for_signal
+    from fedge.topics import Topics
+
+    setup_logging(log_level)
+    cfg = load_agent_config(config)
+    data = load_local_data(cfg.data, cfg.device_id)
+    mux = Mux(f"agent-{cfg.device_id}").start()
+    agent = EdgeAgent(
+        device_id=cfg.device_id,
+        mux=mux,
+        broker=BrokerURL.parse(cfg.broker),
+        topics=Topics(cfg.fleet),
+        data=data,
+        store=AgentStore(cfg.state_dir),
+        executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="train"),
+        username=cfg.username,
+        password=cfg.password,
+        keepalive=cfg.keepalive,
+        seed=cfg.seed,
+    )
+    print(
+        f"fedge agent {cfg.device_id}: {len(data)} samples, broker {cfg.broker}, "
+        f"fleet {cfg.fleet}, state {cfg.state_dir}",
+        flush=True,
+    )
+    agent.start()
+    try:
+        wait_for_signal()
+    finally:
+        agent.stop()
+        import time
+
+        time.sleep(0.3)
+        mux.stop()
+
+
+def run(args: argparse.Namespace) -> None:
+    from fedge.errors import ConfigError
+
+    if args.agent_cmd == "predict":
+        predict(args.model, args.input, args.json)
+    elif args.config is None:
+        raise ConfigError("fedge agent needs --config FILE (or the 'predict' subcommand)")
+    else:
+        run_agent(args.config, args.log_level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fedge.errors import FedgeError
+
+    p = argparse.ArgumentParser(prog="python -m edge_agent", description="fedge edge agent")
+    add_arguments(p)
+    try:
+        run(p.parse_args(argv))
+    except FedgeError as e:
+        sys.exit(f"fedge agent: error: {e}")

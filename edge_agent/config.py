@@ -1,0 +1,52 @@
+"""Settings of an edge agent, loaded once from YAML (see examples/agent.yaml)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from fedge.config_io import load_yaml_config
+from fedge.mqtt import BrokerURL
+from fedge.topics import validate_device_id
+
+__all__ = ["AgentConfig", "load_agent_config"]
+
+
+def _default_device_id() -> str:
+    # In containers started with --scale, the hostname is the only unique name.
+    return os.environ.get("FEDGE_DEVICE_ID") or socket.gethostname().split(".")[0]
+
+
+class AgentConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    device_id: str = Field(default_factory=_default_device_id)
+    broker: str = "mqtt://127.0.0.1:1883"
+    fleet: str = "default"
+    username: str | None = None
+    password: str | None = None
+    state_dir: Path = Path("fedge-agent-state")
+    data: Path = Field(
+        description="local training data: an .npz with arrays x and y, or a directory of "
+        "device-*.npz files of which the agent takes one by a stable hash of its device id"
+    )
+    keepalive: int = Field(default=30, ge=5, le=3600)
+    seed: int = 0
+
+    @field_validator("device_id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return validate_device_id(v)
+
+    @field_validator("broker")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        BrokerURL.parse(v)
+        return v
+
+
+def load_agent_config(path: Path) -> AgentConfig:
+    return load_yaml_config(path, AgentConfig)

@@ -1,0 +1,159 @@
+"""One MQTT connection of a role, driven by a ``Mux``.
+
+It subscribes again after every (re)connect, publishes with a size check and a completion
+callback fired from ``on_publish`` (paho's return code alone does not say the broker took the
+message), and hands incoming messages to the role as ``(topic, payload)``. Every method runs
+on the mux thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_SUCCESS, Client, MQTTMessage
+from paho.mqtt.reasoncodes import ReasonCode
+
+from fedge.errors import ProtocolError
+from fedge.limits import MAX_PACKET_SIZE
+from fedge.mqtt import BrokerURL, connect_properties, make_client, publish_packet_size
+from fedge.mux import Link, Mux
+
+__all__ = ["Session", "SessionOptions"]
+
+log = logging.getLogger(__name__)
+
+PublishDone = Callable[[bool, str], None]
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    client_id: str
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = 30
+    session_expiry: int = 24 * 3600
+    will: tuple[str, bytes] | None = None
+
+
+class Session:
+    """A persistent MQTT 5 session with subscriptions and confirmed publishes."""
+
+    def __init__(
+        self,
+        mux: Mux,
+        url: BrokerURL,
+        options: SessionOptions,
+        subscriptions: Sequence[str],
+        on_message: Callable[[str, bytes], None],
+        on_connected: Callable[[], None] | None = None,
+    ) -> None:
+        self.mux = mux
+        self.url = url
+        self.options = options
+        self.subscriptions = tuple(subscriptions)
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self.client: Client = make_client(options.client_id, options.username, options.password)
+        if url.tls:
+            self.client.tls_set()
+        if options.will is not None:
+            topic, payload = options.will
+            self.client.will_set(topic, payload, qos=1, retain=True)
+        self.client.on_connect = self._handle_connect
+        self.client.on_disconnect = self._handle_disconnect
+        self.client.on_message = self._handle_message
+        self.client.on_publish = self._handle_publish
+        self.connected = False
+        self.connects = 0
+        self.last_error = ""
+        self._pending: dict[int, PublishDone | None] = {}
+        self._link: Link | None = None
+
+    def start(self) -> None:
+        """Attach to the mux and connect (safe from any thread)."""
+        self.mux.call_soon(self._attach)
+
+    def _attach(self) -> None:
+        self._link = self.mux.attach(self.client, self._connect)
+
+    def _connect(self, client: Client) -> None:
+        if self.connects == 0:
+            client.connect(
+                self.url.host,
+                self.url.port,
+                keepalive=self.options.keepalive,
+                clean_start=False,
+                properties=connect_properties(self.options.session_expiry),
+            )
+        else:
+            client.reconnect()
+
+    def close(self, last: tuple[str, bytes] | None = None) -> None:
+        """Publish ``last`` (retained, QoS 0 so nothing waits), disconnect cleanly (mux thread)."""
+        if self._link is None:
+            return
+        if last is not None and self.connected:
+            self.client.publish(last[0], last[1], qos=0, retain=True)
+        if self.connected:
+            self.client.disconnect()
+        self.mux.flush_and_close(self._link)
+        self.connected = False
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        on_done: PublishDone | None = None,
+    ) -> int:
+        """Queue a publish; returns its exact packet size. ``on_done(ok, reason)`` follows."""
+        size = publish_packet_size(topic, len(payload), qos)
+        if size > MAX_PACKET_SIZE:
+            # The broker would drop the connection and paho would resend forever: refuse up front.
+            raise ProtocolError("too_large", f"{size} byte packet exceeds {MAX_PACKET_SIZE}")
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (MQTT_ERR_SUCCESS, MQTT_ERR_NO_CONN):
+            raise ProtocolError("publish", f"paho refused publish on {topic}: rc={info.rc}")
+        if qos == 0:
+            if on_done is not None:
+                on_done(info.rc == MQTT_ERR_SUCCESS, "qos0")
+        else:
+            # NO_CONN: paho keeps QoS>0 messages and sends them after reconnecting.
+            self._pending[info.mid] = on_done
+        return size
+
+    # -- paho callbacks (mux thread) ------------------------------------------------------------
+    def _handle_connect(
+        self, client: Client, _u: Any, _flags: Any, rc: ReasonCode, _props: Any
+    ) -> None:
+        if rc.is_failure:
+            self.last_error = f"broker refused connection: {rc}"
+            log.warning("%s: %s", self.options.client_id, self.last_error)
+            return
+        self.connected = True
+        self.connects += 1
+        if self._link is not None:
+            self._link.connected_ok()
+        if self.subscriptions:
+            client.subscribe([(t, 1) for t in self.subscriptions])
+        if self._on_connected is not None:
+            self._on_connected()
+
+    def _handle_disconnect(self, _c: Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+        if self.connected:
+            log.info("%s: disconnected (%s)", self.options.client_id, rc)
+        self.connected = False
+        self.connects = max(self.connects, 1)
+
+    def _handle_message(self, _c: Client, _u: Any, msg: MQTTMessage) -> None:
+        self._on_message(msg.topic, msg.payload)
+
+    def _handle_publish(self, _c: Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
+        done = self._pending.pop(mid, None)
+        if done is not None:
+            done(not rc.is_failure, str(rc))

@@ -1,0 +1,77 @@
+"""Every MQTT topic of a fleet, built and parsed in one place.
+
+``{p}`` is the fleet prefix, ``fedge/<fleet>``:
+
+    {p}/model/global      retained, QoS 1   aggregator -> devices   GlobalModel
+    {p}/round/current     retained, QoS 1   aggregator -> devices   RoundTask
+    {p}/update/{device}   QoS 1             device -> aggregator    ModelUpdate
+    {p}/status/{device}   retained, QoS 1   device -> all           DeviceStatus (also the will)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["Topics", "validate_device_id"]
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_device_id(device_id: str) -> str:
+    """Device ids become topic levels and client ids: no wildcards, slashes or spaces."""
+    if not isinstance(device_id, str) or not _ID.match(device_id):
+        raise ValueError(
+            f"invalid device id {device_id!r}: use 1-64 characters of letters, digits, '_', '.', "
+            "'-', starting with a letter or digit"
+        )
+    return device_id
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names of one fleet."""
+
+    fleet: str = "default"
+
+    def __post_init__(self) -> None:
+        try:
+            validate_device_id(self.fleet)
+        except ValueError:
+            raise ValueError(
+                f"invalid fleet name {self.fleet!r}: use letters, digits, '_', '.', '-'"
+            ) from None
+
+    @property
+    def prefix(self) -> str:
+        return f"fedge/{self.fleet}"
+
+    @property
+    def model(self) -> str:
+        return f"{self.prefix}/model/global"
+
+    @property
+    def task(self) -> str:
+        return f"{self.prefix}/round/current"
+
+    def update(self, device: str) -> str:
+        return f"{self.prefix}/update/{validate_device_id(device)}"
+
+    def status(self, device: str) -> str:
+        return f"{self.prefix}/status/{validate_device_id(device)}"
+
+    @property
+    def all_updates(self) -> str:
+        return f"{self.prefix}/update/+"
+
+    @property
+    def all_statuses(self) -> str:
+        return f"{self.prefix}/status/+"
+
+    def device_of(self, topic: str, kind: str) -> str | None:
+        """The device id in ``{p}/{kind}/{device}``, or None if the topic is not of that form."""
+        head = f"{self.prefix}/{kind}/"
+        if not topic.startswith(head):
+            return None
+        device = topic[len(head) :]
+        return device if _ID.match(device) else None

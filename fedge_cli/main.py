@@ -1,0 +1,129 @@
+"""``fedge``: the command line. It wires the roles together and is imported by nothing.
+
+Every user-facing error is one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _simulate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", help="digits, synthetic[:A,B] or mnist5k")
+    p.add_argument("--devices", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--partition", default="dirichlet:0.5", help="iid, dirichlet:ALPHA, shards:K")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--broker",
+        default=None,
+        help="mqtt://HOST:PORT of an existing broker "
+        "(default: start a Mosquitto on a free loopback port)",
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/sim"))
+    p.add_argument("--codec", default="fp32", help="delta codec, e.g. fp32, fp16, fp16+zstd")
+    p.add_argument("--model", default=None, help="model name (default: by dataset)")
+    p.add_argument("--epochs", type=int, default=5, help="local epochs per round")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.1, help="local SGD learning rate")
+    p.add_argument("--round-timeout", type=float, default=60.0, help="seconds per round")
+    p.add_argument("--min-devices", type=int, default=None, help="quorum (default: half)")
+    p.add_argument("--log-level", default="WARNING")
+
+
+def _simulate(args: argparse.Namespace) -> None:
+
+    from fedge.runtime import setup_logging
+    from simulation.fleet import SimConfig, simulate
+
+    setup_logging(args.log_level)
+    cfg = SimConfig(
+        out=args.out,
+        dataset=args.dataset,
+        devices=args.devices,
+        rounds=args.rounds,
+        partition=args.partition,
+        seed=args.seed,
+        broker=args.broker,
+        codec=args.codec,
+        model=args.model,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        round_timeout=args.round_timeout,
+        min_devices=args.min_devices,
+    )
+    s = simulate(cfg)
+    print(
+        f"done: {s['rounds']} rounds, final accuracy {s['final_accuracy']:.4f}, "
+        f"uplink {s['uplink_bytes']} B, downlink {s['downlink_bytes']} B, "
+        f"{s['wall_seconds']:.1f} s (+{s['setup_seconds']:.1f} s set-up)"
+    )
+    print(f"summary: {(args.out / 'summary.json').resolve()}")
+    print(f"model:   {s['model_onnx']}")
+
+
+def _data_split(args: argparse.Namespace) -> None:
+    from simulation.datasets import make_federated, write_npz_partitions
+
+    data = make_federated(args.dataset, args.devices, args.partition, args.seed)
+    paths = write_npz_partitions(data, args.out)
+    print(f"wrote {len(paths)} files to {args.out} (sizes {list(data.sizes)})")
+
+
+def _models(_args: argparse.Namespace) -> None:
+    from models.zoo import list_models
+
+    for m in list_models():
+        print(f"{m.name:10s} {m.description}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from aggregator import cli as agg_cli
+    from edge_agent import cli as agent_cli
+
+    p = argparse.ArgumentParser(prog="fedge", description="Federated learning over MQTT")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sim = sub.add_parser("simulate", help="run a fleet on this machine over a real Mosquitto")
+    _simulate_args(sim)
+    sim.set_defaults(func=_simulate)
+    agg = sub.add_parser("aggregator", help="run the aggregator service")
+    agg_cli.add_arguments(agg)
+    agg.set_defaults(func=agg_cli.run)
+    ag = sub.add_parser("agent", help="run an edge agent, or 'agent predict' for inference")
+    agent_cli.add_arguments(ag)
+    ag.set_defaults(func=agent_cli.run)
+    data = sub.add_parser("data", help="dataset tools")
+    dsub = data.add_subparsers(dest="data_cmd", required=True, metavar="{split}")
+    split = dsub.add_parser("split", help="write per-device .npz partitions for real agents")
+    split.add_argument("--dataset", default="digits")
+    split.add_argument("--devices", type=int, default=10)
+    split.add_argument("--partition", default="dirichlet:0.5")
+    split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--out", type=Path, required=True)
+    split.set_defaults(func=_data_split)
+    models = sub.add_parser("models", help="list model architectures")
+    models.set_defaults(func=_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fedge.errors import FedgeError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (FedgeError, ValueError, FileNotFoundError) as e:
+        sys.exit(f"fedge: error: {e}")
+    except RuntimeError as e:  # e.g. mosquitto missing or failing to start
+        sys.exit(f"fedge: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Registry of the torch architectures fedge can train, by name.
+
+Devices and the aggregator agree on a model by its name plus (input_dim,
+num_classes): both sides call `build_model` and must get identical parameter
+names and shapes, so the numpy state dicts they exchange line up. Initial weights
+are a pure function of the seed, so every participant can rebuild round 0
+without shipping it.
+
+Every model maps float32 `[batch, input_dim]` to float32 logits
+`[batch, num_classes]`; softmax is left to the loss and to the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["ModelSpec", "build_model", "list_models"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a registry entry is called and what it is, for CLIs and configs."""
+
+    name: str
+    description: str
+
+
+class MLP(nn.Module):
+    """Two hidden layers of 64; attribute names fix the state_dict keys (fc1.weight, ...)."""
+
+    def __init__(self, input_dim: int, num_classes: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(input_dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.fc1(x))
+        x = torch.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+class LogReg(nn.Module):
+    """Multinomial logistic regression: one linear layer emitting logits."""
+
+    def __init__(self, input_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(input_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+_Factory = Callable[[int, int], nn.Module]
+
+# name -> (spec, factory). Adding an architecture is one entry here.
+_REGISTRY: dict[str, tuple[ModelSpec, _Factory]] = {
+    "logreg": (ModelSpec("logreg", "multinomial logistic regression (one Linear)"), LogReg),
+    "mlp": (ModelSpec("mlp", "MLP, two ReLU hidden layers of 64 units"), MLP),
+}
+
+
+def list_models() -> list[ModelSpec]:
+    """All registered architectures, sorted by name."""
+    return [_REGISTRY[name][0] for name in sorted(_REGISTRY)]
+
+
+def build_model(name: str, input_dim: int, num_classes: int, seed: int = 0) -> nn.Module:
+    """Build a registered model with weights that depend only on `seed`.
+
+    The global torch RNG is forked, so building a model neither depends on nor
+    disturbs whatever random state the caller (a training loop) is using.
+    """
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown model {name!r}; known: {known}")
+    if input_dim < 1:
+        raise ValueError(f"input_dim must be >= 1, got {input_dim}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2 (logits are argmax-ed), got {num_classes}")
+    _, factory = entry
+    # devices=[] keeps fork_rng from touching (or warning about) CUDA.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return factory(input_dim, num_classes)

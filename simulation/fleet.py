@@ -1,0 +1,203 @@
+"""``fedge simulate``: a whole fleet on one machine, over a real Mosquitto.
+
+The aggregator and N edge agents run in this process, each agent with its own MQTT
+connection. Agents share one selector loop (``Mux``) and one training thread; the aggregator
+has a loop of its own so that exporting and evaluating never stalls the agents' keepalives.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from aggregator.config import AggregatorConfig, HyperConfig, ModelConfig
+from aggregator.evaluation import EvalSet
+from aggregator.service import Aggregator
+from edge_agent.agent import EdgeAgent
+from edge_agent.data import LocalData
+from edge_agent.store import AgentStore
+from fedge.errors import BrokerUnavailable, ConfigError
+from fedge.mqtt import BrokerURL, probe_broker
+from fedge.mux import Mux
+from fedge.topics import Topics
+from simulation.datasets import make_federated
+
+__all__ = ["SimConfig", "simulate"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_MODEL = {"digits": "mlp", "mnist5k": "mlp", "synthetic": "logreg"}
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    out: Path
+    dataset: str = "digits"
+    devices: int = 10
+    rounds: int = 30
+    partition: str = "dirichlet:0.5"
+    seed: int = 0
+    broker: str | None = None
+    codec: str = "fp32"
+    model: str | None = None
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 0.1
+    round_timeout: float = 60.0
+    min_devices: int | None = None
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.devices < 1:
+            raise ConfigError(f"--devices must be >= 1, got {self.devices}")
+        if self.rounds < 1:
+            raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the fleet until ``cfg.rounds`` versions are published; return the summary."""
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    for sub in ("aggregator", "agents", "broker"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    try:
+        data = make_federated(cfg.dataset, cfg.devices, cfg.partition, cfg.seed, cfg.test_fraction)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    import torch
+
+    torch.set_num_threads(1)  # tiny models: one thread per step is fastest, and leaves a core
+
+    broker = None
+    if cfg.broker is None:
+        from simulation.broker import MosquittoBroker
+
+        broker = MosquittoBroker(out / "broker").start()
+        url = BrokerURL.parse(broker.url)
+    else:
+        url = BrokerURL.parse(cfg.broker)
+        probe_broker(url)
+    say(
+        f"broker {url}  |  {cfg.dataset}: {cfg.devices} devices, partition {cfg.partition}, "
+        f"sizes {min(data.sizes)}-{max(data.sizes)}, test {len(data.test[1])}"
+    )
+
+    # A fleet name of its own: retained messages of an earlier run on a shared broker
+    # must not leak into this one.
+    topics = Topics(f"sim-{uuid.uuid4().hex[:8]}")
+    agg_cfg = AggregatorConfig(
+        broker=str(url),
+        fleet=topics.fleet,
+        state_dir=out / "aggregator",
+        metrics_file=out / "metrics.jsonl",
+        model=ModelConfig(
+            name=cfg.model or _DEFAULT_MODEL.get(data.name.split(":")[0], "mlp"),
+            input_dim=data.input_dim,
+            num_classes=data.num_classes,
+            seed=cfg.seed,
+        ),
+        hyper=HyperConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr),
+        codec=cfg.codec,
+        rounds=cfg.rounds,
+        target_devices=cfg.devices,
+        min_devices=cfg.min_devices or max(1, cfg.devices // 2),
+        round_timeout=cfg.round_timeout,
+    )
+    agents: list[EdgeAgent] = []
+    prev = {"down": 0}
+
+    def on_round(rec: dict[str, Any]) -> None:
+        down = sum(a.counters.rx_bytes for a in agents)
+        say(
+            f"round {rec['round']:3d}  v{rec['version']:<3d} | devices {rec['devices']:3d}/"
+            f"{cfg.devices} | acc {rec.get('accuracy', float('nan')):.4f} | "
+            f"loss {rec.get('loss', float('nan')):.4f} | up {_fmt_bytes(rec['uplink_bytes'])} | "
+            f"down {_fmt_bytes(down - prev['down'])} | {rec['seconds']:.1f} s"
+        )
+        prev["down"] = down
+
+    agg_mux, dev_mux = Mux("aggregator").start(), Mux("devices").start()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+    aggregator = Aggregator(agg_cfg, agg_mux, eval_set=EvalSet(*data.test), on_round=on_round)
+    try:
+        aggregator.start()
+        for i, (x, y) in enumerate(data.parts):
+            dev = f"dev-{i:04d}"
+            agent = EdgeAgent(
+                device_id=dev,
+                mux=dev_mux,
+                broker=url,
+                topics=topics,
+                data=LocalData(x, y),
+                store=AgentStore(out / "agents" / dev),
+                executor=executor,
+                seed=cfg.seed * 7919 + i,
+            )
+            agents.append(agent)
+            agent.start()
+        t_fleet = time.perf_counter()
+        budget = cfg.rounds * (cfg.round_timeout + 30) + 60
+        while not aggregator.done.wait(1.0):
+            if time.perf_counter() - t_fleet > budget:
+                raise BrokerUnavailable(f"simulation made no progress within {budget:.0f} s")
+        wall = time.perf_counter() - t_fleet
+        _wait_for_final_model(agents, aggregator.version, timeout=5.0)
+    finally:
+        for a in agents:
+            a.stop()
+        aggregator.stop()
+        time.sleep(0.3)
+        dev_mux.stop()
+        agg_mux.stop()
+        executor.shutdown(wait=True, cancel_futures=True)
+        if broker is not None:
+            broker.stop()
+
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ok = [r for r in records if "version" in r]
+    last = ok[-1] if ok else {}
+    summary = {
+        "rounds": aggregator.version,
+        "failed_rounds": len(records) - len(ok),
+        "final_accuracy": last.get("accuracy"),
+        "final_loss": last.get("loss"),
+        "uplink_bytes": sum(r["uplink_bytes"] for r in ok),
+        "downlink_bytes": sum(a.counters.rx_bytes for a in agents),
+        "wall_seconds": round(wall, 3),
+        "setup_seconds": round(t_fleet - t_start, 3),
+        "model_onnx": str(aggregator.latest_model_path.resolve()),
+        "metrics": str((out / "metrics.jsonl").resolve()),
+        "rejected": dict(aggregator.metrics.rejected),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "broker": str(url),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _wait_for_final_model(agents: list[EdgeAgent], version: int, timeout: float) -> None:
+    """Let the last retained model reach the devices, so downlink bytes are complete."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if all(a.model is not None and a.model.version >= version for a in agents):
+            return
+        time.sleep(0.05)

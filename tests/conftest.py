@@ -1,0 +1,40 @@
+"""Shared fixtures: a real Mosquitto started from broker_config/, never a mock."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from simulation.broker import MosquittoBroker, MosquittoNotFound, find_mosquitto
+
+
+def _require_mosquitto() -> None:
+    try:
+        find_mosquitto()
+    except MosquittoNotFound as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """One broker for the whole session; tests keep apart through `prefix`."""
+    _require_mosquitto()
+    with MosquittoBroker(tmp_path_factory.mktemp("broker")) as started:
+        yield started
+
+
+@pytest.fixture
+def fresh_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A broker of the test's own, for tests that kill or restart it."""
+    _require_mosquitto()
+    with MosquittoBroker(tmp_path / "broker") as started:
+        yield started
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic prefix `fedge/t<8 hex>` (the fleet level) unique to the test."""
+    return f"fedge/t{uuid.uuid4().hex[:8]}"
