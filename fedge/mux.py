@@ -202,6 +202,9 @@ class Mux:
             self._run_timers()
         for link in list(self._links.values()):
             self.flush_and_close(link)
+        self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def _service(self, link: Link, mask: int) -> None:
         try:

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 __all__ = ["Topics", "validate_device_id"]
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def validate_device_id(device_id: str) -> str:
     """Device ids become topic levels and client ids: no wildcards, slashes or spaces."""
-    if not isinstance(device_id, str) or not _ID.match(device_id):
+    if not isinstance(device_id, str) or not _ID.fullmatch(device_id):
         raise ValueError(
             f"invalid device id {device_id!r}: use 1-64 characters of letters, digits, '_', '.', "
             "'-', starting with a letter or digit"
@@ -74,4 +74,4 @@ class Topics:
         if not topic.startswith(head):
             return None
         device = topic[len(head) :]
-        return device if _ID.match(device) else None
+        return device if _ID.fullmatch(device) else None

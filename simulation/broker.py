@@ -33,8 +33,9 @@ _HOST = "127.0.0.1"
 # Debian installs the broker in /usr/sbin, which is not on a normal user's PATH.
 _FALLBACK_PATHS = (Path("/usr/sbin/mosquitto"), Path("/usr/local/sbin/mosquitto"))
 _LOG_TAIL_LINES = 30
-# Logged once every listener is bound.
+# Logged (at level "information") once every listener is bound.
 _RUNNING = re.compile(r"mosquitto version \S+ running")
+_LOGS_INFORMATION = re.compile(r"^log_type\s+(information|all)\s*$", re.MULTILINE)
 
 
 class MosquittoNotFound(RuntimeError):
@@ -111,10 +112,11 @@ class MosquittoBroker:
                     f"broker {name} not found at {path}; it ships in broker_config/ of the "
                     f"fedge source tree (run from a checkout, or pass template=/acl=)"
                 )
-        if "{log_file}" not in self.template.read_text():
+        text = self.template.read_text()
+        if "{log_file}" not in text or not _LOGS_INFORMATION.search(text):
             raise ValueError(
-                f"{self.template} must contain 'log_dest file {{log_file}}': start() reads "
-                f"that log to know the broker is up"
+                f"{self.template} must contain 'log_dest file {{log_file}}' and "
+                f"'log_type information': start() waits for the 'running' line of that log"
             )
         self._port_chosen = port is None
         self._port = _free_port() if port is None else port
@@ -162,7 +164,7 @@ class MosquittoBroker:
     # -- lifecycle ------------------------------------------------------------
 
     def start(self, timeout: float = 10) -> MosquittoBroker:
-        """Start the broker and return once its port accepts connections."""
+        """Start the broker; return once it has logged "running" and its port accepts."""
         if self.running:
             raise RuntimeError(f"broker already running (pid {self.pid}) on {self.url}")
         self._write_config()

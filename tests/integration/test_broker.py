@@ -114,11 +114,12 @@ class Peer:
             self._lock.notify_all()
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
-        self.messages.put(Received(message.topic, message.payload, bool(message.retain)))
+        self.messages.put(Received(message.topic, bytes(message.payload), bool(message.retain)))
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> int:
         """Publish at QoS 1 and return the PUBACK reason code."""
         info = self.client.publish(topic, payload, qos=1, retain=retain)
+        assert info.rc == mqtt.MQTT_ERR_SUCCESS, f"publish {topic}: rc {info.rc}"
         with self._lock:
             if not self._lock.wait_for(lambda: info.mid in self._pubacks, WAIT):
                 raise AssertionError(f"no PUBACK for {topic} within {WAIT}s")
@@ -134,7 +135,9 @@ class Peer:
 
     def subscribe(self, topic: str) -> int:
         """Subscribe at QoS 1 and return the SUBACK reason code."""
-        _, mid = self.client.subscribe(topic, qos=1)
+        rc, mid = self.client.subscribe(topic, qos=1)
+        assert rc == mqtt.MQTT_ERR_SUCCESS, f"subscribe {topic}: rc {rc}"
+        assert mid is not None
         with self._lock:
             if not self._lock.wait_for(lambda: mid in self._subacks, WAIT):
                 raise AssertionError(f"no SUBACK for {topic} within {WAIT}s")

@@ -1,0 +1,202 @@
+"""The end-to-end path over a real Mosquitto: aggregator + edge agents + hand-driven devices."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from aggregator.config import AggregatorConfig, HyperConfig, ModelConfig
+from aggregator.evaluation import EvalSet
+from aggregator.service import Aggregator
+from edge_agent.agent import EdgeAgent
+from edge_agent.data import LocalData
+from edge_agent.inference import OnnxPredictor
+from edge_agent.store import AgentStore
+from fedge.codecs import parse_codec
+from fedge.envelopes import ModelUpdate
+from fedge.mqtt import BrokerURL
+from fedge.mux import Mux
+from fedge.tensors import dense_record, encode_records
+from fedge.topics import Topics
+from models.onnx_weights import read_initializers
+from simulation.broker import MosquittoBroker
+from simulation.datasets import FederatedData, make_federated
+from simulation.fleet import SimConfig, simulate
+from tests.integration.fleet_helpers import RawDevice, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def digits3() -> FederatedData:
+    return make_federated("digits", 3, "iid", seed=0)
+
+
+class Fleet:
+    """An aggregator and agents in this process, each with its own MQTT connection."""
+
+    def __init__(self, broker: MosquittoBroker, tmp: Path, data: FederatedData, **cfg: Any) -> None:
+        self.url = BrokerURL.parse(broker.url)
+        self.topics = Topics(f"t{uuid.uuid4().hex[:8]}")
+        self.tmp = tmp
+        self.data = data
+        self.records: list[dict[str, Any]] = []
+        self.agg_mux, self.dev_mux = Mux("agg").start(), Mux("dev").start()
+        self.executor = ThreadPoolExecutor(1)
+        self.agents: dict[str, EdgeAgent] = {}
+        self.config = AggregatorConfig(
+            broker=str(self.url),
+            fleet=self.topics.fleet,
+            state_dir=tmp / "aggregator",
+            model=ModelConfig(input_dim=data.input_dim, num_classes=data.num_classes),
+            hyper=HyperConfig(epochs=2, lr=0.1),
+            **cfg,
+        )
+        self.aggregator = Aggregator(
+            self.config, self.agg_mux, eval_set=EvalSet(*data.test), on_round=self.records.append
+        )
+
+    def start_aggregator(self) -> None:
+        self.aggregator.start()
+
+    def add_agent(self, i: int) -> EdgeAgent:
+        x, y = self.data.parts[i]
+        dev = f"dev-{i}"
+        agent = EdgeAgent(
+            device_id=dev, mux=self.dev_mux, broker=self.url, topics=self.topics,
+            data=LocalData(x, y), store=AgentStore(self.tmp / dev), executor=self.executor, seed=i,
+        )
+        self.agents[dev] = agent
+        agent.start()
+        return agent
+
+    def raw_device(self, name: str) -> RawDevice:
+        return RawDevice(self.url.host, self.url.port, name, self.topics.prefix)
+
+    def close(self) -> None:
+        for a in self.agents.values():
+            a.stop()
+        self.aggregator.stop()
+        wait_until(lambda: not self.aggregator.session.connected, 5, "aggregator disconnect")
+        self.dev_mux.stop()
+        self.agg_mux.stop()
+        self.executor.shutdown(cancel_futures=True)
+
+
+@pytest.fixture
+def fleet_factory(broker: MosquittoBroker, tmp_path: Path) -> Iterator[Any]:
+    made: list[Fleet] = []
+
+    def make(data: FederatedData, **cfg: Any) -> Fleet:
+        f = Fleet(broker, tmp_path, data, **cfg)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.close()
+
+
+def test_simulation_accuracy_rises_and_summary_is_complete(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    cfg = SimConfig(out=tmp_path / "run", devices=3, rounds=3, partition="iid", epochs=1,
+                    broker=broker.url)
+
+    summary = simulate(cfg, say=lambda _s: None)
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["version"] for r in records] == [1, 2, 3]
+    assert all(r["devices"] == 3 for r in records)
+    assert records[-1]["accuracy"] > records[0]["accuracy"]
+    for key in ("rounds", "final_accuracy", "uplink_bytes", "downlink_bytes", "wall_seconds",
+                "model_onnx"):
+        assert key in summary
+    assert summary["rounds"] == 3
+    assert summary["uplink_bytes"] == sum(r["uplink_bytes"] for r in records) > 0
+    # Each device received at least the 4 published versions and 3 tasks.
+    assert summary["downlink_bytes"] > 3 * 4 * records[-1]["model_bytes"]
+    # The published model is usable for inference as is, and is the evaluated one.
+    x, y = make_federated("digits", 3, "iid", seed=0).test
+    pred = OnnxPredictor.from_path(Path(summary["model_onnx"])).predict(x)
+    assert float((pred == y).mean()) == pytest.approx(summary["final_accuracy"])
+
+
+def test_late_device_gets_retained_model_and_joins_next_round(
+    fleet_factory: Any, digits3: FederatedData
+) -> None:
+    fleet = fleet_factory(digits3, rounds=3, target_devices=3, min_devices=2, round_timeout=3.0)
+    fleet.start_aggregator()
+    fleet.add_agent(0)
+    fleet.add_agent(1)
+    wait_until(lambda: len(fleet.records) >= 1, 30, "version 1 from two devices")
+    assert fleet.records[0]["devices"] == 2
+
+    late = fleet.add_agent(2)
+
+    wait_until(lambda: late.model is not None and late.model.version >= 1, 10, "retained model")
+    wait_until(lambda: fleet.aggregator.done.is_set(), 40, "three versions")
+    assert late.counters.updates_sent >= 1
+    assert any(r["devices"] == 3 for r in fleet.records[1:])
+
+
+def _zero_update(agg: Aggregator, device: str, task: Any, **over: Any) -> bytes:
+    delta = {k: np.zeros_like(v) for k, v in agg.weights.items()}
+    fields = dict(device=device, round=task.round, base_version=task.base_version,
+                  update_id=uuid.uuid4().hex, nonce=task.nonce, num_samples=10,
+                  codec=task.codec, delta=parse_codec(task.codec).encode(delta))
+    fields.update(over)
+    return ModelUpdate(**fields).to_bytes()
+
+
+def test_duplicates_and_bad_payloads_are_rejected_while_round_completes(
+    fleet_factory: Any, digits3: FederatedData, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="aggregator.service")
+    fleet = fleet_factory(digits3, rounds=1, target_devices=2, min_devices=2, round_timeout=30)
+    fleet.start_aggregator()
+    good_a, good_b, bad = (fleet.raw_device(n) for n in ("dev-a", "dev-b", "dev-bad"))
+    task = good_a.wait_task(1)
+    agg = fleet.aggregator
+    wrong_shape = {k: np.zeros((3, 3), np.float32) for k in agg.weights}
+    nan = {k: np.full_like(v, np.nan) for k, v in agg.weights.items()}
+    try:
+        dup = _zero_update(agg, "dev-a", task)
+        good_a.send(dup)
+        good_a.send(dup)
+        bad.send(b"\xc1 not msgpack")
+        bad.send(_zero_update(agg, "dev-bad", task, delta=encode_records(
+            [dense_record(k, v, "<f4") for k, v in wrong_shape.items()])))
+        bad.send(_zero_update(agg, "dev-bad", task, delta=encode_records(
+            [dense_record(k, v, "<f4") for k, v in nan.items()])))
+        wait_until(lambda: sum(agg.metrics.rejected.values()) >= 4, 10, "four rejections")
+        assert agg.version == 0  # nothing bad closed the round
+
+        good_b.send(_zero_update(agg, "dev-b", task))
+
+        wait_until(agg.done.is_set, 10, "round completes")
+    finally:
+        for d in (good_a, good_b, bad):
+            d.close()
+    assert fleet.records[0]["devices"] == 2
+    assert dict(agg.metrics.rejected) == {
+        "duplicate": 1, "bad_msgpack": 1, "bad_tensor": 1, "non_finite": 1
+    }
+    assert fleet.records[0]["rejected"] == dict(agg.metrics.rejected)
+    logged = caplog.text
+    for reason in ("duplicate", "bad_msgpack", "bad_tensor", "non_finite"):
+        assert f"rejected update: {reason}" in logged
+    # Zero deltas from both counted devices leave the published model unchanged.
+    v0 = read_initializers(agg.registry.path(0).read_bytes())
+    v1 = read_initializers(agg.registry.path(1).read_bytes())
+    for name in v0:
+        np.testing.assert_array_equal(v1[name], v0[name])
