@@ -25,6 +25,7 @@ demo: venv mosquitto
 		--seed 0 --rounds 30 --epochs 5 --lr 0.1 --out runs/demo
 
 test: venv mosquitto
+	@bash scripts/ensure-test-tools.sh
 	@# pytest exits 5 when it collected nothing: a suite that runs nothing is a failure.
 	$(VENV)/bin/pytest || { rc=$$?; [ $$rc -eq 5 ] && echo 'make test: pytest collected no tests' >&2; exit $$rc; }
 

@@ -29,7 +29,8 @@ SMALL_CAP = 1024 * 1024
 MODEL = {"w": (3, 4), "b": (4,)}
 
 names = st.from_regex(r"\A[a-z][a-z0-9_.]{0,15}\Z")
-shapes = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5)
+# 0-size dims round trip; 0-dim (scalar) tensors do not: see test_scalar_tensor_round_trips.
+shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=5)
 
 
 def deltas(elements: st.SearchStrategy[float]) -> st.SearchStrategy[dict[str, np.ndarray]]:
@@ -149,7 +150,7 @@ def test_fp16_clips_huge_values_to_finite(spec: str) -> None:
 
 
 @pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("shape", [(), (0,), (3, 0), (1,), (2, 3, 4)])
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 0, 2), (1,), (2, 3, 4)])
 def test_zeros_are_exact(spec: str, shape: tuple[int, ...]) -> None:
     codec = parse_codec(spec)
     delta = {"a": np.zeros(shape, np.float32)}
@@ -158,6 +159,23 @@ def test_zeros_are_exact(spec: str, shape: tuple[int, ...]) -> None:
 
     assert out["a"].shape == shape
     np.testing.assert_array_equal(out["a"], np.zeros(shape, np.float32))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG fedge/tensors.py dense_record: np.ascontiguousarray turns a 0-dim array into "
+    "shape (1,), so a scalar tensor is sent as shape [1] and its own decoder (and "
+    "load_checkpoint) refuses it as 'bad_tensor' against spec shape ()",
+)
+@pytest.mark.parametrize("spec", SPECS)
+def test_scalar_tensor_round_trips(spec: str) -> None:
+    codec = parse_codec(spec)
+    delta = {"t": np.array(0.25, np.float32)}
+
+    out = codec.decode(codec.encode(delta), {"t": ()}, DEFAULT_LIMITS)
+
+    assert out["t"].shape == ()
+    np.testing.assert_array_equal(out["t"], np.float32(0.25))
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -199,7 +217,7 @@ def test_zstd_blob_is_smaller_for_redundant_data() -> None:
     [
         pytest.param(lambda r: [[f"x{rec[0]}", *rec[1:]] for rec in r], id="wrong-names"),
         pytest.param(lambda r: r[:1], id="missing-tensor"),
-        pytest.param(lambda r: [*r, [*r[0][:1], *r[0][1:]][:0] + ["extra", *r[0][1:]]], id="extra"),
+        pytest.param(lambda r: [*r, ["extra", *r[0][1:]]], id="extra-tensor"),
         pytest.param(lambda r: [r[0], r[0]], id="duplicate"),
         pytest.param(lambda r: [], id="empty"),
     ],
@@ -386,12 +404,15 @@ def test_frame_exactly_at_the_cap_is_accepted(spec: str) -> None:
 
 
 @pytest.mark.parametrize("spec", ZSTD_SPECS)
-@pytest.mark.parametrize("keep", [0.5, 0.9, "minus-one", "header-only"])
-def test_truncated_frame(spec: str, keep: Any) -> None:
+@pytest.mark.parametrize(
+    "cut",
+    [lambda n: n // 2, lambda n: n - 1, lambda n: 3],
+    ids=["half", "minus-one", "header-only"],
+)
+def test_truncated_frame(spec: str, cut: Any) -> None:
     blob = parse_codec(spec).encode(model_delta())
-    cut = {"minus-one": len(blob) - 1, "header-only": 3}.get(keep) or int(len(blob) * keep)
 
-    assert_rejected(spec, blob[:cut], "bad_zstd")
+    assert_rejected(spec, blob[: cut(len(blob))], "bad_zstd")
 
 
 @pytest.mark.parametrize("spec", ZSTD_SPECS)
