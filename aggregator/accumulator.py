@@ -32,4 +32,6 @@ class WeightedSum:
     def mean(self) -> dict[str, np.ndarray]:
         if self.count == 0:
             raise AggregationError("no updates to average")
-        return {k: (v / self.total_weight).astype(np.float32) for k, v in self.sums.items()}
+        # Overflow to inf in the float32 cast is caught by the caller's finiteness check.
+        with np.errstate(over="ignore"):
+            return {k: (v / self.total_weight).astype(np.float32) for k, v in self.sums.items()}

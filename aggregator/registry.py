@@ -21,8 +21,9 @@ class ModelRegistry:
 
     def save(self, version: int, onnx: bytes, meta: dict[str, Any]) -> Path:
         p = self.path(version)
-        atomic_write(p, onnx)
+        # Metadata first: versions() lists .onnx files, so a listed version always has its meta.
         atomic_write(p.with_suffix(".json"), json.dumps(meta, indent=1, sort_keys=True).encode())
+        atomic_write(p, onnx)
         return p
 
     def versions(self) -> list[int]:

@@ -187,10 +187,17 @@ class Aggregator:
         if self.strategy.count >= self.config.min_devices:
             self._close_round()
             return
+        self._fail_round(
+            rnd, f"quorum not met: {self.strategy.count} of {self.config.min_devices} by deadline"
+        )
+
+    def _fail_round(self, rnd: OpenRound, reason: str) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         self.failed_rounds += 1
-        reason = f"quorum not met: {self.strategy.count} of {self.config.min_devices} by deadline"
         log.warning("round %d failed: %s", rnd.round, reason)
         self.metrics.write({"round": rnd.round, "failed": reason, "ts": time.time()})
+        self.round = None
         self._open_round()
 
     def _close_round(self) -> None:
@@ -198,7 +205,12 @@ class Aggregator:
         assert rnd is not None
         if self._deadline is not None:
             self._deadline.cancel()
-        self.weights = self.strategy.finish(self.weights)
+        new = self.strategy.finish(self.weights)
+        if not all(np.isfinite(v).all() for v in new.values()):
+            # Finite inputs can still overflow float32; never publish or checkpoint that.
+            self._fail_round(rnd, "aggregate is not finite (overflow); model kept")
+            return
+        self.weights = new
         self.version += 1
         self._checkpoint(counted=tuple(rnd.counted))
         metrics = self._render_model(metrics={})

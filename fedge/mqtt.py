@@ -35,13 +35,18 @@ class BrokerURL:
             )
         tls = parts.scheme == "mqtts"
         try:
-            port = parts.port or (8883 if tls else 1883)
+            port = parts.port
         except ValueError:
             raise ValueError(f"invalid port in broker URL {url!r}") from None
+        if port is None:
+            port = 8883 if tls else 1883
+        if not 1 <= port <= 65535:
+            raise ValueError(f"invalid port in broker URL {url!r}: use 1-65535")
         return cls(parts.hostname, port, tls)
 
     def __str__(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
 def make_client(client_id: str, username: str | None = None, password: str | None = None) -> Client:

@@ -148,7 +148,9 @@ class Mux:
         try:
             link.connect(link.client)
         except (OSError, ValueError) as e:
-            log.debug("%s: connect failed: %s", link.client._client_id, e)
+            # Warn once per outage, not on every retry.
+            level = logging.WARNING if link.backoff == _BACKOFF_MIN else logging.DEBUG
+            log.log(level, "cannot reach the broker (%s); retrying with back-off", e)
             self._schedule_reconnect(link)
 
     def _schedule_reconnect(self, link: Link) -> None:

@@ -34,8 +34,9 @@ def encode_records(records: list[list[Any]]) -> bytes:
 
 
 def dense_record(name: str, arr: np.ndarray, dtype: str) -> list[Any]:
-    a = np.ascontiguousarray(arr, dtype=np.dtype(dtype))
-    return [name, dtype, list(a.shape), a.tobytes()]
+    # np.asarray, not ascontiguousarray: the latter turns a 0-d scalar into shape (1,).
+    a = np.asarray(arr, dtype=np.dtype(dtype))
+    return [name, dtype, list(a.shape), a.tobytes(order="C")]
 
 
 def unpack_records(blob: bytes, spec: TensorSpec, limits: Limits) -> list[list[Any]]:
@@ -59,7 +60,9 @@ def unpack_records(blob: bytes, spec: TensorSpec, limits: Limits) -> list[list[A
     if not isinstance(obj, list):
         raise ProtocolError("schema", "delta must be an array of tensor records")
     names = [r[0] if isinstance(r, list) and r else None for r in obj]
-    if sorted(map(str, names)) != sorted(spec) or len(set(names)) != len(names):
+    if not all(isinstance(n, str) for n in names):
+        raise ProtocolError("schema", "every tensor record must start with a string name")
+    if sorted(names) != sorted(spec) or len(set(names)) != len(names):
         raise ProtocolError(
             "bad_tensor", f"delta tensors {names} do not match the model's {list(spec)}"
         )

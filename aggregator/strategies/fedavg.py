@@ -38,4 +38,7 @@ class FedAvg(Strategy):
         if self._acc is None:
             raise AggregationError("finish() before begin_round()")
         mean = self._acc.mean()
-        return {k: (w + self.server_lr * mean[k]).astype(np.float32) for k, w in weights.items()}
+        with np.errstate(over="ignore", invalid="ignore"):
+            return {
+                k: (w + self.server_lr * mean[k]).astype(np.float32) for k, w in weights.items()
+            }

@@ -2,7 +2,9 @@
 
 python-zstandard ignores ``max_output_size`` when the frame declares its content size (a
 9.6 KB frame expanded to 300 MB in our measurement), so the declared size is checked first and
-the data is then read through a stream capped at ``cap + 1`` bytes.
+the data is then read through a stream capped at ``cap + 1`` bytes. The protocol requires
+frames to declare their content size: that is what lets a receiver refuse a bomb before any
+work and detect a truncated frame (a stream reader just stops at the end of the input).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ def decompress_capped(frame: bytes, cap: int) -> bytes:
         declared = zstandard.frame_content_size(frame)
     except zstandard.ZstdError as e:
         raise ProtocolError("bad_zstd", f"not a zstd frame: {e}") from None
+    if declared < 0:
+        raise ProtocolError("bad_zstd", "zstd frame must declare its content size")
     if declared > cap:
         raise ProtocolError("too_large", f"zstd frame declares {declared} bytes, limit {cap}")
     try:
@@ -36,6 +40,6 @@ def decompress_capped(frame: bytes, cap: int) -> bytes:
         raise ProtocolError("bad_zstd", f"corrupt zstd frame: {e}") from None
     if len(out) > cap:
         raise ProtocolError("too_large", f"zstd frame expands beyond {cap} bytes")
-    if declared >= 0 and len(out) != declared:
+    if len(out) != declared:
         raise ProtocolError("bad_zstd", f"zstd frame truncated: {len(out)} of {declared} bytes")
     return out

@@ -71,8 +71,14 @@ class Fleet:
         x, y = self.data.parts[i]
         dev = f"dev-{i}"
         agent = EdgeAgent(
-            device_id=dev, mux=self.dev_mux, broker=self.url, topics=self.topics,
-            data=LocalData(x, y), store=AgentStore(self.tmp / dev), executor=self.executor, seed=i,
+            device_id=dev,
+            mux=self.dev_mux,
+            broker=self.url,
+            topics=self.topics,
+            data=LocalData(x, y),
+            store=AgentStore(self.tmp / dev),
+            executor=self.executor,
+            seed=i,
         )
         self.agents[dev] = agent
         agent.start()
@@ -108,8 +114,9 @@ def fleet_factory(broker: MosquittoBroker, tmp_path: Path) -> Iterator[Any]:
 def test_simulation_accuracy_rises_and_summary_is_complete(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
-    cfg = SimConfig(out=tmp_path / "run", devices=3, rounds=3, partition="iid", epochs=1,
-                    broker=broker.url)
+    cfg = SimConfig(
+        out=tmp_path / "run", devices=3, rounds=3, partition="iid", epochs=1, broker=broker.url
+    )
 
     summary = simulate(cfg, say=lambda _s: None)
 
@@ -118,8 +125,14 @@ def test_simulation_accuracy_rises_and_summary_is_complete(
     assert [r["version"] for r in records] == [1, 2, 3]
     assert all(r["devices"] == 3 for r in records)
     assert records[-1]["accuracy"] > records[0]["accuracy"]
-    for key in ("rounds", "final_accuracy", "uplink_bytes", "downlink_bytes", "wall_seconds",
-                "model_onnx"):
+    for key in (
+        "rounds",
+        "final_accuracy",
+        "uplink_bytes",
+        "downlink_bytes",
+        "wall_seconds",
+        "model_onnx",
+    ):
         assert key in summary
     assert summary["rounds"] == 3
     assert summary["uplink_bytes"] == sum(r["uplink_bytes"] for r in records) > 0
@@ -151,9 +164,16 @@ def test_late_device_gets_retained_model_and_joins_next_round(
 
 def _zero_update(agg: Aggregator, device: str, task: Any, **over: Any) -> bytes:
     delta = {k: np.zeros_like(v) for k, v in agg.weights.items()}
-    fields = dict(device=device, round=task.round, base_version=task.base_version,
-                  update_id=uuid.uuid4().hex, nonce=task.nonce, num_samples=10,
-                  codec=task.codec, delta=parse_codec(task.codec).encode(delta))
+    fields = dict(
+        device=device,
+        round=task.round,
+        base_version=task.base_version,
+        update_id=uuid.uuid4().hex,
+        nonce=task.nonce,
+        num_samples=10,
+        codec=task.codec,
+        delta=parse_codec(task.codec).encode(delta),
+    )
     fields.update(over)
     return ModelUpdate(**fields).to_bytes()
 
@@ -174,10 +194,22 @@ def test_duplicates_and_bad_payloads_are_rejected_while_round_completes(
         good_a.send(dup)
         good_a.send(dup)
         bad.send(b"\xc1 not msgpack")
-        bad.send(_zero_update(agg, "dev-bad", task, delta=encode_records(
-            [dense_record(k, v, "<f4") for k, v in wrong_shape.items()])))
-        bad.send(_zero_update(agg, "dev-bad", task, delta=encode_records(
-            [dense_record(k, v, "<f4") for k, v in nan.items()])))
+        bad.send(
+            _zero_update(
+                agg,
+                "dev-bad",
+                task,
+                delta=encode_records([dense_record(k, v, "<f4") for k, v in wrong_shape.items()]),
+            )
+        )
+        bad.send(
+            _zero_update(
+                agg,
+                "dev-bad",
+                task,
+                delta=encode_records([dense_record(k, v, "<f4") for k, v in nan.items()]),
+            )
+        )
         wait_until(lambda: sum(agg.metrics.rejected.values()) >= 4, 10, "four rejections")
         assert agg.version == 0  # nothing bad closed the round
 
@@ -189,7 +221,10 @@ def test_duplicates_and_bad_payloads_are_rejected_while_round_completes(
             d.close()
     assert fleet.records[0]["devices"] == 2
     assert dict(agg.metrics.rejected) == {
-        "duplicate": 1, "bad_msgpack": 1, "bad_tensor": 1, "non_finite": 1
+        "duplicate": 1,
+        "bad_msgpack": 1,
+        "bad_tensor": 1,
+        "non_finite": 1,
     }
     assert fleet.records[0]["rejected"] == dict(agg.metrics.rejected)
     logged = caplog.text
@@ -200,3 +235,35 @@ def test_duplicates_and_bad_payloads_are_rejected_while_round_completes(
     v1 = read_initializers(agg.registry.path(1).read_bytes())
     for name in v0:
         np.testing.assert_array_equal(v1[name], v0[name])
+
+
+def test_overflowing_aggregate_fails_the_round_and_keeps_the_model(
+    fleet_factory: Any, digits3: FederatedData
+) -> None:
+    fleet = fleet_factory(
+        digits3, rounds=1, target_devices=2, min_devices=2, round_timeout=30, server_lr=2.0
+    )
+    fleet.start_aggregator()
+    agg = fleet.aggregator
+    devs = [fleet.raw_device(n) for n in ("dev-a", "dev-b")]
+    task = devs[0].wait_task(1)
+    huge = {k: np.full_like(v, 3.0e38) for k, v in agg.weights.items()}  # finite in float32
+    blob = parse_codec(task.codec).encode(huge)
+    v0 = read_initializers(agg.registry.path(0).read_bytes())
+    try:
+        for d in devs:
+            d.send(_zero_update(agg, d.device_id, task, delta=blob))
+
+        wait_until(
+            lambda: agg.failed_rounds == 1 and agg.round is not None and agg.round.round == 2,
+            10,
+            "round 1 to fail and round 2 to open",
+        )
+    finally:
+        for d in devs:
+            d.close()
+    assert agg.version == 0
+    for name, w in v0.items():
+        np.testing.assert_array_equal(agg.weights[name], w)
+    failed = [json.loads(x) for x in agg.metrics.path.read_text().splitlines()]
+    assert "not finite" in failed[0]["failed"]

@@ -48,9 +48,16 @@ def agents_on(broker: MosquittoBroker, tmp_path: Path) -> Iterator[tuple[Topics,
     mux = Mux("dev").start()
     executor = ThreadPoolExecutor(1)
     agents = [
-        EdgeAgent(device_id=f"dev-{i}", mux=mux, broker=BrokerURL.parse(broker.url),
-                  topics=topics, data=LocalData(x, y), store=AgentStore(tmp_path / f"dev-{i}"),
-                  executor=executor, seed=i)
+        EdgeAgent(
+            device_id=f"dev-{i}",
+            mux=mux,
+            broker=BrokerURL.parse(broker.url),
+            topics=topics,
+            data=LocalData(x, y),
+            store=AgentStore(tmp_path / f"dev-{i}"),
+            executor=executor,
+            seed=i,
+        )
         for i, (x, y) in enumerate(data.parts)
     ]
     for a in agents:
@@ -68,11 +75,21 @@ def test_aggregator_sigkill_resumes_without_repeating_or_losing_a_version(
     topics, tmp = agents_on
     state = tmp / "aggregator"
     config = tmp / "aggregator.yaml"
-    config.write_text(yaml.safe_dump({
-        "broker": broker.url, "fleet": topics.fleet, "state_dir": str(state),
-        "hyper": {"epochs": 1}, "rounds": 0, "target_devices": 3, "min_devices": 3,
-        "round_timeout": 30, "eval_data": str(tmp / "data" / "test.npz"),
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "broker": broker.url,
+                "fleet": topics.fleet,
+                "state_dir": str(state),
+                "hyper": {"epochs": 1},
+                "rounds": 0,
+                "target_devices": 3,
+                "min_devices": 3,
+                "round_timeout": 30,
+                "eval_data": str(tmp / "data" / "test.npz"),
+            }
+        )
+    )
     registry = ModelRegistry(state / "models")
     log = tmp / "aggregator.log"
     proc = _start(config, log)
@@ -100,5 +117,6 @@ def test_aggregator_sigkill_resumes_without_repeating_or_losing_a_version(
     made = [r["version"] for r in records if "version" in r]
     assert len(made) == len(set(made)), f"a version was produced twice: {made}"
     # Every version after the restart comes from rounds opened after the restart.
-    assert all(r["round"] > before.last_round for r in records if r.get("version", 0) >
-               before.version)
+    assert all(
+        r["round"] > before.last_round for r in records if r.get("version", 0) > before.version
+    )

@@ -1,0 +1,94 @@
+"""The `fedge` command as a user meets it: one clear line per error, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def fedge(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedge_cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess[str], *words: str) -> None:
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, p.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+def test_unknown_dataset() -> None:
+    assert_one_line_error(fedge("simulate", "--dataset", "imagenet"), "unknown dataset", "digits")
+
+
+def test_bad_partition() -> None:
+    assert_one_line_error(fedge("simulate", "--partition", "dirichlet:-1"), "dirichlet:ALPHA")
+
+
+def test_unreachable_broker() -> None:
+    p = fedge("simulate", "--broker", "mqtt://127.0.0.1:9", "--rounds", "1")
+    assert_one_line_error(p, "cannot reach the broker", "127.0.0.1:9")
+
+
+def test_bad_config_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("brokr: mqtt://x:1\n")
+    assert_one_line_error(fedge("agent", "--config", str(cfg)), "brokr: unknown key", "data")
+
+
+def test_bad_aggregator_value(tmp_path: Path) -> None:
+    cfg = tmp_path / "aggregator.yaml"
+    cfg.write_text("min_devices: 5\ntarget_devices: 3\n")
+    assert_one_line_error(fedge("aggregator", "--config", str(cfg)), "min_devices")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    assert_one_line_error(fedge("aggregator", "--config", str(tmp_path / "nope.yaml")), "not found")
+
+
+def test_predict_runs_onnx_without_torch(tmp_path: Path) -> None:
+    from models.onnx_export import OnnxTemplate
+    from models.torch_state import to_numpy_state
+    from models.zoo import build_model
+
+    onnx = OnnxTemplate("mlp", 64, 10).render(to_numpy_state(build_model("mlp", 64, 10, seed=3)))
+    (tmp_path / "m.onnx").write_bytes(onnx)
+    x = np.random.default_rng(0).random((4, 64), dtype=np.float32)
+    np.savetxt(tmp_path / "x.csv", x, delimiter=",")
+    code = (
+        "import sys; from edge_agent.cli import main; "
+        f"sys.argv=['x','predict','--model','{tmp_path / 'm.onnx'}','--input',"
+        f"'{tmp_path / 'x.csv'}','--json']; "
+        "main(sys.argv[1:]); assert 'torch' not in sys.modules, 'predict imported torch'"
+    )
+
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    import torch
+
+    model = build_model("mlp", 64, 10, seed=3)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).argmax(1).tolist()
+    assert out["classes"] == expected
+
+
+def test_predict_missing_model(tmp_path: Path) -> None:
+    p = fedge("agent", "predict", "--model", str(tmp_path / "m.onnx"), "--input", "x.csv")
+    assert_one_line_error(p, "not found")
