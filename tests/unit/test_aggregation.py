@@ -257,4 +257,4 @@ def test_fedavg_memory_stays_one_model_over_1000_updates() -> None:
 
 def test_unknown_strategy() -> None:
     with pytest.raises(ValueError, match="fedavg"):
-        make_strategy("fedprox")
+        make_strategy("fedsgd-nonexistent")
