@@ -1,6 +1,8 @@
 """Local training with torch: start from the global weights, run the round's epochs of SGD,
 return the new weights. With ``prox_mu > 0`` it adds FedProx's proximal term
-``mu/2 * ||w - w_global||^2``, which keeps a device with skewed data near the global model."""
+``mu/2 * ||w - w_global||^2``, which keeps a device with skewed data near the global model.
+With ``qat=True`` the forward pass is fake-quantized as the published int8 model will compute it
+(`models.qat`), while the weights trained, returned and sent stay plain float32."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from torch import nn
 
 from fedge.envelopes import ModelArch, TrainHyper
+from models.qat import enable_qat
 from models.torch_state import load_numpy_state, to_numpy_state
 from models.zoo import build_model
 
@@ -35,10 +38,14 @@ def train_local(
     y: np.ndarray,
     hyper: TrainHyper,
     seed: int,
+    *,
+    qat: bool = False,
 ) -> TrainResult:
     t0 = time.perf_counter()
     model = build_model(arch.name, arch.input_dim, arch.num_classes)
     load_numpy_state(model, weights)
+    if qat:
+        enable_qat(model)  # keeps state_dict keys, so the delta below is unchanged in shape
     model.train()
     anchor = [p.detach().clone() for p in model.parameters()] if hyper.prox_mu > 0 else None
     opt = torch.optim.SGD(
