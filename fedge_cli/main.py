@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     split.set_defaults(func=_data_split)
     models = sub.add_parser("models", help="list model architectures")
     models.set_defaults(func=_models)
+    from fedge_cli import admin  # ca init|crl|broker-config, enroll, revoke
+
+    admin.add_arguments(sub)
+    from fedge_cli import report  # matplotlib is imported only when a report is drawn
+
+    rep = sub.add_parser("report", help="plot accuracy vs rounds and vs uplink bytes (PNG)")
+    report.add_arguments(rep)
+    rep.set_defaults(func=report.run)
     return p
 
 
