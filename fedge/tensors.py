@@ -19,7 +19,15 @@ from fedge.errors import ProtocolError
 from fedge.limits import Limits
 from fedge.wire import _no_ext
 
-__all__ = ["TensorSpec", "decode_records", "encode_records", "require_finite", "spec_of"]
+__all__ = [
+    "TensorSpec",
+    "check_header",
+    "decode_records",
+    "encode_records",
+    "require_finite",
+    "spec_of",
+    "unpack_records",
+]
 
 TensorSpec = Mapping[str, tuple[int, ...]]
 """Ordered tensor names and shapes of a model (its state_dict)."""
@@ -69,15 +77,19 @@ def unpack_records(blob: bytes, spec: TensorSpec, limits: Limits) -> list[list[A
     return obj
 
 
-def decode_dense(rec: list[Any], spec: TensorSpec, allowed: tuple[str, ...]) -> np.ndarray:
-    """One ``[name, dtype, shape, data]`` record -> float32 array of the spec's shape."""
-    if len(rec) != 4:
-        raise ProtocolError("schema", f"tensor record has {len(rec)} fields, expected 4")
-    name, dtype, shape, data = rec
-    if dtype not in allowed:
-        raise ProtocolError(
-            "bad_tensor", f"{name}: dtype {dtype!r} not allowed, expected {allowed}"
-        )
+def check_header(
+    rec: list[Any], spec: TensorSpec, allowed: tuple[str, ...], fields: int
+) -> tuple[str, str, tuple[int, ...]]:
+    """Check a record's length, tag (field 1) and shape (field 2); return name, tag, shape.
+
+    Every record layout starts ``[name, tag, shape, ...]``: dense (``"<f4"``, ``"<f2"``),
+    quantized (``"q8"``, ``"q4"``) and sparse (``"topk"``) alike.
+    """
+    if len(rec) != fields:
+        raise ProtocolError("schema", f"tensor record has {len(rec)} fields, expected {fields}")
+    name, tag, shape = rec[0], rec[1], rec[2]
+    if tag not in allowed:
+        raise ProtocolError("bad_tensor", f"{name}: dtype {tag!r} not allowed, expected {allowed}")
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) for d in shape
     ):
@@ -86,6 +98,13 @@ def decode_dense(rec: list[Any], spec: TensorSpec, allowed: tuple[str, ...]) -> 
         raise ProtocolError(
             "bad_tensor", f"{name}: shape {shape} != model shape {list(spec[name])}"
         )
+    return name, tag, tuple(shape)
+
+
+def decode_dense(rec: list[Any], spec: TensorSpec, allowed: tuple[str, ...]) -> np.ndarray:
+    """One ``[name, dtype, shape, data]`` record -> float32 array of the spec's shape."""
+    name, dtype, shape = check_header(rec, spec, allowed, 4)
+    data = rec[3]
     if not isinstance(data, bytes):
         raise ProtocolError("schema", f"{name}: data must be bin")
     want = math.prod(shape) * np.dtype(dtype).itemsize

@@ -1,18 +1,38 @@
 """Delta codecs, named by the round task and composed with ``+``.
 
-A spec is a value codec optionally followed by ``+zstd``: ``fp32``, ``fp16``, ``fp16+zstd``.
-``parse_codec`` returns an object with ``encode(delta) -> bytes`` and
-``decode(blob, spec, limits) -> {name: float32 array}``; decoding is bounded and validated.
+Grammar (case-insensitive, surrounding spaces ignored)::
+
+    codec    = [ "topk:" FRACTION "+" ] value [ "+zstd" ]
+    value    = "fp32" | "fp16" | "int8" | "int4"
+    FRACTION = decimal in (0, 1], e.g. 0.05, .1, 1e-2
+
+``topk:F`` alone means ``topk:F+fp32``. The canonical name (``codec.name``, what the round
+task carries and the update echoes) writes the fraction as Python's shortest round-tripping
+float repr and always names the value codec: ``topk:0.05+int8+zstd``, ``topk:0.01+fp32``;
+``parse_codec(codec.name).name == codec.name``.
+
+``parse_codec`` returns an object with ``encode(delta, rng=None) -> bytes`` and
+``decode(blob, spec, limits) -> {name: float32 array}`` (bounded and validated; errors are
+``ProtocolError``), plus ``lossless``: whether ``decode(encode(x)) == x`` always holds (only
+``fp32`` and ``fp32+zstd``), which tells a device whether it needs an error-feedback residual.
+
+Blob layouts: ``fedge.tensors`` (dense ``fp32``/``fp16`` records), ``fedge.codecs.quant``
+(``int8``/``int4`` records), ``fedge.codecs.values`` (scales, int8/int4 codes),
+``fedge.codecs.sparse`` (``topk`` records), ``fedge.codecs.zstd_frame`` (``+zstd``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Protocol
 
 import numpy as np
 
 from fedge.codecs.dense import DenseCodec
+from fedge.codecs.quant import QuantCodec
+from fedge.codecs.sparse import TopKCodec
+from fedge.codecs.values import VALUES, QuantValues
 from fedge.codecs.zstd_frame import compress, decompress_capped
 from fedge.limits import Limits
 from fedge.tensors import TensorSpec
@@ -22,27 +42,42 @@ __all__ = ["VALUE_CODECS", "Codec", "parse_codec"]
 
 class Codec(Protocol):
     name: str
+    lossless: bool
 
-    def encode(self, delta: Mapping[str, np.ndarray]) -> bytes: ...
+    def encode(
+        self, delta: Mapping[str, np.ndarray], rng: np.random.Generator | None = None
+    ) -> bytes: ...
 
     def decode(self, blob: bytes, spec: TensorSpec, limits: Limits) -> dict[str, np.ndarray]: ...
 
 
-VALUE_CODECS = {
-    "fp32": lambda: DenseCodec("fp32", "<f4"),
-    "fp16": lambda: DenseCodec("fp16", "<f2"),
-}
+VALUE_CODECS = ("fp32", "fp16", "int8", "int4")
+
+_FRACTION = re.compile(r"(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?")
+
+
+def _dense(value: str) -> Codec:
+    if value == "fp32":
+        return DenseCodec("fp32", "<f4")
+    if value == "fp16":
+        return DenseCodec("fp16", "<f2")
+    values = VALUES[value]
+    assert isinstance(values, QuantValues)
+    return QuantCodec(values)
 
 
 class _Zstd:
-    """Wraps a value codec's bytes in a size-declared zstd frame."""
+    """Wraps a codec's bytes in a size-declared zstd frame."""
 
     def __init__(self, inner: Codec) -> None:
         self.inner = inner
         self.name = f"{inner.name}+zstd"
+        self.lossless = inner.lossless
 
-    def encode(self, delta: Mapping[str, np.ndarray]) -> bytes:
-        return compress(self.inner.encode(delta))
+    def encode(
+        self, delta: Mapping[str, np.ndarray], rng: np.random.Generator | None = None
+    ) -> bytes:
+        return compress(self.inner.encode(delta, rng))
 
     def decode(self, blob: bytes, spec: TensorSpec, limits: Limits) -> dict[str, np.ndarray]:
         return self.inner.decode(
@@ -50,16 +85,31 @@ class _Zstd:
         )
 
 
+def _unknown(spec: object, why: str = "") -> ValueError:
+    return ValueError(
+        f"unknown codec {spec!r}{why}; use [topk:FRACTION+]VALUE[+zstd] with VALUE one of "
+        f"{', '.join(VALUE_CODECS)} (e.g. fp16+zstd, int8+zstd, topk:0.05+int8+zstd)"
+    )
+
+
 def parse_codec(spec: str) -> Codec:
-    """``"fp16+zstd"`` -> codec; ``ValueError`` naming the valid choices otherwise."""
-    parts = spec.strip().lower().split("+") if isinstance(spec, str) else []
-    zstd = bool(parts) and parts[-1] == "zstd"
+    """``"topk:0.05+int8+zstd"`` -> codec; ``ValueError`` naming the valid choices otherwise."""
+    if not isinstance(spec, str):
+        raise _unknown(spec)
+    parts = spec.strip().lower().split("+")
+    zstd = parts[-1] == "zstd"
     if zstd:
         parts = parts[:-1]
+    fraction = None
+    if parts and parts[0].startswith("topk:"):
+        text = parts.pop(0)[len("topk:") :].strip()
+        if not _FRACTION.fullmatch(text) or not 0 < float(text) <= 1:
+            raise _unknown(spec, ": the topk fraction must be a number in (0, 1]")
+        fraction = float(text)
+        if not parts:
+            parts = ["fp32"]
     if len(parts) != 1 or parts[0] not in VALUE_CODECS:
-        raise ValueError(
-            f"unknown codec {spec!r}; use one of {', '.join(VALUE_CODECS)}, optionally + 'zstd' "
-            "(e.g. fp16+zstd)"
-        )
-    codec: Codec = VALUE_CODECS[parts[0]]()
+        raise _unknown(spec)
+    value = parts[0]
+    codec: Codec = _dense(value) if fraction is None else TopKCodec(fraction, VALUES[value])
     return _Zstd(codec) if zstd else codec

@@ -18,8 +18,12 @@ class DenseCodec:
     def __init__(self, name: str, dtype: str) -> None:
         self.name = name
         self._dtype = dtype
+        self.lossless = dtype == "<f4"
 
-    def encode(self, delta: Mapping[str, np.ndarray]) -> bytes:
+    def encode(
+        self, delta: Mapping[str, np.ndarray], rng: np.random.Generator | None = None
+    ) -> bytes:
+        """``rng`` is unused: rounding to fp16 is deterministic (nearest even)."""
         if self._dtype == "<f2":
             # Values beyond fp16 range would become inf; clip so the update stays finite.
             limit = float(np.finfo(np.float16).max)

@@ -94,7 +94,7 @@ def test_parse_codec_ignores_case_and_spaces(text: str, name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "fp8", "int8", "zstd", "fp16+zstd+zstd", "zstd+fp16", "fp16+gzip", "fp16+", None]
+    "text", ["", "fp8", "int3", "zstd", "fp16+zstd+zstd", "zstd+fp16", "fp16+gzip", "fp16+", None]
 )
 def test_parse_codec_unknown_lists_choices(text: Any) -> None:
     with pytest.raises(ValueError, match="unknown codec") as info:
