@@ -1,8 +1,9 @@
 """The aggregator's durable state, written atomically after every version.
 
 It holds the model weights, the version, the last round id used (round ids are never reused,
-so a device that already answered a round is never asked to train it again) and who was
-counted in the round that made this version.
+so a device that already answered a round is never asked to train it again), who was counted
+in the round that made this version, and the task of the round that is open, if any: with
+that round's journal (aggregator/journal.py) a restart resumes the round where it was.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Checkpoint:
     weights: dict[str, np.ndarray]
     counted: tuple[str, ...] = ()
     failed_rounds: int = 0
+    open_task: bytes | None = None
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
@@ -40,6 +42,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
             "last_round": ckpt.last_round,
             "counted": list(ckpt.counted),
             "failed_rounds": ckpt.failed_rounds,
+            "open_task": ckpt.open_task,
             "spec": {k: list(s) for k, s in spec_of(ckpt.weights).items()},
             "weights": encode_records([dense_record(k, v, "<f4") for k, v in ckpt.weights.items()]),
         },
@@ -65,4 +68,5 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
         weights=weights,
         counted=tuple(obj["counted"]),
         failed_rounds=obj.get("failed_rounds", 0),
+        open_task=obj.get("open_task"),
     )

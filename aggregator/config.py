@@ -7,11 +7,17 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedge.codecs import parse_codec
-from fedge.config_io import load_yaml_config
+from fedge.config_io import TLSConfig, load_yaml_config
 from fedge.envelopes import TrainHyper
 from fedge.mqtt import BrokerURL
 
-__all__ = ["AggregatorConfig", "HyperConfig", "ModelConfig", "load_aggregator_config"]
+__all__ = [
+    "AggregatorConfig",
+    "HyperConfig",
+    "ModelConfig",
+    "TLSConfig",
+    "load_aggregator_config",
+]
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
@@ -58,6 +64,21 @@ class AggregatorConfig(BaseModel):
     min_devices: int = Field(default=2, ge=1, description="quorum needed at the deadline")
     round_timeout: float = Field(default=120.0, gt=0, description="seconds from task to deadline")
     max_num_samples: int = Field(default=100_000, ge=1, description="clamp for reported counts")
+    model_chunk_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=1024,
+        le=15 * 1024 * 1024,
+        description="models whose announcement is larger are sent as chunks of this size",
+    )
+    device_keys: Path | None = Field(
+        default=None,
+        description="key registry (CA/keys from `fedge ca init`); set = every update must be "
+        "signed by its device's enrolled key",
+    )
+    signing_key: Path | None = Field(
+        default=None, description="the aggregator's Ed25519 key; set = every model is signed"
+    )
+    tls: TLSConfig | None = None
     eval_data: Path | None = Field(default=None, description=".npz with x, y for central eval")
     metrics_file: Path | None = Field(default=None, description="default: STATE_DIR/metrics.jsonl")
 

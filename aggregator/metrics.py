@@ -1,4 +1,5 @@
-"""Per-round metrics as JSON lines, and counters of rejected messages by reason."""
+"""Per-round metrics as JSON lines; counters of rejected messages by reason, and of events
+that are not rejections (e.g. a clamped sample count)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,14 @@ class MetricsLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rejected: Counter[str] = Counter()
+        self.events: Counter[str] = Counter()
         self.accepted = 0
 
     def reject(self, reason: str) -> None:
         self.rejected[reason] += 1
+
+    def event(self, name: str) -> None:
+        self.events[name] += 1
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:

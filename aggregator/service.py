@@ -1,10 +1,13 @@
 """The aggregator service: round orchestration over one MQTT session.
 
-One round: publish the task (retained) -> fold validated updates as they arrive -> close at
-``target_devices`` counted, or at the deadline with at least ``min_devices`` -> apply the
-strategy -> checkpoint atomically -> export ONNX -> publish the new version (retained) -> open
-the next round. A round short of quorum at its deadline fails with a logged reason and a new
-round (new id, same base version) opens. Everything runs on the mux thread; no locks.
+One round: publish the task (retained) -> validate each update, append it to the round
+journal (fsync), fold it, and only then let the session acknowledge it to the broker -> close
+at ``target_devices`` counted, when every online device has answered (at least
+``min_devices``), or at the deadline with at least ``min_devices`` -> apply the strategy ->
+checkpoint atomically -> export ONNX -> publish the new version (retained) -> open the next
+round. A round short of quorum at its deadline fails with a logged reason and a new round
+(new id, same base version) opens. A restart resumes the open round from the checkpoint and
+the journal. Everything runs on the mux thread; no locks.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import numpy as np
@@ -23,13 +26,18 @@ import numpy as np
 from aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aggregator.config import AggregatorConfig
 from aggregator.evaluation import EvalSet, evaluate_onnx
+from aggregator.journal import RoundJournal
+from aggregator.keyring import KeyRing
 from aggregator.metrics import MetricsLog
 from aggregator.registry import ModelRegistry
 from aggregator.rounds import OpenRound
 from aggregator.strategies import make_strategy
 from aggregator.validation import validate_update
+from fedge.chunks import split_model
 from fedge.envelopes import DeviceState, DeviceStatus, GlobalModel, ModelArch, RoundTask
-from fedge.errors import ProtocolError
+from fedge.errors import AggregationError, ProtocolError
+from fedge.faults import crash_point
+from fedge.identity import load_signing_key
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.mqtt import BrokerURL, publish_packet_size
 from fedge.mux import Mux, Timer
@@ -66,6 +74,7 @@ class Aggregator:
         self.state_dir = config.state_dir
         self.ckpt_path = self.state_dir / "checkpoint.msgpack"
         self.registry = ModelRegistry(self.state_dir / "models")
+        self.journal = RoundJournal(self.state_dir / "journal")
         self.metrics = MetricsLog(config.metrics_path)
         self.strategy = make_strategy(config.strategy, config.server_lr)
         self.done = threading.Event()
@@ -75,12 +84,25 @@ class Aggregator:
         self._template: Any = None
         self._model_msg: bytes = b""
         self.model_bytes = 0
+        self._chunks_published = 0
         self.version, self.last_round, self.failed_rounds = 0, 0, 0
         self.weights: dict[str, np.ndarray] = {}
+        self.keyring = KeyRing(config.device_keys) if config.device_keys else None
+        self.signing_key = load_signing_key(config.signing_key) if config.signing_key else None
+        tls = config.tls
         self.session = Session(
             mux,
             BrokerURL.parse(config.broker),
-            SessionOptions(config.client_id, config.username, config.password),
+            SessionOptions(
+                config.client_id,
+                config.username,
+                config.password,
+                # An update is acknowledged only once it is in the journal.
+                manual_ack=True,
+                ca_cert=str(tls.ca_cert) if tls else None,
+                client_cert=str(tls.client_cert) if tls and tls.client_cert else None,
+                client_key=str(tls.client_key) if tls and tls.client_key else None,
+            ),
             subscriptions=[self.topics.all_updates, self.topics.all_statuses],
             on_message=self._on_message,
             on_connected=self._on_connected,
@@ -102,13 +124,20 @@ class Aggregator:
             self.version, self.last_round = ckpt.version, ckpt.last_round
             self.weights, self.failed_rounds = ckpt.weights, ckpt.failed_rounds
             log.info("aggregator: resumed version %d, last round %d", self.version, self.last_round)
+        self.journal.discard_through(self.last_round - (1 if ckpt and ckpt.open_task else 0))
         self._render_model(metrics={})
         if self.config.rounds and self.version >= self.config.rounds:
             self.done.set()
+        elif ckpt is not None and ckpt.open_task is not None:
+            self.mux.call_soon(self._resume_round, RoundTask.from_bytes(ckpt.open_task))
         self.session.start()
 
     def stop(self) -> None:
-        self.mux.call_soon(self.session.close)
+        self.mux.call_soon(self._stop)
+
+    def _stop(self) -> None:
+        self.journal.close()
+        self.session.close()
 
     @property
     def latest_model_path(self) -> Any:
@@ -116,7 +145,10 @@ class Aggregator:
 
     # -- model --------------------------------------------------------------------------------
     def _checkpoint(self, counted: tuple[str, ...]) -> None:
-        ck = Checkpoint(self.version, self.last_round, self.weights, counted, self.failed_rounds)
+        open_task = self.round.task.to_bytes() if self.round is not None else None
+        ck = Checkpoint(
+            self.version, self.last_round, self.weights, counted, self.failed_rounds, open_task
+        )
         save_checkpoint(self.ckpt_path, ck)
 
     def _render_model(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -130,6 +162,8 @@ class Aggregator:
             metrics = {**metrics, **evaluate_onnx(onnx, self.eval_set)}
         sha = hashlib.sha256(onnx).hexdigest()
         msg = GlobalModel(self.version, self.arch, onnx, sha, time.time(), metrics)
+        if self.signing_key is not None:
+            msg = replace(msg, signature=self.signing_key.sign(msg.digest()))
         self._model_msg = msg.to_bytes()
         if not self.registry.path(self.version).exists():
             meta = {
@@ -144,7 +178,31 @@ class Aggregator:
         return metrics
 
     def _publish_model(self) -> None:
-        self.model_bytes = self.session.publish(self.topics.model, self._model_msg, retain=True)
+        try:
+            if len(self._model_msg) <= self.config.model_chunk_bytes:
+                self.model_bytes = self.session.publish(
+                    self.topics.model, self._model_msg, retain=True
+                )
+            else:
+                self.model_bytes = self._publish_chunked()
+        except ProtocolError as e:
+            # The version is checkpointed and in the registry; devices cannot get it this way.
+            log.error("model v%d not published: %s", self.version, e)
+
+    def _publish_chunked(self) -> int:
+        """Chunks first, then the manifest; stale chunk topics of a longer model are cleared."""
+        full = GlobalModel.from_bytes(self._model_msg, self.limits)
+        chunks = split_model(full.version, full.onnx, full.sha256, self.config.model_chunk_bytes)
+        size = 0
+        for c in chunks:
+            size += self.session.publish(
+                self.topics.model_chunk(c.index), c.to_bytes(), retain=True
+            )
+        for i in range(len(chunks), self._chunks_published):
+            self.session.publish(self.topics.model_chunk(i), b"", retain=True)
+        self._chunks_published = len(chunks)
+        manifest = replace(full, onnx=b"", chunks=len(chunks), size=len(full.onnx))
+        return size + self.session.publish(self.topics.model, manifest.to_bytes(), retain=True)
 
     # -- rounds -------------------------------------------------------------------------------
     def _on_connected(self) -> None:
@@ -155,14 +213,17 @@ class Aggregator:
             return
         if self.round is None:
             self._open_round()
+            return
+        if time.time() >= self.round.task.deadline:
+            # The deadline passed while we could not reach the broker: devices may not have
+            # been able to answer either, so give the round its time again.
+            self._extend_round()
         else:
             self.session.publish(self.topics.task, self.round.task.to_bytes(), retain=True)
 
     def _open_round(self) -> None:
         now = time.time()
         self.last_round += 1
-        # Persist the round id before using it: after a restart it is never reused.
-        self._checkpoint(counted=())
         c = self.config
         task = RoundTask(
             round=self.last_round,
@@ -174,16 +235,54 @@ class Aggregator:
             selected=None,
             issued=now,
         )
-        self.round = OpenRound(task, now)
-        self.strategy.begin_round(spec_of(self.weights))
+        self._start_round(task)
+        # Persist the open round before anyone can answer it: a restart resumes it, and its
+        # id is never reused.
+        self._checkpoint(counted=())
+        self.journal.open(task.round)
         self.round.task_bytes = self.session.publish(self.topics.task, task.to_bytes(), retain=True)
-        self._deadline = self.mux.call_later(c.round_timeout, self._on_deadline)
         log.info("round %d open (base v%d)", task.round, task.base_version)
+
+    def _start_round(self, task: RoundTask) -> None:
+        self.round = OpenRound(task, time.time())
+        self.strategy.begin_round(spec_of(self.weights))
+        delay = max(0.0, task.deadline - time.time())
+        self._deadline = self.mux.call_later(delay, self._on_deadline)
+
+    def _resume_round(self, task: RoundTask) -> None:
+        """Re-open the round a previous process left open, replaying its journal."""
+        if task.base_version != self.version:
+            log.warning(
+                "open round %d has base v%d, model is v%d: abandoned",
+                task.round,
+                task.base_version,
+                self.version,
+            )
+            self._checkpoint(counted=())
+            return
+        self._start_round(task)
+        replayed = self.journal.open(task.round)
+        for device, payload in replayed:
+            self._fold(device, self.topics.update(device), payload, journal=False)
+        log.info("round %d resumed with %d journaled updates", task.round, len(replayed))
+
+    def _extend_round(self) -> None:
+        rnd = self.round
+        assert rnd is not None
+        if self._deadline is not None:
+            self._deadline.cancel()
+        rnd.task = replace(rnd.task, deadline=time.time() + self.config.round_timeout)
+        self._checkpoint(counted=())
+        self._deadline = self.mux.call_later(self.config.round_timeout, self._on_deadline)
+        self.session.publish(self.topics.task, rnd.task.to_bytes(), retain=True)
+        log.info("round %d deadline extended after a broker outage", rnd.round)
 
     def _on_deadline(self) -> None:
         rnd = self.round
         if rnd is None:
             return
+        if not self.session.connected:
+            return  # _on_connected extends the round once the broker is back
         if self.strategy.count >= self.config.min_devices:
             self._close_round()
             return
@@ -199,6 +298,7 @@ class Aggregator:
         self.metrics.write({"round": rnd.round, "failed": reason, "ts": time.time()})
         self.round = None
         self._open_round()
+        self.journal.discard_through(rnd.round)
 
     def _close_round(self) -> None:
         rnd = self.round
@@ -212,13 +312,17 @@ class Aggregator:
             return
         self.weights = new
         self.version += 1
+        self.round = None
         self._checkpoint(counted=tuple(rnd.counted))
+        self.journal.discard_through(rnd.round)
         metrics = self._render_model(metrics={})
         self._publish_model()
         record = {
             "round": rnd.round,
             "version": self.version,
             "devices": len(rnd.counted),
+            # device -> update id: the audit trail the fault suite checks for loss/duplicates.
+            "counted": dict(sorted(rnd.counted.items())),
             "train_loss": rnd.train_loss_sum / max(rnd.samples, 1),
             "samples": rnd.samples,
             "uplink_bytes": rnd.uplink_bytes,
@@ -230,13 +334,21 @@ class Aggregator:
             **metrics,
         }
         self.metrics.write(record)
-        self.round = None
         if self._on_round is not None:
             self._on_round(record)
         if self.config.rounds and self.version >= self.config.rounds:
             self.done.set()
         else:
             self._open_round()
+
+    def _maybe_close_early(self) -> None:
+        """Close when every online device has answered: waiting for the deadline gains nothing."""
+        rnd = self.round
+        if rnd is None or self.strategy.count < self.config.min_devices:
+            return
+        waiting = {d for d in self.online if rnd.task.asks(d)} - set(rnd.counted)
+        if not waiting:
+            self._close_round()
 
     # -- incoming -----------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
@@ -250,7 +362,11 @@ class Aggregator:
                 st = DeviceStatus.from_bytes(payload, self.limits)
             except ProtocolError:
                 return
-            (self.online.discard if st.state == DeviceState.OFFLINE else self.online.add)(device)
+            if st.state == DeviceState.OFFLINE:
+                self.online.discard(device)
+                self._maybe_close_early()
+            else:
+                self.online.add(device)
 
     def _reject(self, rnd: OpenRound | None, reason: str, detail: str) -> None:
         self.metrics.reject(reason)
@@ -259,11 +375,20 @@ class Aggregator:
         log.warning("rejected update: %s: %s", reason, detail)
 
     def _on_update(self, device: str, topic: str, payload: bytes) -> None:
-        rnd = self.round
-        if rnd is None:
+        if self.round is None:
             self._reject(None, "no_round", f"{device}: no round is open")
             return
-        rnd.uplink_bytes += publish_packet_size(topic, len(payload))
+        self.round.uplink_bytes += publish_packet_size(topic, len(payload))
+        if self._fold(device, topic, payload, journal=True) and (
+            self.strategy.count >= self.config.target_devices
+        ):
+            self._close_round()
+        else:
+            self._maybe_close_early()
+
+    def _fold(self, device: str, topic: str, payload: bytes, *, journal: bool) -> bool:
+        rnd = self.round
+        assert rnd is not None
         try:
             acc = validate_update(
                 device,
@@ -272,16 +397,27 @@ class Aggregator:
                 spec_of(self.weights),
                 self.limits,
                 self.config.max_num_samples,
+                self.keyring,
             )
         except ProtocolError as e:
             self._reject(rnd, e.reason, e.detail)
-            return
+            return False
+        if journal:
+            # Durable before counted and before acked; an OSError propagates, so the session
+            # leaves the message unacked and the broker redelivers it.
+            crash_point("before_journal")
+            self.journal.append(device, payload)
+            crash_point("after_journal")
         if acc.clamped:
-            self.metrics.reject("clamped_samples")
-        self.strategy.fold(acc.delta, acc.num_samples)
+            self.metrics.event("clamped_samples")
+        try:
+            self.strategy.fold(acc.delta, acc.num_samples)
+        except AggregationError as e:
+            # Deterministic: a replay of the journal rejects it the same way.
+            self._reject(rnd, "aggregation", f"{device}: {e}")
+            return False
         rnd.counted[device] = acc.update.update_id
         rnd.samples += acc.num_samples
         rnd.train_loss_sum += acc.update.metrics.get("loss", 0.0) * acc.num_samples
         self.metrics.accepted += 1
-        if self.strategy.count >= self.config.target_devices:
-            self._close_round()
+        return True

@@ -1,8 +1,9 @@
 """The boundary check of an update: everything a device sends is untrusted.
 
 Order matters: sizes and schema first (cheap, before any decompression), then the round's own
-rules (round, nonce, base version, codec, selection, duplicates), and only then the delta is
-decoded, which checks names, shapes, dtypes and finiteness against the model spec.
+rules (round, nonce, base version, codec, selection, duplicates), then the device's signature
+when the fleet signs, and only then the delta is decoded, which checks names, shapes, dtypes
+and finiteness against the model spec.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aggregator.keyring import KeyRing
 from aggregator.rounds import OpenRound
 from fedge.codecs import parse_codec
 from fedge.envelopes import ModelUpdate
@@ -36,6 +38,7 @@ def validate_update(
     spec: TensorSpec,
     limits: Limits,
     max_num_samples: int,
+    keyring: KeyRing | None = None,
 ) -> Accepted:
     upd = ModelUpdate.from_bytes(payload, limits)
     t = rnd.task
@@ -57,6 +60,12 @@ def validate_update(
         raise InvalidUpdate("not_selected", f"{upd.device} was not asked in round {t.round}")
     if upd.device in rnd.counted:
         raise InvalidUpdate("duplicate", f"{upd.device} already counted in round {t.round}")
+    if keyring is not None:
+        # Signed over (device, round, nonce, base, samples, codec, sha256(delta)): checked
+        # before the delta is decompressed, so a forged update costs one hash.
+        if not upd.signature:
+            raise InvalidUpdate("unsigned", f"{upd.device}: update carries no signature")
+        keyring.check_update(upd.device, upd.digest(), upd.signature)
     delta = parse_codec(upd.codec).decode(upd.delta, spec, limits)
     n = min(upd.num_samples, max_num_samples)
     return Accepted(upd, delta, n, clamped=n != upd.num_samples)

@@ -24,13 +24,16 @@ from typing import Any
 import numpy as np
 
 from edge_agent.data import LocalData
+from edge_agent.residual import Residual
 from edge_agent.store import AgentStore, HeldModel
+from fedge.chunks import Assembler
 from fedge.codecs import parse_codec
 from fedge.envelopes import (
     DeviceState,
     DeviceStatus,
     GlobalModel,
     ModelArch,
+    ModelChunk,
     ModelUpdate,
     RoundTask,
 )
@@ -39,6 +42,7 @@ from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.mqtt import BrokerURL, publish_packet_size
 from fedge.mux import Mux
 from fedge.session import Session, SessionOptions
+from fedge.tensors import spec_of
 from fedge.topics import Topics
 
 __all__ = ["AgentCounters", "AgentState", "EdgeAgent"]
@@ -99,6 +103,8 @@ class EdgeAgent:
         self._weights: dict[str, np.ndarray] | None = None
         self.task: RoundTask | None = None
         self.last_round = store.last_round()
+        self._assembler = Assembler(limits.max_model_bytes)
+        self.residual = Residual.load(store.dir)
         offline = DeviceStatus(device_id, DeviceState.OFFLINE, ts=0.0).to_bytes()
         self.session = Session(
             mux,
@@ -110,7 +116,7 @@ class EdgeAgent:
                 keepalive=keepalive,
                 will=(topics.status(device_id), offline),
             ),
-            subscriptions=[topics.model, topics.task],
+            subscriptions=[topics.model, topics.all_model_chunks, topics.task],
             on_message=self._on_message,
             on_connected=self._on_connected,
         )
@@ -147,37 +153,57 @@ class EdgeAgent:
         self.counters.rx_bytes += publish_packet_size(topic, len(payload))
         try:
             if topic == self.topics.model:
-                self._on_model(GlobalModel.from_bytes(payload, self.limits))
+                m = GlobalModel.from_bytes(payload, self.limits)
+                full = self._assembler.offer_manifest(m) if m.is_manifest else m
+                if full is not None:
+                    self._on_model(full)
             elif topic == self.topics.task:
                 self._on_task(RoundTask.from_bytes(payload, self.limits))
+            elif payload and self.topics.device_of(topic, "model/chunk") is not None:
+                full = self._assembler.offer_chunk(ModelChunk.from_bytes(payload, self.limits))
+                if full is not None:
+                    self._on_model(full)
         except ProtocolError as e:
-            self.counters.models_rejected += topic == self.topics.model
+            self.counters.models_rejected += topic != self.topics.task
             log.warning("%s: ignored message on %s: %s", self.device_id, topic, e)
 
     def _on_model(self, m: GlobalModel) -> None:
-        if self.model is not None and m.version < self.model.version:
+        held = self.model
+        if held is not None and m.version < held.version:
             log.warning(
-                "%s: refused model v%d older than held v%d",
-                self.device_id,
-                m.version,
-                self.model.version,
+                "%s: refused model v%d older than held v%d", self.device_id, m.version, held.version
             )
             self.counters.models_rejected += 1
             return
-        if (
-            self.model is not None
-            and m.version == self.model.version
-            and m.sha256 == self.model.sha256
-        ):
+        if held is not None and m.version == held.version and m.sha256 == held.sha256:
+            return
+        from models.onnx_weights import read_initializers
+
+        try:
+            # Parse before keeping it: a model we cannot train from must not replace ours.
+            weights = read_initializers(m.onnx)
+        except ValueError as e:
+            log.warning("%s: refused model v%d: %s", self.device_id, m.version, e)
+            self.counters.models_rejected += 1
             return
         self.store.save_model(m)
         self.model = HeldModel(m.version, m.arch, m.sha256, m.onnx)
-        self._weights = None
+        self._weights = weights
         self._advance()
 
     def _on_task(self, t: RoundTask) -> None:
+        if self.task is not None and t.round < self.task.round:
+            return  # a stale retained/redelivered task; the newer one stands
         self.task = t
         self._advance()
+
+    def _skip_round(self, t: RoundTask, why: str) -> None:
+        """Give up on a round for good (persisted): retrying would fail the same way."""
+        log.error("%s: skipping round %d: %s", self.device_id, t.round, why)
+        self.counters.rounds_skipped += 1
+        self.last_round = t.round
+        self.store.set_last_round(t.round)
+        self.state = AgentState.IDLE
 
     # -- the state machine --------------------------------------------------------------------
     def _advance(self) -> None:
@@ -203,10 +229,7 @@ class EdgeAgent:
         try:
             codec = parse_codec(t.codec)
         except ValueError as e:
-            log.error("%s: cannot honour round %d: %s", self.device_id, t.round, e)
-            self.counters.rounds_skipped += 1
-            self.last_round = t.round
-            self.state = AgentState.IDLE
+            self._skip_round(t, f"cannot honour codec: {e}")
             return
         self.state = AgentState.TRAINING
         weights = self._global_weights(m)
@@ -244,6 +267,17 @@ class EdgeAgent:
             self._advance()
             return
         delta = {k: result.weights[k] - base[k] for k in base}
+        try:
+            blob = self._encode_with_feedback(delta, codec, t)
+        except (ValueError, ProtocolError) as e:
+            log.error(
+                "%s: cannot encode round %d with %s: %s", self.device_id, t.round, codec.name, e
+            )
+            self.last_round = t.round
+            self.store.set_last_round(t.round)
+            self.state = AgentState.IDLE
+            self._advance()
+            return
         update = ModelUpdate(
             device=self.device_id,
             round=t.round,
@@ -252,7 +286,7 @@ class EdgeAgent:
             nonce=t.nonce,
             num_samples=result.num_samples,
             codec=codec.name,
-            delta=codec.encode(delta),
+            delta=blob,
             metrics={"loss": result.loss, "accuracy": result.accuracy, "seconds": result.seconds},
         )
         self.state = AgentState.UPLOADING
@@ -268,6 +302,29 @@ class EdgeAgent:
             self._uploaded(t, False, str(e))
             return
         self.counters.tx_bytes += size
+
+    def _encode_with_feedback(
+        self, delta: Mapping[str, np.ndarray], codec: Any, t: RoundTask
+    ) -> bytes:
+        """Encode ``delta + residual``; keep what the aggregator will not see, on disk first.
+
+        The residual is saved before the update is published: a reboot after a publish
+        then never re-adds what was already sent (a crash between save and publish loses
+        this one update, as any lost update). A lossless codec flushes any residual left by
+        earlier lossy rounds and keeps none.
+        """
+        rng = np.random.default_rng([self.seed & (2**64 - 1), t.round])
+        target = self.residual.apply(delta)
+        blob: bytes = codec.encode(target, rng)
+        if codec.lossless:
+            if self.residual:
+                self.residual.reset()
+                self.residual.save(self.store.dir)
+            return blob
+        sent = codec.decode(blob, spec_of(target), self.limits)
+        self.residual.update(target, sent)
+        self.residual.save(self.store.dir)
+        return blob
 
     def _uploaded(self, t: RoundTask, ok: bool, why: str) -> None:
         if ok:

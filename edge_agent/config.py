@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fedge.config_io import load_yaml_config
+from fedge.config_io import TLSConfig, load_yaml_config
 from fedge.mqtt import BrokerURL
 from fedge.topics import validate_device_id
 
@@ -34,6 +34,14 @@ class AgentConfig(BaseModel):
         "device-*.npz files of which the agent takes one by a stable hash of its device id"
     )
     keepalive: int = Field(default=30, ge=5, le=3600)
+    signing_key: Path | None = Field(
+        default=None, description="this device's Ed25519 key (from `fedge enroll`); signs updates"
+    )
+    aggregator_key: Path | None = Field(
+        default=None,
+        description="the aggregator's public key; set = unsigned or wrongly signed models refused",
+    )
+    tls: TLSConfig | None = None
     seed: int = 0
 
     @field_validator("device_id")

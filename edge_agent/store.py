@@ -54,5 +54,17 @@ class AgentStore:
         except (OSError, ValueError, KeyError, TypeError):
             return 0
 
+    def record_acked(self, round_id: int, update_id: str) -> None:
+        """Append-only receipt of an update the broker acknowledged (an audit trail)."""
+        with (self.dir / "acked.jsonl").open("a") as f:
+            f.write(json.dumps({"round": round_id, "update_id": update_id}) + "\n")
+
+    def acked(self) -> list[dict[str, object]]:
+        try:
+            lines = (self.dir / "acked.jsonl").read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(x) for x in lines if x.strip()]
+
     def set_last_round(self, round_id: int) -> None:
         atomic_write(self.dir / "state.json", json.dumps({"last_round": round_id}).encode())

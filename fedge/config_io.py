@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedge.errors import ConfigError
 
-__all__ = ["load_yaml_config", "validation_message"]
+__all__ = ["TLSConfig", "load_yaml_config", "validation_message"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -39,3 +39,12 @@ def load_yaml_config(path: Path, model: type[M]) -> M:
         return model.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(validation_message(str(path), e)) from None
+
+
+class TLSConfig(BaseModel):
+    """Files for an mqtts:// broker: the CA to trust, and a client certificate for mTLS."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    ca_cert: Path
+    client_cert: Path | None = None
+    client_key: Path | None = None

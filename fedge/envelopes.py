@@ -23,6 +23,7 @@ __all__ = [
     "GlobalModel",
     "Kind",
     "ModelArch",
+    "ModelChunk",
     "ModelUpdate",
     "RoundTask",
     "TrainHyper",
@@ -30,6 +31,7 @@ __all__ = [
 
 SCHEMA_VERSION = 1
 NONCE_BYTES = 16
+SIGNATURE_BYTES = 64
 _MAX_ROUND = 2**31
 
 
@@ -37,6 +39,7 @@ class Kind(StrEnum):
     TASK = "task"
     UPDATE = "update"
     MODEL = "model"
+    CHUNK = "chunk"
     STATUS = "status"
 
 
@@ -161,11 +164,18 @@ class RoundTask:
             issued=f.float("issued", 0.0),
             codec=f.str("codec"),
             hyper=TrainHyper._read(f.map("hyper"), limits),
-            nonce=f.bytes("nonce", max_len=NONCE_BYTES),
+            nonce=_nonce(f),
             selected=_opt_tuple(f.str_list("selected", optional=True)),
         )
         f.done()
         return task
+
+
+def _nonce(f: Fields) -> bytes:
+    n: bytes = f.bytes("nonce", max_len=NONCE_BYTES)
+    if len(n) != NONCE_BYTES:
+        raise ProtocolError("schema", f"nonce must be exactly {NONCE_BYTES} bytes, got {len(n)}")
+    return n
 
 
 def _opt_tuple(v: list[str] | None) -> tuple[str, ...] | None:
@@ -185,6 +195,23 @@ class ModelUpdate:
     codec: str
     delta: bytes
     metrics: dict[str, float] = field(default_factory=dict)
+    signature: bytes = b""  # Ed25519 over digest(); empty when the fleet does not sign
+
+    def digest(self) -> bytes:
+        """What the device signs: fedge.identity.update_digest over this update's fields."""
+        import hashlib
+
+        from fedge.identity import update_digest
+
+        return update_digest(
+            self.device,
+            self.round,
+            self.nonce,
+            hashlib.sha256(self.delta).digest(),
+            base_version=self.base_version,
+            num_samples=self.num_samples,
+            codec=self.codec,
+        )
 
     def to_bytes(self) -> bytes:
         return pack(
@@ -200,6 +227,7 @@ class ModelUpdate:
                 "codec": self.codec,
                 "delta": self.delta,
                 "metrics": dict(self.metrics),
+                "signature": self.signature,
             }
         )
 
@@ -211,12 +239,13 @@ class ModelUpdate:
             round=f.int("round", 1, _MAX_ROUND),
             base_version=f.int("base_version", 0, _MAX_ROUND),
             update_id=f.str("update_id"),
-            nonce=f.bytes("nonce", max_len=NONCE_BYTES),
+            nonce=_nonce(f),
             # Not clamped here: the aggregator clamps to its own bound and counts the event.
             num_samples=f.int("num_samples", 1, 2**62),
             codec=f.str("codec"),
             delta=f.bytes("delta", max_len=limits.max_payload_bytes),
             metrics=f.number_map("metrics"),
+            signature=f.bytes("signature", max_len=SIGNATURE_BYTES, optional=True) or b"",
         )
         f.done()
         return upd
@@ -224,7 +253,11 @@ class ModelUpdate:
 
 @dataclass(frozen=True)
 class GlobalModel:
-    """A published model version: a self-contained ONNX file and its sha256."""
+    """A published model version: a self-contained ONNX file and its sha256.
+
+    A model too large for one packet travels as a manifest: ``onnx`` empty, ``chunks`` > 0 and
+    ``size`` its length; the bytes follow as ``ModelChunk`` messages (see fedge/chunks.py).
+    """
 
     version: int
     arch: ModelArch
@@ -232,6 +265,34 @@ class GlobalModel:
     sha256: str
     created: float
     metrics: dict[str, float] = field(default_factory=dict)
+    chunks: int = 0
+    size: int = -1
+    signature: bytes = b""  # Ed25519 by the aggregator over digest()
+
+    def digest(self) -> bytes:
+        from fedge.identity import model_digest
+
+        return model_digest(self.version, self.sha256)
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            object.__setattr__(self, "size", len(self.onnx))
+
+    @property
+    def is_manifest(self) -> bool:
+        return self.chunks > 0
+
+    def with_onnx(self, onnx: bytes) -> GlobalModel:
+        """The complete model, once a manifest's chunks are assembled."""
+        return GlobalModel(
+            self.version,
+            self.arch,
+            onnx,
+            self.sha256,
+            self.created,
+            self.metrics,
+            signature=self.signature,
+        )
 
     def to_bytes(self) -> bytes:
         return pack(
@@ -244,6 +305,9 @@ class GlobalModel:
                 "sha256": self.sha256,
                 "created": float(self.created),
                 "metrics": dict(self.metrics),
+                "chunks": self.chunks,
+                "size": self.size,
+                "signature": self.signature,
             }
         )
 
@@ -265,11 +329,64 @@ class GlobalModel:
             sha256=f.str("sha256"),
             created=f.float("created", 0.0),
             metrics=f.number_map("metrics"),
+            chunks=f.int("chunks", 0, 2**20, optional=True) or 0,
+            size=_opt(f.int("size", 0, limits.max_model_bytes, optional=True), -1),
+            signature=f.bytes("signature", max_len=SIGNATURE_BYTES, optional=True) or b"",
         )
         f.done()
-        if hashlib.sha256(model.onnx).hexdigest() != model.sha256:
+        if model.is_manifest:
+            if model.onnx or model.size <= 0 or len(model.sha256) != 64:
+                raise ProtocolError(
+                    "schema", "a chunked model manifest needs size, sha256, no onnx"
+                )
+        elif hashlib.sha256(model.onnx).hexdigest() != model.sha256:
             raise ProtocolError("bad_hash", f"model v{model.version}: sha256 does not match")
+        elif model.size != len(model.onnx):
+            raise ProtocolError("schema", f"model v{model.version}: size != len(onnx)")
         return model
+
+
+def _opt(v: int | None, default: int) -> int:
+    return default if v is None else v
+
+
+@dataclass(frozen=True)
+class ModelChunk:
+    """One piece of a chunked model: ``data`` is bytes ``[index*k, ...)`` of the ONNX file."""
+
+    version: int
+    index: int
+    count: int
+    sha256: str
+    data: bytes
+
+    def to_bytes(self) -> bytes:
+        return pack(
+            {
+                "v": SCHEMA_VERSION,
+                "kind": str(Kind.CHUNK),
+                "version": self.version,
+                "index": self.index,
+                "count": self.count,
+                "sha256": self.sha256,
+                "data": self.data,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Self:
+        f = _open(payload, Kind.CHUNK, limits)
+        c = cls(
+            version=f.int("version", 0, _MAX_ROUND),
+            count=f.int("count", 1, 2**20),
+            index=f.int("index", 0, 2**20),
+            sha256=f.str("sha256"),
+            data=f.bytes("data", max_len=limits.max_payload_bytes),
+        )
+        f.done()
+        if c.index >= c.count:
+            raise ProtocolError("schema", f"chunk index {c.index} >= count {c.count}")
+        return c
 
 
 @dataclass(frozen=True)

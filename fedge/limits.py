@@ -32,6 +32,7 @@ class Limits:
     max_map_len: int = 64
     max_array_len: int = 100_000
     max_num_samples: int = 10_000_000
+    max_model_bytes: int = 1024 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():

@@ -49,10 +49,19 @@ class BrokerURL:
         return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
 
-def make_client(client_id: str, username: str | None = None, password: str | None = None) -> Client:
+def make_client(
+    client_id: str,
+    username: str | None = None,
+    password: str | None = None,
+    *,
+    manual_ack: bool = False,
+) -> Client:
     """An MQTT 5 paho client with unbounded local queues (the broker bounds them)."""
     client = Client(
-        CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv5,
+        manual_ack=manual_ack,
     )
     if username is not None:
         client.username_pw_set(username, password)

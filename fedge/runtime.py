@@ -17,14 +17,16 @@ def setup_logging(level: str = "INFO") -> None:
     )
 
 
-def wait_for_signal(done: threading.Event | None = None) -> None:
-    """Block until SIGINT/SIGTERM (or ``done`` is set)."""
-    stop = done or threading.Event()
+def wait_for_signal(done: threading.Event | None = None) -> bool:
+    """Block until SIGINT/SIGTERM or until ``done`` is set; True if a signal ended the wait."""
+    signalled = threading.Event()
 
     def handler(_sig: int, _frame: FrameType | None) -> None:
-        stop.set()
+        signalled.set()
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
-    while not stop.wait(0.5):
-        pass
+    while not signalled.wait(0.2):
+        if done is not None and done.is_set():
+            return False
+    return True

@@ -4,6 +4,11 @@ It subscribes again after every (re)connect, publishes with a size check and a c
 callback fired from ``on_publish`` (paho's return code alone does not say the broker took the
 message), and hands incoming messages to the role as ``(topic, payload)``. Every method runs
 on the mux thread.
+
+With ``manual_ack`` the session acknowledges a QoS 1 message only after the role's handler
+returned normally: a handler that records the message durably before returning gets
+"ack after durable record" for free, and a handler that raises leaves the message unacked, so
+the broker delivers it again after the next reconnect.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_SUCCESS, Client, MQTTMes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fedge.errors import ProtocolError
-from fedge.limits import MAX_PACKET_SIZE
+from fedge.limits import DEFAULT_LIMITS, MAX_PACKET_SIZE
 from fedge.mqtt import BrokerURL, connect_properties, make_client, publish_packet_size
 from fedge.mux import Link, Mux
 
@@ -36,6 +41,10 @@ class SessionOptions:
     keepalive: int = 30
     session_expiry: int = 24 * 3600
     will: tuple[str, bytes] | None = None
+    manual_ack: bool = False
+    ca_cert: str | None = None  # mqtts://: CA to trust (default: the system's)
+    client_cert: str | None = None  # mutual TLS: this client's certificate and key
+    client_key: str | None = None
 
 
 class Session:
@@ -56,9 +65,13 @@ class Session:
         self.subscriptions = tuple(subscriptions)
         self._on_message = on_message
         self._on_connected = on_connected
-        self.client: Client = make_client(options.client_id, options.username, options.password)
+        self.client: Client = make_client(
+            options.client_id, options.username, options.password, manual_ack=options.manual_ack
+        )
         if url.tls:
-            self.client.tls_set()
+            self.client.tls_set(
+                ca_certs=options.ca_cert, certfile=options.client_cert, keyfile=options.client_key
+            )
         if options.will is not None:
             topic, payload = options.will
             self.client.will_set(topic, payload, qos=1, retain=True)
@@ -113,9 +126,14 @@ class Session:
     ) -> int:
         """Queue a publish; returns its exact packet size. ``on_done(ok, reason)`` follows."""
         size = publish_packet_size(topic, len(payload), qos)
-        if size > MAX_PACKET_SIZE:
-            # The broker would drop the connection and paho would resend forever: refuse up front.
-            raise ProtocolError("too_large", f"{size} byte packet exceeds {MAX_PACKET_SIZE}")
+        if size > MAX_PACKET_SIZE or len(payload) > DEFAULT_LIMITS.max_payload_bytes:
+            # The broker would drop the connection and paho would resend forever; a receiver
+            # would refuse it anyway: refuse up front.
+            raise ProtocolError(
+                "too_large",
+                f"{len(payload)} byte payload ({size} byte packet) exceeds the limit "
+                f"{DEFAULT_LIMITS.max_payload_bytes} (packet {MAX_PACKET_SIZE})",
+            )
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (MQTT_ERR_SUCCESS, MQTT_ERR_NO_CONN):
             raise ProtocolError("publish", f"paho refused publish on {topic}: rc={info.rc}")
@@ -150,8 +168,16 @@ class Session:
         self.connected = False
         self.connects = max(self.connects, 1)
 
-    def _handle_message(self, _c: Client, _u: Any, msg: MQTTMessage) -> None:
-        self._on_message(msg.topic, msg.payload)
+    def _handle_message(self, client: Client, _u: Any, msg: MQTTMessage) -> None:
+        try:
+            self._on_message(msg.topic, msg.payload)
+        except Exception:
+            log.exception(
+                "%s: handler failed on %s; left unacked", self.options.client_id, msg.topic
+            )
+            return
+        if self.options.manual_ack and msg.qos > 0:
+            client.ack(msg.mid, msg.qos)
 
     def _handle_publish(self, _c: Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
         done = self._pending.pop(mid, None)

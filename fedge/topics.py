@@ -3,6 +3,7 @@
 ``{p}`` is the fleet prefix, ``fedge/<fleet>``:
 
     {p}/model/global      retained, QoS 1   aggregator -> devices   GlobalModel
+    {p}/model/chunk/{i}   retained, QoS 1   aggregator -> devices   ModelChunk (large models)
     {p}/round/current     retained, QoS 1   aggregator -> devices   RoundTask
     {p}/update/{device}   QoS 1             device -> aggregator    ModelUpdate
     {p}/status/{device}   retained, QoS 1   device -> all           DeviceStatus (also the will)
@@ -49,6 +50,13 @@ class Topics:
     @property
     def model(self) -> str:
         return f"{self.prefix}/model/global"
+
+    def model_chunk(self, index: int) -> str:
+        return f"{self.prefix}/model/chunk/{int(index)}"
+
+    @property
+    def all_model_chunks(self) -> str:
+        return f"{self.prefix}/model/chunk/+"
 
     @property
     def task(self) -> str:

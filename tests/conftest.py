@@ -5,10 +5,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from simulation.broker import MosquittoBroker, MosquittoNotFound, find_mosquitto
+from simulation.datasets import FederatedData
+from tests.integration.fleet_helpers import Fleet
 
 
 def _require_mosquitto() -> None:
@@ -38,3 +41,17 @@ def fresh_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
 def prefix() -> str:
     """A topic prefix `fedge/t<8 hex>` (the fleet level) unique to the test."""
     return f"fedge/t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def fleet_factory(broker: MosquittoBroker, tmp_path: Path) -> Iterator[Any]:
+    made: list[Fleet] = []
+
+    def make(data: FederatedData, **cfg: Any) -> Fleet:
+        f = Fleet(broker, tmp_path, data, **cfg)
+        made.append(f)
+        return f
+
+    yield make
+    for f in made:
+        f.close()

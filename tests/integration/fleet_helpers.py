@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from paho.mqtt.client import CallbackAPIVersion, Client
 from paho.mqtt.enums import MQTTProtocolVersion
 
+from aggregator.config import AggregatorConfig, HyperConfig, ModelConfig
+from aggregator.evaluation import EvalSet
+from aggregator.service import Aggregator
+from edge_agent.agent import EdgeAgent
+from edge_agent.data import LocalData
+from edge_agent.store import AgentStore
 from fedge.envelopes import RoundTask
+from fedge.mqtt import BrokerURL
+from fedge.mux import Mux
+from fedge.topics import Topics
+from simulation.broker import MosquittoBroker
+from simulation.datasets import FederatedData
 
-__all__ = ["RawDevice", "wait_until"]
+__all__ = ["Fleet", "RawDevice", "wait_until"]
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
@@ -74,3 +88,60 @@ class RawDevice:
 
 def read_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
+
+
+class Fleet:
+    """An aggregator and agents in this process, each with its own MQTT connection."""
+
+    def __init__(self, broker: MosquittoBroker, tmp: Path, data: FederatedData, **cfg: Any) -> None:
+        self.url = BrokerURL.parse(broker.url)
+        self.topics = Topics(f"t{uuid.uuid4().hex[:8]}")
+        self.tmp = tmp
+        self.data = data
+        self.records: list[dict[str, Any]] = []
+        self.agg_mux, self.dev_mux = Mux("agg").start(), Mux("dev").start()
+        self.executor = ThreadPoolExecutor(1)
+        self.agents: dict[str, EdgeAgent] = {}
+        self.config = AggregatorConfig(
+            broker=str(self.url),
+            fleet=self.topics.fleet,
+            state_dir=tmp / "aggregator",
+            model=ModelConfig(input_dim=data.input_dim, num_classes=data.num_classes),
+            hyper=HyperConfig(epochs=2, lr=0.1),
+            **cfg,
+        )
+        self.aggregator = Aggregator(
+            self.config, self.agg_mux, eval_set=EvalSet(*data.test), on_round=self.records.append
+        )
+
+    def start_aggregator(self) -> None:
+        self.aggregator.start()
+
+    def add_agent(self, i: int) -> EdgeAgent:
+        x, y = self.data.parts[i]
+        dev = f"dev-{i}"
+        agent = EdgeAgent(
+            device_id=dev,
+            mux=self.dev_mux,
+            broker=self.url,
+            topics=self.topics,
+            data=LocalData(x, y),
+            store=AgentStore(self.tmp / dev),
+            executor=self.executor,
+            seed=i,
+        )
+        self.agents[dev] = agent
+        agent.start()
+        return agent
+
+    def raw_device(self, name: str) -> RawDevice:
+        return RawDevice(self.url.host, self.url.port, name, self.topics.prefix)
+
+    def close(self) -> None:
+        for a in self.agents.values():
+            a.stop()
+        self.aggregator.stop()
+        wait_until(lambda: not self.aggregator.session.connected, 5, "aggregator disconnect")
+        self.dev_mux.stop()
+        self.agg_mux.stop()
+        self.executor.shutdown(cancel_futures=True)

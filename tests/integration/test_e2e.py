@@ -5,32 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from aggregator.config import AggregatorConfig, HyperConfig, ModelConfig
-from aggregator.evaluation import EvalSet
 from aggregator.service import Aggregator
-from edge_agent.agent import EdgeAgent
-from edge_agent.data import LocalData
 from edge_agent.inference import OnnxPredictor
-from edge_agent.store import AgentStore
 from fedge.codecs import parse_codec
 from fedge.envelopes import ModelUpdate
-from fedge.mqtt import BrokerURL
-from fedge.mux import Mux
 from fedge.tensors import dense_record, encode_records
-from fedge.topics import Topics
 from models.onnx_weights import read_initializers
 from simulation.broker import MosquittoBroker
 from simulation.datasets import FederatedData, make_federated
 from simulation.fleet import SimConfig, simulate
-from tests.integration.fleet_helpers import RawDevice, wait_until
+from tests.integration.fleet_helpers import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -38,77 +28,6 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def digits3() -> FederatedData:
     return make_federated("digits", 3, "iid", seed=0)
-
-
-class Fleet:
-    """An aggregator and agents in this process, each with its own MQTT connection."""
-
-    def __init__(self, broker: MosquittoBroker, tmp: Path, data: FederatedData, **cfg: Any) -> None:
-        self.url = BrokerURL.parse(broker.url)
-        self.topics = Topics(f"t{uuid.uuid4().hex[:8]}")
-        self.tmp = tmp
-        self.data = data
-        self.records: list[dict[str, Any]] = []
-        self.agg_mux, self.dev_mux = Mux("agg").start(), Mux("dev").start()
-        self.executor = ThreadPoolExecutor(1)
-        self.agents: dict[str, EdgeAgent] = {}
-        self.config = AggregatorConfig(
-            broker=str(self.url),
-            fleet=self.topics.fleet,
-            state_dir=tmp / "aggregator",
-            model=ModelConfig(input_dim=data.input_dim, num_classes=data.num_classes),
-            hyper=HyperConfig(epochs=2, lr=0.1),
-            **cfg,
-        )
-        self.aggregator = Aggregator(
-            self.config, self.agg_mux, eval_set=EvalSet(*data.test), on_round=self.records.append
-        )
-
-    def start_aggregator(self) -> None:
-        self.aggregator.start()
-
-    def add_agent(self, i: int) -> EdgeAgent:
-        x, y = self.data.parts[i]
-        dev = f"dev-{i}"
-        agent = EdgeAgent(
-            device_id=dev,
-            mux=self.dev_mux,
-            broker=self.url,
-            topics=self.topics,
-            data=LocalData(x, y),
-            store=AgentStore(self.tmp / dev),
-            executor=self.executor,
-            seed=i,
-        )
-        self.agents[dev] = agent
-        agent.start()
-        return agent
-
-    def raw_device(self, name: str) -> RawDevice:
-        return RawDevice(self.url.host, self.url.port, name, self.topics.prefix)
-
-    def close(self) -> None:
-        for a in self.agents.values():
-            a.stop()
-        self.aggregator.stop()
-        wait_until(lambda: not self.aggregator.session.connected, 5, "aggregator disconnect")
-        self.dev_mux.stop()
-        self.agg_mux.stop()
-        self.executor.shutdown(cancel_futures=True)
-
-
-@pytest.fixture
-def fleet_factory(broker: MosquittoBroker, tmp_path: Path) -> Iterator[Any]:
-    made: list[Fleet] = []
-
-    def make(data: FederatedData, **cfg: Any) -> Fleet:
-        f = Fleet(broker, tmp_path, data, **cfg)
-        made.append(f)
-        return f
-
-    yield make
-    for f in made:
-        f.close()
 
 
 def test_simulation_accuracy_rises_and_summary_is_complete(
@@ -267,3 +186,26 @@ def test_overflowing_aggregate_fails_the_round_and_keeps_the_model(
         np.testing.assert_array_equal(agg.weights[name], w)
     failed = [json.loads(x) for x in agg.metrics.path.read_text().splitlines()]
     assert "not finite" in failed[0]["failed"]
+
+
+def test_models_larger_than_the_chunk_size_are_chunked_and_reassembled(
+    fleet_factory: Any, digits3: FederatedData
+) -> None:
+    # ~42 kB announcements in 8 kB chunks: devices must reassemble to train at all.
+    fleet = fleet_factory(
+        digits3, rounds=2, target_devices=3, min_devices=3, round_timeout=30, model_chunk_bytes=8192
+    )
+    fleet.start_aggregator()
+    agents = [fleet.add_agent(i) for i in range(3)]
+
+    wait_until(fleet.aggregator.done.is_set, 40, "two versions over chunked models")
+
+    final = fleet.aggregator.registry.path(2).read_bytes()
+    wait_until(
+        lambda: all(a.model is not None and a.model.version == 2 for a in agents),
+        10,
+        "devices to assemble v2",
+    )
+    assert all(a.model is not None and a.model.onnx == final for a in agents)
+    assert fleet.aggregator._chunks_published >= 5
+    assert all(r["devices"] == 3 for r in fleet.records)

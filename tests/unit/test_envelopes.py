@@ -33,7 +33,7 @@ rounds = st.integers(1, 2**31)
 versions = st.integers(0, 2**31)
 times = st.floats(min_value=0.0, max_value=1e12, allow_nan=False, allow_infinity=False)
 short_text = st.text(max_size=DEFAULT_LIMITS.max_str_len)
-nonces = st.binary(max_size=16)
+nonces = st.binary(min_size=16, max_size=16)
 metric_maps = st.dictionaries(
     st.text(max_size=64),
     st.floats(allow_nan=False, allow_infinity=False),
@@ -166,8 +166,8 @@ GOOD = {
 }
 OPTIONAL_KEYS = {
     RoundTask: {"selected"},
-    ModelUpdate: {"metrics"},
-    GlobalModel: {"metrics"},
+    ModelUpdate: {"metrics", "signature"},
+    GlobalModel: {"metrics", "chunks", "size", "signature"},
     DeviceStatus: {"version"},
 }
 
@@ -358,6 +358,7 @@ def test_wrong_type(cls: type, key: str, value: Any) -> None:
         (RoundTask, "round", -1),
         (RoundTask, "base_version", -1),
         (RoundTask, "nonce", b"\x00" * 17),
+        (RoundTask, "nonce", b"\x00" * 15),
         (ModelUpdate, "num_samples", 0),
         (ModelUpdate, "num_samples", 2**62 + 1),
         (ModelUpdate, "round", 2**64 - 1),
