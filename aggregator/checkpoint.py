@@ -9,8 +9,9 @@ that round's journal (aggregator/journal.py) a restart resumes the round where i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -32,6 +33,9 @@ class Checkpoint:
     counted: tuple[str, ...] = ()
     failed_rounds: int = 0
     open_task: bytes | None = None
+    # Server-side state that must survive a restart: optimizer moments, DP rounds spent, lr
+    # schedules. Flat keys -> float32 arrays or numbers.
+    state: dict[str, Any] = field(default_factory=dict)
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
@@ -43,6 +47,17 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
             "counted": list(ckpt.counted),
             "failed_rounds": ckpt.failed_rounds,
             "open_task": ckpt.open_task,
+            "state_scalars": {k: v for k, v in ckpt.state.items() if not isinstance(v, np.ndarray)},
+            "state_arrays": encode_records(
+                [
+                    dense_record(k, v, "<f4")
+                    for k, v in ckpt.state.items()
+                    if isinstance(v, np.ndarray)
+                ]
+            ),
+            "state_spec": {
+                k: list(v.shape) for k, v in ckpt.state.items() if isinstance(v, np.ndarray)
+            },
             "spec": {k: list(s) for k, s in spec_of(ckpt.weights).items()},
             "weights": encode_records([dense_record(k, v, "<f4") for k, v in ckpt.weights.items()]),
         },
@@ -69,4 +84,13 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
         counted=tuple(obj["counted"]),
         failed_rounds=obj.get("failed_rounds", 0),
         open_task=obj.get("open_task"),
+        state=_load_state(obj, big),
     )
+
+
+def _load_state(obj: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    state: dict[str, Any] = dict(obj.get("state_scalars", {}))
+    spec = {k: tuple(v) for k, v in obj.get("state_spec", {}).items()}
+    if spec:
+        state.update(decode_records(obj["state_arrays"], spec, ("<f4",), limits))
+    return state

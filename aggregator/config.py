@@ -45,6 +45,15 @@ class HyperConfig(BaseModel):
         return TrainHyper(**self.model_dump())
 
 
+class PlateauSettings(BaseModel):
+    model_config = _STRICT
+    factor: float = Field(default=0.5, gt=0, lt=1)
+    patience: int = Field(default=3, ge=0)
+    threshold: float = Field(default=1e-3, ge=0)
+    cooldown: int = Field(default=0, ge=0)
+    min_lr: float = Field(default=1e-4, gt=0)
+
+
 class AggregatorConfig(BaseModel):
     model_config = _STRICT
 
@@ -58,7 +67,23 @@ class AggregatorConfig(BaseModel):
     hyper: HyperConfig = HyperConfig()
     codec: str = "fp32"
     strategy: str = "fedavg"
-    server_lr: float = Field(default=1.0, gt=0)
+    strategy_opts: dict[str, str | int | float] = Field(
+        default_factory=dict, description="KEY: VALUE options of the strategy (`fedge strategies`)"
+    )
+    server_lr: float | None = Field(default=None, gt=0, description="None: the strategy's own")
+    clients_per_round: int | None = Field(
+        default=None, ge=1, description="devices asked per round (seeded sample); None = all"
+    )
+    over_select: float = Field(default=0.0, ge=0, le=1, description="extra fraction asked")
+    selection_seed: int = 0
+    adaptive_lr: PlateauSettings | None = Field(
+        default=None,
+        description="reduce the devices' learning rate when central accuracy plateaus",
+    )
+    int8: bool = Field(
+        default=False, description="publish an int8 QDQ model calibrated from devices' ranges"
+    )
+    qat: bool = Field(default=False, description="ask devices to train quantization-aware")
     rounds: int = Field(default=0, ge=0, description="stop after this many versions; 0 = forever")
     target_devices: int = Field(default=10, ge=1, description="close a round when this many count")
     min_devices: int = Field(default=2, ge=1, description="quorum needed at the deadline")
@@ -86,6 +111,15 @@ class AggregatorConfig(BaseModel):
     @classmethod
     def _url(cls, v: str) -> str:
         BrokerURL.parse(v)
+        return v
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        from aggregator.strategies import STRATEGIES
+
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; choose one of: {', '.join(STRATEGIES)}")
         return v
 
     @field_validator("codec")

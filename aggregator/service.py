@@ -12,30 +12,31 @@ the journal. Everything runs on the mux thread; no locks.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aggregator.config import AggregatorConfig
-from aggregator.evaluation import EvalSet, evaluate_onnx
+from aggregator.evaluation import EvalSet
 from aggregator.journal import RoundJournal
 from aggregator.keyring import KeyRing
 from aggregator.metrics import MetricsLog
+from aggregator.publisher import ModelPublisher
 from aggregator.registry import ModelRegistry
 from aggregator.rounds import OpenRound
+from aggregator.schedules import PlateauConfig, ReduceOnPlateau
+from aggregator.selection import select_clients
 from aggregator.strategies import make_strategy
 from aggregator.validation import validate_update
-from fedge.chunks import split_model
-from fedge.envelopes import DeviceState, DeviceStatus, GlobalModel, ModelArch, RoundTask
-from fedge.errors import AggregationError, ProtocolError
+from fedge.envelopes import DeviceState, DeviceStatus, ModelArch, RoundTask
+from fedge.errors import AggregationError, ConfigError, ProtocolError
 from fedge.faults import crash_point
 from fedge.identity import load_signing_key
 from fedge.limits import DEFAULT_LIMITS, Limits
@@ -76,19 +77,40 @@ class Aggregator:
         self.registry = ModelRegistry(self.state_dir / "models")
         self.journal = RoundJournal(self.state_dir / "journal")
         self.metrics = MetricsLog(config.metrics_path)
-        self.strategy = make_strategy(config.strategy, config.server_lr)
+        opts = {k: str(v) for k, v in config.strategy_opts.items()}
+        if config.strategy == "dp-fedavg":
+            # The mean's fixed denominator is the round's target unless set explicitly.
+            opts.setdefault("expected_devices", str(config.target_devices))
+        self.strategy = make_strategy(config.strategy, opts, server_lr=config.server_lr)
+        if self.strategy.min_updates > config.min_devices:
+            raise ConfigError(
+                f"strategy {config.strategy} needs at least {self.strategy.min_updates} updates "
+                f"per round; raise min_devices (now {config.min_devices})"
+            )
+        self.client_lr: ReduceOnPlateau | None = None
+        if config.adaptive_lr is not None:
+            a = config.adaptive_lr
+            self.client_lr = ReduceOnPlateau(
+                config.hyper.lr,
+                PlateauConfig("max", a.factor, a.patience, a.threshold, a.cooldown, a.min_lr),
+            )
+        self.known: set[str] = set()
+        self._calib: Any = None
         self.done = threading.Event()
         self.online: set[str] = set()
         self.round: OpenRound | None = None
         self._deadline: Timer | None = None
-        self._template: Any = None
-        self._model_msg: bytes = b""
-        self.model_bytes = 0
-        self._chunks_published = 0
         self.version, self.last_round, self.failed_rounds = 0, 0, 0
         self.weights: dict[str, np.ndarray] = {}
         self.keyring = KeyRing(config.device_keys) if config.device_keys else None
-        self.signing_key = load_signing_key(config.signing_key) if config.signing_key else None
+        self.publisher = ModelPublisher(
+            self.arch,
+            self.topics,
+            self.registry,
+            eval_set=self.eval_set,
+            signing_key=load_signing_key(config.signing_key) if config.signing_key else None,
+            chunk_bytes=config.model_chunk_bytes,
+        )
         tls = config.tls
         self.session = Session(
             mux,
@@ -123,9 +145,10 @@ class Aggregator:
         else:
             self.version, self.last_round = ckpt.version, ckpt.last_round
             self.weights, self.failed_rounds = ckpt.weights, ckpt.failed_rounds
+            self._load_state(ckpt.state)
             log.info("aggregator: resumed version %d, last round %d", self.version, self.last_round)
         self.journal.discard_through(self.last_round - (1 if ckpt and ckpt.open_task else 0))
-        self._render_model(metrics={})
+        self.publisher.render(self.version, self.weights)
         if self.config.rounds and self.version >= self.config.rounds:
             self.done.set()
         elif ckpt is not None and ckpt.open_task is not None:
@@ -143,66 +166,40 @@ class Aggregator:
     def latest_model_path(self) -> Any:
         return self.registry.path(self.version)
 
-    # -- model --------------------------------------------------------------------------------
+    @property
+    def model_bytes(self) -> int:
+        return self.publisher.model_bytes
+
+    # -- durable state ------------------------------------------------------------------------
     def _checkpoint(self, counted: tuple[str, ...]) -> None:
         open_task = self.round.task.to_bytes() if self.round is not None else None
+        state = {f"strategy.{k}": _plain(v) for k, v in self.strategy.state_dict().items()}
+        if self.client_lr is not None:
+            state.update(
+                {f"client_lr.{k}": _plain(v) for k, v in self.client_lr.state_dict().items()}
+            )
         ck = Checkpoint(
-            self.version, self.last_round, self.weights, counted, self.failed_rounds, open_task
+            self.version,
+            self.last_round,
+            self.weights,
+            counted,
+            self.failed_rounds,
+            open_task,
+            state,
         )
         save_checkpoint(self.ckpt_path, ck)
 
-    def _render_model(self, metrics: dict[str, float]) -> dict[str, float]:
-        if self._template is None:
-            from models.onnx_export import OnnxTemplate
+    def _load_state(self, state: dict[str, Any]) -> None:
+        def part(prefix: str) -> dict[str, Any]:
+            return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
-            a = self.arch
-            self._template = OnnxTemplate(a.name, a.input_dim, a.num_classes)
-        onnx = self._template.render(self.weights)
-        if self.eval_set is not None:
-            metrics = {**metrics, **evaluate_onnx(onnx, self.eval_set)}
-        sha = hashlib.sha256(onnx).hexdigest()
-        msg = GlobalModel(self.version, self.arch, onnx, sha, time.time(), metrics)
-        if self.signing_key is not None:
-            msg = replace(msg, signature=self.signing_key.sign(msg.digest()))
-        self._model_msg = msg.to_bytes()
-        if not self.registry.path(self.version).exists():
-            meta = {
-                "version": self.version,
-                "sha256": sha,
-                "arch": asdict(self.arch),
-                "metrics": metrics,
-                "created": msg.created,
-                "bytes": len(onnx),
-            }
-            self.registry.save(self.version, onnx, meta)
-        return metrics
+        if part("strategy."):
+            self.strategy.load_state_dict(part("strategy."))
+        if self.client_lr is not None and part("client_lr."):
+            self.client_lr.load_state_dict(part("client_lr."))
 
     def _publish_model(self) -> None:
-        try:
-            if len(self._model_msg) <= self.config.model_chunk_bytes:
-                self.model_bytes = self.session.publish(
-                    self.topics.model, self._model_msg, retain=True
-                )
-            else:
-                self.model_bytes = self._publish_chunked()
-        except ProtocolError as e:
-            # The version is checkpointed and in the registry; devices cannot get it this way.
-            log.error("model v%d not published: %s", self.version, e)
-
-    def _publish_chunked(self) -> int:
-        """Chunks first, then the manifest; stale chunk topics of a longer model are cleared."""
-        full = GlobalModel.from_bytes(self._model_msg, self.limits)
-        chunks = split_model(full.version, full.onnx, full.sha256, self.config.model_chunk_bytes)
-        size = 0
-        for c in chunks:
-            size += self.session.publish(
-                self.topics.model_chunk(c.index), c.to_bytes(), retain=True
-            )
-        for i in range(len(chunks), self._chunks_published):
-            self.session.publish(self.topics.model_chunk(i), b"", retain=True)
-        self._chunks_published = len(chunks)
-        manifest = replace(full, onnx=b"", chunks=len(chunks), size=len(full.onnx))
-        return size + self.session.publish(self.topics.model, manifest.to_bytes(), retain=True)
+        self.publisher.publish(self.session)
 
     # -- rounds -------------------------------------------------------------------------------
     def _on_connected(self) -> None:
@@ -225,14 +222,17 @@ class Aggregator:
         now = time.time()
         self.last_round += 1
         c = self.config
+        hyper = replace(c.hyper.to_hyper(), qat=c.qat, calibrate=c.int8)
+        if self.client_lr is not None:
+            hyper = replace(hyper, lr=self.client_lr.value)
         task = RoundTask(
             round=self.last_round,
             base_version=self.version,
             deadline=now + c.round_timeout,
             codec=c.codec,
-            hyper=c.hyper.to_hyper(),
+            hyper=self.strategy.configure_hyper(hyper),
             nonce=os.urandom(16),
-            selected=None,
+            selected=self._select(),
             issued=now,
         )
         self._start_round(task)
@@ -243,9 +243,45 @@ class Aggregator:
         self.round.task_bytes = self.session.publish(self.topics.task, task.to_bytes(), retain=True)
         log.info("round %d open (base v%d)", task.round, task.base_version)
 
+    def _select(self) -> tuple[str, ...] | None:
+        """A seeded sample of known devices; None (everyone) until devices are known."""
+        c = self.config
+        if c.clients_per_round is None or len(self.known) <= c.clients_per_round:
+            return None
+        import numpy.random as npr
+
+        rng = npr.default_rng([c.selection_seed, self.last_round])
+        return (
+            select_clients(
+                sorted(self.known),
+                self.online,
+                count=c.clients_per_round,
+                over_select=c.over_select,
+                rng=rng,
+            )
+            or None
+        )
+
+    @property
+    def _target(self) -> int:
+        rnd = self.round
+        if rnd is not None and rnd.task.selected is not None:
+            return min(
+                self.config.target_devices,
+                self.config.clients_per_round or 10**9,
+                len(rnd.task.selected),
+            )
+        return self.config.target_devices
+
     def _start_round(self, task: RoundTask) -> None:
         self.round = OpenRound(task, time.time())
         self.strategy.begin_round(spec_of(self.weights))
+        self._calib = None
+        if task.hyper.calibrate:
+            from aggregator.calibration import RangeMerger
+            from models.int8 import calibration_tensor_names
+
+            self._calib = RangeMerger(calibration_tensor_names(self.publisher.onnx))
         delay = max(0.0, task.deadline - time.time())
         self._deadline = self.mux.call_later(delay, self._on_deadline)
 
@@ -305,7 +341,11 @@ class Aggregator:
         assert rnd is not None
         if self._deadline is not None:
             self._deadline.cancel()
-        new = self.strategy.finish(self.weights)
+        try:
+            new = self.strategy.finish(self.weights)
+        except AggregationError as e:
+            self._fail_round(rnd, f"aggregation failed: {e}")
+            return
         if not all(np.isfinite(v).all() for v in new.values()):
             # Finite inputs can still overflow float32; never publish or checkpoint that.
             self._fail_round(rnd, "aggregate is not finite (overflow); model kept")
@@ -315,8 +355,18 @@ class Aggregator:
         self.round = None
         self._checkpoint(counted=tuple(rnd.counted))
         self.journal.discard_through(rnd.round)
-        metrics = self._render_model(metrics={})
+        metrics: dict[str, Any] = dict(self.publisher.render(self.version, self.weights))
+        if self._calib is not None:
+            merged = self._calib.merged() if self._calib.reports else None
+            metrics.update(self.publisher.render_int8(self.version, merged))
         self._publish_model()
+        round_metrics = getattr(self.strategy, "round_metrics", None)
+        if round_metrics is not None:
+            metrics.update(round_metrics())
+        if self.client_lr is not None and "accuracy" in metrics:
+            metrics["client_lr"] = rnd.task.hyper.lr
+            if self.client_lr.step(metrics["accuracy"]):
+                log.info("central accuracy plateaued: device lr -> %g", self.client_lr.value)
         record = {
             "round": rnd.round,
             "version": self.version,
@@ -362,6 +412,7 @@ class Aggregator:
                 st = DeviceStatus.from_bytes(payload, self.limits)
             except ProtocolError:
                 return
+            self.known.add(device)
             if st.state == DeviceState.OFFLINE:
                 self.online.discard(device)
                 self._maybe_close_early()
@@ -380,7 +431,7 @@ class Aggregator:
             return
         self.round.uplink_bytes += publish_packet_size(topic, len(payload))
         if self._fold(device, topic, payload, journal=True) and (
-            self.strategy.count >= self.config.target_devices
+            self.strategy.count >= self._target
         ):
             self._close_round()
         else:
@@ -417,7 +468,22 @@ class Aggregator:
             self._reject(rnd, "aggregation", f"{device}: {e}")
             return False
         rnd.counted[device] = acc.update.update_id
+        if self._calib is not None and acc.update.calib:
+            try:
+                self._calib.add(acc.update.calib)
+            except ProtocolError as e:
+                # The weights still count; only the ranges are refused.
+                self.metrics.reject(e.reason)
         rnd.samples += acc.num_samples
         rnd.train_loss_sum += acc.update.metrics.get("loss", 0.0) * acc.num_samples
         self.metrics.accepted += 1
         return True
+
+
+def _plain(v: Any) -> Any:
+    """Strategy state values for msgpack: float32 arrays stay arrays, numpy scalars -> Python."""
+    if isinstance(v, np.ndarray):
+        return v.astype(np.float32)
+    if isinstance(v, np.generic):
+        return v.item()
+    return v

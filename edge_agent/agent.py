@@ -17,13 +17,14 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
 from edge_agent.data import LocalData
+from edge_agent.outbox import Outbox
 from edge_agent.residual import Residual
 from edge_agent.store import AgentStore, HeldModel
 from fedge.chunks import Assembler
@@ -38,6 +39,8 @@ from fedge.envelopes import (
     RoundTask,
 )
 from fedge.errors import ProtocolError
+from fedge.faults import crash_point
+from fedge.identity import SigningKey, VerifyKey
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.mqtt import BrokerURL, publish_packet_size
 from fedge.mux import Mux
@@ -87,6 +90,9 @@ class EdgeAgent:
         keepalive: int = 30,
         seed: int = 0,
         limits: Limits = DEFAULT_LIMITS,
+        signing_key: SigningKey | None = None,
+        aggregator_key: VerifyKey | None = None,
+        tls: tuple[str | None, str | None, str | None] = (None, None, None),
     ) -> None:
         self.device_id = device_id
         self.mux = mux
@@ -105,6 +111,10 @@ class EdgeAgent:
         self.last_round = store.last_round()
         self._assembler = Assembler(limits.max_model_bytes)
         self.residual = Residual.load(store.dir)
+        self.outbox = Outbox(store.dir)
+        self.signing_key = signing_key
+        self.aggregator_key = aggregator_key
+        self._resent_outbox = False
         offline = DeviceStatus(device_id, DeviceState.OFFLINE, ts=0.0).to_bytes()
         self.session = Session(
             mux,
@@ -115,6 +125,9 @@ class EdgeAgent:
                 password=password,
                 keepalive=keepalive,
                 will=(topics.status(device_id), offline),
+                ca_cert=tls[0],
+                client_cert=tls[1],
+                client_key=tls[2],
             ),
             subscriptions=[topics.model, topics.all_model_chunks, topics.task],
             on_message=self._on_message,
@@ -144,6 +157,13 @@ class EdgeAgent:
 
     def _on_connected(self) -> None:
         self._publish_status(DeviceState.ONLINE)
+        if not self._resent_outbox:
+            # Updates a previous life of this process wrote but never saw acknowledged. (Within
+            # one process paho itself resends unacknowledged QoS 1 messages on reconnect.)
+            self._resent_outbox = True
+            for round_id, uid, payload in self.outbox.pending():
+                log.info("%s: resending update %s of round %d", self.device_id, uid, round_id)
+                self._send(round_id, uid, payload, on_done=None)
         if self.state == AgentState.CONNECTING:
             self.state = AgentState.WAITING_MODEL if self.model is None else AgentState.WAITING_TASK
         self._advance()
@@ -176,6 +196,14 @@ class EdgeAgent:
             self.counters.models_rejected += 1
             return
         if held is not None and m.version == held.version and m.sha256 == held.sha256:
+            return
+        if self.aggregator_key is not None and not (
+            m.signature and self.aggregator_key.verify(m.digest(), m.signature)
+        ):
+            log.warning(
+                "%s: refused model v%d: missing or bad signature", self.device_id, m.version
+            )
+            self.counters.models_rejected += 1
             return
         from models.onnx_weights import read_initializers
 
@@ -249,6 +277,8 @@ class EdgeAgent:
         train = self._train_fn
         if train is None:
             from edge_agent.trainer import train_local as train
+        if t.hyper.qat:
+            return train(arch, weights, self.data.x, self.data.y, t.hyper, seed, qat=True)
         return train(arch, weights, self.data.x, self.data.y, t.hyper, seed)
 
     def _trained(
@@ -261,21 +291,16 @@ class EdgeAgent:
     ) -> None:
         try:
             result = fut.result()
-        except Exception:
+        except Exception as e:
             log.exception("%s: local training failed in round %d", self.device_id, t.round)
-            self.state = AgentState.IDLE
+            self._skip_round(t, f"training failed: {e}")
             self._advance()
             return
         delta = {k: result.weights[k] - base[k] for k in base}
         try:
-            blob = self._encode_with_feedback(delta, codec, t)
+            blob, residual = self._encode_with_feedback(delta, codec, t)
         except (ValueError, ProtocolError) as e:
-            log.error(
-                "%s: cannot encode round %d with %s: %s", self.device_id, t.round, codec.name, e
-            )
-            self.last_round = t.round
-            self.store.set_last_round(t.round)
-            self.state = AgentState.IDLE
+            self._skip_round(t, f"cannot encode with {codec.name}: {e}")
             self._advance()
             return
         update = ModelUpdate(
@@ -285,52 +310,85 @@ class EdgeAgent:
             update_id=uuid.uuid4().hex,
             nonce=t.nonce,
             num_samples=result.num_samples,
-            codec=codec.name,
+            codec=t.codec,
             delta=blob,
             metrics={"loss": result.loss, "accuracy": result.accuracy, "seconds": result.seconds},
+            calib=self._calibration(m, t),
         )
+        if self.signing_key is not None:
+            update = replace(update, signature=self.signing_key.sign(update.digest()))
+        payload = update.to_bytes()
+        # Outbox first, then the residual: a crash in between resends the update and re-adds
+        # a residual that was in fact sent (bounded, harmless); the reverse order would lose
+        # both the update and the residual's mass.
+        self.outbox.put(t.round, update.update_id, payload)
+        crash_point("after_outbox")
+        if residual is not None:
+            residual.save(self.store.dir)
         self.state = AgentState.UPLOADING
+        self._send(t.round, update.update_id, payload, on_done=lambda ok: self._uploaded(t, ok))
+
+    def _send(
+        self, round_id: int, uid: str, payload: bytes, on_done: Callable[[bool], None] | None
+    ) -> None:
+        def done(ok: bool, why: str) -> None:
+            # Acknowledged or refused by the broker: either way it leaves the outbox (a refusal
+            # is final, e.g. the ACL; resending would loop).
+            if ok:
+                self.store.record_acked(round_id, uid)
+            else:
+                log.warning(
+                    "%s: broker refused update of round %d: %s", self.device_id, round_id, why
+                )
+            self.outbox.remove(round_id, uid)
+            if on_done is not None:
+                on_done(ok)
+
         try:
             size = self.session.publish(
-                self.topics.update(self.device_id),
-                update.to_bytes(),
-                qos=1,
-                on_done=lambda ok, why: self._uploaded(t, ok, why),
+                self.topics.update(self.device_id), payload, qos=1, on_done=done
             )
         except ProtocolError as e:
-            log.error("%s: update for round %d not sent: %s", self.device_id, t.round, e)
-            self._uploaded(t, False, str(e))
+            log.error("%s: update of round %d not sent: %s", self.device_id, round_id, e)
+            done(False, str(e))
             return
         self.counters.tx_bytes += size
 
+    def _calibration(self, m: HeldModel, t: RoundTask) -> dict[str, tuple[float, float]]:
+        if not t.hyper.calibrate:
+            return {}
+        from edge_agent.calibration import compute_ranges
+
+        try:
+            return compute_ranges(m.onnx, self.data.x, seed=self.seed)
+        except ValueError as e:
+            log.warning("%s: no calibration ranges for round %d: %s", self.device_id, t.round, e)
+            return {}
+
     def _encode_with_feedback(
         self, delta: Mapping[str, np.ndarray], codec: Any, t: RoundTask
-    ) -> bytes:
+    ) -> tuple[bytes, Residual | None]:
         """Encode ``delta + residual``; keep what the aggregator will not see, on disk first.
 
-        The residual is saved before the update is published: a reboot after a publish
-        then never re-adds what was already sent (a crash between save and publish loses
-        this one update, as any lost update). A lossless codec flushes any residual left by
-        earlier lossy rounds and keeps none.
+        Returns the blob and the residual to persist (the caller saves it right after the
+        update is in the outbox), or None when there is nothing to save. A lossless codec
+        flushes any residual left by earlier lossy rounds and keeps none.
         """
         rng = np.random.default_rng([self.seed & (2**64 - 1), t.round])
         target = self.residual.apply(delta)
         blob: bytes = codec.encode(target, rng)
         if codec.lossless:
-            if self.residual:
-                self.residual.reset()
-                self.residual.save(self.store.dir)
-            return blob
+            if not self.residual:
+                return blob, None
+            self.residual.reset()
+            return blob, self.residual
         sent = codec.decode(blob, spec_of(target), self.limits)
         self.residual.update(target, sent)
-        self.residual.save(self.store.dir)
-        return blob
+        return blob, self.residual
 
-    def _uploaded(self, t: RoundTask, ok: bool, why: str) -> None:
+    def _uploaded(self, t: RoundTask, ok: bool) -> None:
         if ok:
             self.counters.updates_sent += 1
-        else:
-            log.warning("%s: broker refused update for round %d: %s", self.device_id, t.round, why)
         # Either way this round is over for us: retrying a refused update would loop.
         self.last_round = t.round
         self.store.set_last_round(t.round)

@@ -81,6 +81,8 @@ class TrainHyper:
     momentum: float = 0.0
     weight_decay: float = 0.0
     prox_mu: float = 0.0
+    qat: bool = False  # train with fake quantization (models/qat.py)
+    calibrate: bool = False  # report activation ranges for the int8 export
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= 1000:
@@ -105,6 +107,8 @@ class TrainHyper:
             "momentum": f.float("momentum", 0.0, 1e6),
             "weight_decay": f.float("weight_decay", 0.0, 1e6),
             "prox_mu": f.float("prox_mu", 0.0, 1e6),
+            "qat": f.bool("qat", optional=True) or False,
+            "calibrate": f.bool("calibrate", optional=True) or False,
         }
         f.done()
         try:
@@ -196,6 +200,8 @@ class ModelUpdate:
     delta: bytes
     metrics: dict[str, float] = field(default_factory=dict)
     signature: bytes = b""  # Ed25519 over digest(); empty when the fleet does not sign
+    # Activation ranges of the device's data through the base model: tensor -> (min, max).
+    calib: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def digest(self) -> bytes:
         """What the device signs: fedge.identity.update_digest over this update's fields."""
@@ -228,6 +234,7 @@ class ModelUpdate:
                 "delta": self.delta,
                 "metrics": dict(self.metrics),
                 "signature": self.signature,
+                "calib": {k: [float(lo), float(hi)] for k, (lo, hi) in self.calib.items()},
             }
         )
 
@@ -246,6 +253,7 @@ class ModelUpdate:
             delta=f.bytes("delta", max_len=limits.max_payload_bytes),
             metrics=f.number_map("metrics"),
             signature=f.bytes("signature", max_len=SIGNATURE_BYTES, optional=True) or b"",
+            calib=f.range_map("calib"),
         )
         f.done()
         return upd

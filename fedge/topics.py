@@ -4,6 +4,7 @@
 
     {p}/model/global      retained, QoS 1   aggregator -> devices   GlobalModel
     {p}/model/chunk/{i}   retained, QoS 1   aggregator -> devices   ModelChunk (large models)
+    {p}/model/int8        retained, QoS 1   aggregator -> devices   GlobalModel (int8 QDQ ONNX)
     {p}/round/current     retained, QoS 1   aggregator -> devices   RoundTask
     {p}/update/{device}   QoS 1             device -> aggregator    ModelUpdate
     {p}/status/{device}   retained, QoS 1   device -> all           DeviceStatus (also the will)
@@ -50,6 +51,10 @@ class Topics:
     @property
     def model(self) -> str:
         return f"{self.prefix}/model/global"
+
+    @property
+    def model_int8(self) -> str:
+        return f"{self.prefix}/model/int8"
 
     def model_chunk(self, index: int) -> str:
         return f"{self.prefix}/model/chunk/{int(index)}"

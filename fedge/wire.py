@@ -154,6 +154,37 @@ class Fields:
             out[k] = float(x)
         return out
 
+    def bool(self, key: str, *, optional: bool = False) -> Any:
+        v = self._get(key, optional)
+        if v is None and optional:
+            return None
+        if not isinstance(v, bool):
+            self._bad(key, f"must be a boolean, got {type(v).__name__}")
+        return v
+
+    def range_map(self, key: str) -> dict[str, tuple[float, float]]:
+        """Optional map of tensor name -> [min, max] (finite, min <= max)."""
+        v = self._get(key, True)
+        if v is None:
+            return {}
+        if not isinstance(v, dict) or len(v) > self._limits.max_tensors:
+            self._bad(key, f"must be a map of at most {self._limits.max_tensors} ranges")
+        out: dict[str, tuple[float, float]] = {}
+        for k, r in v.items():
+            ok = (
+                isinstance(k, str)
+                and len(k) <= self._limits.max_str_len
+                and isinstance(r, list)
+                and len(r) == 2
+                and all(isinstance(x, int | float) and not isinstance(x, bool) for x in r)
+                and all(math.isfinite(x) for x in r)
+                and r[0] <= r[1]
+            )
+            if not ok:
+                self._bad(key, f"has a bad range {k!r}: {r!r}")
+            out[k] = (float(r[0]), float(r[1]))
+        return out
+
     def map(self, key: str, *, optional: bool = False) -> Any:
         v = self._get(key, optional)
         if v is None and optional:

@@ -32,6 +32,40 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=0.1, help="local SGD learning rate")
     p.add_argument("--round-timeout", type=float, default=60.0, help="seconds per round")
     p.add_argument("--min-devices", type=int, default=None, help="quorum (default: half)")
+    p.add_argument("--strategy", default="fedavg", help="see `fedge strategies`")
+    p.add_argument(
+        "--strategy-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="strategy option (repeatable), e.g. --strategy-opt mu=0.1",
+    )
+    p.add_argument("--server-lr", type=float, default=None, help="default: the strategy's")
+    p.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=None,
+        help="devices asked per round (seeded sample); default all",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="also publish an int8 ONNX calibrated from devices' activation ranges",
+    )
+    p.add_argument("--qat", action="store_true", help="devices train quantization-aware")
+    p.add_argument(
+        "--stragglers",
+        type=float,
+        default=0.0,
+        help="fraction of devices that run only 1..epochs local epochs",
+    )
+    p.add_argument("--no-sign", action="store_true", help="do not sign updates and models")
+    p.add_argument(
+        "--broker-config",
+        default="local",
+        help="broker_config/NAME.conf.template for the started Mosquitto "
+        "(local: durable, saves on every change; scale: saves every 60 s)",
+    )
     p.add_argument("--log-level", default="WARNING")
 
 
@@ -65,6 +99,21 @@ def _simulate(args: argparse.Namespace) -> None:
     )
     print(f"summary: {(args.out / 'summary.json').resolve()}")
     print(f"model:   {s['model_onnx']}")
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    from aggregator.strategies import parse_option_pairs
+
+    return dict(parse_option_pairs(items))
+
+
+def _strategies(_args: argparse.Namespace) -> None:
+    from aggregator.strategies import describe_strategies
+
+    for info in describe_strategies():
+        print(f"{info.name:13s} {info.summary}")
+        for o in info.options:
+            print(f"    {o.key}={o.default!s:<10} {o.help}")
 
 
 def _data_split(args: argparse.Namespace) -> None:
@@ -106,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--seed", type=int, default=0)
     split.add_argument("--out", type=Path, required=True)
     split.set_defaults(func=_data_split)
+    strat = sub.add_parser("strategies", help="list aggregation strategies and their options")
+    strat.set_defaults(func=_strategies)
     models = sub.add_parser("models", help="list model architectures")
     models.set_defaults(func=_models)
     from fedge_cli import admin  # ca init|crl|broker-config, enroll, revoke

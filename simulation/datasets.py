@@ -18,8 +18,6 @@ from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from simulation.partition import PartitionSpec, format_number
 from simulation.partition import partition as partition_indices
@@ -110,6 +108,9 @@ def make_federated(
         alpha, beta = _parse_synthetic(dataset, arg)
         return _synthetic(num_devices, alpha, beta, seed, test_fraction)
     if name == "digits" and not arg:
+        # Imported here: scikit-learn costs ~100 MB RSS, and only this dataset needs it.
+        from sklearn.datasets import load_digits
+
         x, y = load_digits(return_X_y=True)
         x = (x / 16.0).astype(np.float32)
         return _split_and_partition("digits", x, y, 10, num_devices, spec, seed, test_fraction)
@@ -145,6 +146,8 @@ def _split_and_partition(
     seed: int,
     test_fraction: float,
 ) -> FederatedData:
+    from sklearn.model_selection import train_test_split
+
     y = np.asarray(y, dtype=np.int64)
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=test_fraction, random_state=seed, stratify=y

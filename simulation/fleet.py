@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from aggregator.config import AggregatorConfig, HyperConfig, ModelConfig
 from aggregator.evaluation import EvalSet
 from aggregator.service import Aggregator
@@ -29,6 +31,7 @@ from fedge.mqtt import BrokerURL, probe_broker
 from fedge.mux import Mux
 from fedge.topics import Topics
 from simulation.datasets import make_federated
+from simulation.keys import SimKeys
 
 __all__ = ["SimConfig", "simulate"]
 
@@ -54,6 +57,15 @@ class SimConfig:
     round_timeout: float = 60.0
     min_devices: int | None = None
     test_fraction: float = 0.2
+    strategy: str = "fedavg"
+    strategy_opts: tuple[tuple[str, str], ...] = ()
+    server_lr: float | None = None
+    clients_per_round: int | None = None
+    int8: bool = False
+    qat: bool = False
+    sign: bool = True  # Ed25519-sign updates and models, as a production fleet does
+    stragglers: float = 0.0  # fraction of devices that run 1..epochs local epochs, seeded
+    broker_config: str = "local"  # broker_config/<name>.conf.template
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -89,9 +101,12 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
 
     broker = None
     if cfg.broker is None:
-        from simulation.broker import MosquittoBroker
+        from simulation.broker import CONFIG_DIR, MosquittoBroker
 
-        broker = MosquittoBroker(out / "broker").start()
+        template = CONFIG_DIR / f"{cfg.broker_config}.conf.template"
+        if not template.is_file():
+            raise ConfigError(f"no broker config {template}; see broker_config/")
+        broker = MosquittoBroker(out / "broker", template=template).start()
         url = BrokerURL.parse(broker.url)
     else:
         url = BrokerURL.parse(cfg.broker)
@@ -101,44 +116,62 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
         f"sizes {min(data.sizes)}-{max(data.sizes)}, test {len(data.test[1])}"
     )
 
-    # A fleet name of its own: retained messages of an earlier run on a shared broker
-    # must not leak into this one.
-    topics = Topics(f"sim-{uuid.uuid4().hex[:8]}")
-    agg_cfg = AggregatorConfig(
-        broker=str(url),
-        fleet=topics.fleet,
-        state_dir=out / "aggregator",
-        metrics_file=out / "metrics.jsonl",
-        model=ModelConfig(
-            name=cfg.model or _DEFAULT_MODEL.get(data.name.split(":")[0], "mlp"),
-            input_dim=data.input_dim,
-            num_classes=data.num_classes,
-            seed=cfg.seed,
-        ),
-        hyper=HyperConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr),
-        codec=cfg.codec,
-        rounds=cfg.rounds,
-        target_devices=cfg.devices,
-        min_devices=cfg.min_devices or max(1, cfg.devices // 2),
-        round_timeout=cfg.round_timeout,
-    )
     agents: list[EdgeAgent] = []
-    prev = {"down": 0}
-
-    def on_round(rec: dict[str, Any]) -> None:
-        down = sum(a.counters.rx_bytes for a in agents)
-        say(
-            f"round {rec['round']:3d}  v{rec['version']:<3d} | devices {rec['devices']:3d}/"
-            f"{cfg.devices} | acc {rec.get('accuracy', float('nan')):.4f} | "
-            f"loss {rec.get('loss', float('nan')):.4f} | up {_fmt_bytes(rec['uplink_bytes'])} | "
-            f"down {_fmt_bytes(down - prev['down'])} | {rec['seconds']:.1f} s"
-        )
-        prev["down"] = down
-
-    agg_mux, dev_mux = Mux("aggregator").start(), Mux("devices").start()
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
-    aggregator = Aggregator(agg_cfg, agg_mux, eval_set=EvalSet(*data.test), on_round=on_round)
+    aggregator: Aggregator | None = None
+    agg_mux = dev_mux = None
+    executor: ThreadPoolExecutor | None = None
     try:
+        # A fleet name of its own: retained messages of an earlier run on a shared broker
+        # must not leak into this one.
+        topics = Topics(f"sim-{uuid.uuid4().hex[:8]}")
+        keys = SimKeys.make(out / "keys", cfg.devices) if cfg.sign else None
+        agg_cfg = AggregatorConfig(
+            broker=str(url),
+            fleet=topics.fleet,
+            state_dir=out / "aggregator",
+            metrics_file=out / "metrics.jsonl",
+            model=ModelConfig(
+                name=cfg.model or _DEFAULT_MODEL.get(data.name.split(":")[0], "mlp"),
+                input_dim=data.input_dim,
+                num_classes=data.num_classes,
+                seed=cfg.seed,
+            ),
+            hyper=HyperConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr),
+            codec=cfg.codec,
+            strategy=cfg.strategy,
+            strategy_opts=dict(cfg.strategy_opts),
+            server_lr=cfg.server_lr,
+            clients_per_round=cfg.clients_per_round,
+            int8=cfg.int8,
+            qat=cfg.qat,
+            rounds=cfg.rounds,
+            target_devices=cfg.clients_per_round or cfg.devices,
+            min_devices=cfg.min_devices or max(1, (cfg.clients_per_round or cfg.devices) // 2),
+            round_timeout=cfg.round_timeout,
+            device_keys=keys.registry if keys else None,
+            signing_key=keys.aggregator_key if keys else None,
+        )
+        prev = {"down": 0}
+
+        def on_round(rec: dict[str, Any]) -> None:
+            down = sum(a.counters.rx_bytes for a in agents)
+            say(
+                f"round {rec['round']:3d}  v{rec['version']:<3d} | devices {rec['devices']:3d}/"
+                f"{cfg.devices} | acc {rec.get('accuracy', float('nan')):.4f} | "
+                f"loss {rec.get('loss', float('nan')):.4f} | "
+                f"up {_fmt_bytes(rec['uplink_bytes'])} | "
+                f"down {_fmt_bytes(down - prev['down'])} | {rec['seconds']:.1f} s"
+            )
+            prev["down"] = down
+
+        rng = np.random.default_rng(cfg.seed + 104729)
+        n_slow = round(cfg.stragglers * cfg.devices)
+        stragglers = (
+            set(rng.choice(cfg.devices, size=n_slow, replace=False).tolist()) if n_slow else set()
+        )
+        agg_mux, dev_mux = Mux("aggregator").start(), Mux("devices").start()
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+        aggregator = Aggregator(agg_cfg, agg_mux, eval_set=EvalSet(*data.test), on_round=on_round)
         aggregator.start()
         for i, (x, y) in enumerate(data.parts):
             dev = f"dev-{i:04d}"
@@ -151,6 +184,9 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
                 store=AgentStore(out / "agents" / dev),
                 executor=executor,
                 seed=cfg.seed * 7919 + i,
+                train_fn=straggler_train(cfg.seed * 7919 + i) if i in stragglers else None,
+                signing_key=keys.device_keys[i] if keys else None,
+                aggregator_key=keys.aggregator_key_pub if keys else None,
             )
             agents.append(agent)
             agent.start()
@@ -164,14 +200,18 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
     finally:
         for a in agents:
             a.stop()
-        aggregator.stop()
+        if aggregator is not None:
+            aggregator.stop()
         time.sleep(0.3)
-        dev_mux.stop()
-        agg_mux.stop()
-        executor.shutdown(wait=True, cancel_futures=True)
+        for mux in (dev_mux, agg_mux):
+            if mux is not None:
+                mux.stop()
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
         if broker is not None:
             broker.stop()
 
+    assert aggregator is not None
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ok = [r for r in records if "version" in r]
     last = ok[-1] if ok else {}
@@ -192,6 +232,22 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def straggler_train(seed: int) -> Callable[..., Any]:
+    """Local training that, like a slow device, stops after 1..epochs epochs (FedProx's
+    straggler model): the number is drawn per round from the device's seed."""
+    from dataclasses import replace
+
+    from edge_agent.trainer import train_local
+
+    rng = np.random.default_rng(seed)
+
+    def train(arch: Any, weights: Any, x: Any, y: Any, hyper: Any, s: int, **kw: Any) -> Any:
+        epochs = int(rng.integers(1, hyper.epochs + 1))
+        return train_local(arch, weights, x, y, replace(hyper, epochs=epochs), s, **kw)
+
+    return train
 
 
 def _wait_for_final_model(agents: list[EdgeAgent], version: int, timeout: float) -> None:

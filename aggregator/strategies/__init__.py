@@ -89,3 +89,13 @@ def make_strategy(
 def describe_strategies() -> list[StrategyInfo]:
     """``(name, summary, options)`` for every strategy; options carry defaults and help."""
     return [StrategyInfo(n, c.summary, describe_options(c.Options)) for n, c in STRATEGIES.items()]
+
+
+def _register_dp() -> None:
+    # Imported here, not at the top: aggregator.privacy builds on strategies.base.
+    from aggregator.privacy import DPFedAvg
+
+    STRATEGIES[DPFedAvg.name] = DPFedAvg
+
+
+_register_dp()

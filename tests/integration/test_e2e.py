@@ -156,36 +156,32 @@ def test_duplicates_and_bad_payloads_are_rejected_while_round_completes(
         np.testing.assert_array_equal(v1[name], v0[name])
 
 
-def test_overflowing_aggregate_fails_the_round_and_keeps_the_model(
+def test_overflowing_updates_are_refused_and_the_model_is_kept(
     fleet_factory: Any, digits3: FederatedData
 ) -> None:
-    fleet = fleet_factory(
-        digits3, rounds=1, target_devices=2, min_devices=2, round_timeout=30, server_lr=2.0
-    )
+    # Finite float32 deltas whose weighted sum overflows: never folded, never published.
+    fleet = fleet_factory(digits3, rounds=1, target_devices=2, min_devices=2, round_timeout=4)
     fleet.start_aggregator()
     agg = fleet.aggregator
     devs = [fleet.raw_device(n) for n in ("dev-a", "dev-b")]
     task = devs[0].wait_task(1)
-    huge = {k: np.full_like(v, 3.0e38) for k, v in agg.weights.items()}  # finite in float32
+    huge = {k: np.full_like(v, 3.0e38) for k, v in agg.weights.items()}
     blob = parse_codec(task.codec).encode(huge)
     v0 = read_initializers(agg.registry.path(0).read_bytes())
     try:
         for d in devs:
             d.send(_zero_update(agg, d.device_id, task, delta=blob))
 
-        wait_until(
-            lambda: agg.failed_rounds == 1 and agg.round is not None and agg.round.round == 2,
-            10,
-            "round 1 to fail and round 2 to open",
-        )
+        wait_until(lambda: agg.failed_rounds >= 1, 15, "round 1 to fail at its deadline")
     finally:
         for d in devs:
             d.close()
+    assert agg.metrics.rejected["aggregation"] == 2
     assert agg.version == 0
     for name, w in v0.items():
         np.testing.assert_array_equal(agg.weights[name], w)
     failed = [json.loads(x) for x in agg.metrics.path.read_text().splitlines()]
-    assert "not finite" in failed[0]["failed"]
+    assert "quorum not met" in failed[0]["failed"]
 
 
 def test_models_larger_than_the_chunk_size_are_chunked_and_reassembled(
@@ -207,5 +203,5 @@ def test_models_larger_than_the_chunk_size_are_chunked_and_reassembled(
         "devices to assemble v2",
     )
     assert all(a.model is not None and a.model.onnx == final for a in agents)
-    assert fleet.aggregator._chunks_published >= 5
+    assert fleet.aggregator.publisher._chunks_published >= 5
     assert all(r["devices"] == 3 for r in fleet.records)

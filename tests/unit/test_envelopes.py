@@ -166,7 +166,7 @@ GOOD = {
 }
 OPTIONAL_KEYS = {
     RoundTask: {"selected"},
-    ModelUpdate: {"metrics", "signature"},
+    ModelUpdate: {"metrics", "signature", "calib"},
     GlobalModel: {"metrics", "chunks", "size", "signature"},
     DeviceStatus: {"version"},
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -245,13 +246,21 @@ def agent_parts():
     mux.stop()
 
 
+def encode(agent: EdgeAgent, delta: Any, codec: Any, t: Any) -> bytes:
+    """What EdgeAgent._trained does: encode with feedback, then persist the residual."""
+    blob, residual = agent._encode_with_feedback(delta, codec, t)
+    if residual is not None:
+        residual.save(agent.store.dir)
+    return blob
+
+
 def test_agent_persists_the_residual_and_a_reboot_keeps_it(tmp_path: Path, agent_parts) -> None:
     mux, executor = agent_parts
     agent = make_agent(tmp_path, mux, executor)
     codec = parse_codec("topk:0.05+int8+zstd")
     delta = deltas(1)[0]
 
-    blob = agent._encode_with_feedback(delta, codec, task(1, codec.name))
+    blob = encode(agent, delta, codec, task(1, codec.name))
 
     sent = codec.decode(blob, MODEL, DEFAULT_LIMITS)
     rebooted = make_agent(tmp_path, mux, executor)
@@ -265,12 +274,8 @@ def test_agent_adds_the_residual_to_the_next_delta(tmp_path: Path, agent_parts) 
     codec = parse_codec("topk:0.05+fp32")
     d1, d2 = deltas(2)
 
-    sent1 = codec.decode(
-        agent._encode_with_feedback(d1, codec, task(1, codec.name)), MODEL, DEFAULT_LIMITS
-    )
-    sent2 = codec.decode(
-        agent._encode_with_feedback(d2, codec, task(2, codec.name)), MODEL, DEFAULT_LIMITS
-    )
+    sent1 = codec.decode(encode(agent, d1, codec, task(1, codec.name)), MODEL, DEFAULT_LIMITS)
+    sent2 = codec.decode(encode(agent, d2, codec, task(2, codec.name)), MODEL, DEFAULT_LIMITS)
 
     for k in MODEL:
         np.testing.assert_allclose(
@@ -283,15 +288,9 @@ def test_agent_rounds_are_reproducible_per_seed_and_round(tmp_path: Path, agent_
     codec = parse_codec("int4")
     delta = deltas(1)[0]
 
-    a = make_agent(tmp_path / "a", mux, executor)._encode_with_feedback(
-        delta, codec, task(5, "int4")
-    )
-    b = make_agent(tmp_path / "b", mux, executor)._encode_with_feedback(
-        delta, codec, task(5, "int4")
-    )
-    c = make_agent(tmp_path / "c", mux, executor)._encode_with_feedback(
-        delta, codec, task(6, "int4")
-    )
+    a = encode(make_agent(tmp_path / "a", mux, executor), delta, codec, task(5, "int4"))
+    b = encode(make_agent(tmp_path / "b", mux, executor), delta, codec, task(5, "int4"))
+    c = encode(make_agent(tmp_path / "c", mux, executor), delta, codec, task(6, "int4"))
 
     assert a == b
     assert a != c
@@ -302,10 +301,10 @@ def test_lossless_round_flushes_and_keeps_no_residual(tmp_path: Path, agent_part
     agent = make_agent(tmp_path, mux, executor)
     lossy, fp32 = parse_codec("topk:0.05+fp32"), parse_codec("fp32")
     d1, d2 = deltas(2)
-    agent._encode_with_feedback(d1, lossy, task(1, lossy.name))
+    encode(agent, d1, lossy, task(1, lossy.name))
     left = agent.residual.tensors
 
-    blob = agent._encode_with_feedback(d2, fp32, task(2, "fp32"))
+    blob = encode(agent, d2, fp32, task(2, "fp32"))
 
     sent = fp32.decode(blob, MODEL, DEFAULT_LIMITS)
     for k in MODEL:
