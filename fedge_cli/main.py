@@ -9,7 +9,10 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["main"]
+__all__ = ["DEFAULT_SIM_CODEC", "main"]
+
+# The best codec within 1 pp of fp32's final accuracy on digits (bench/compression).
+DEFAULT_SIM_CODEC = "topk:0.03+int4+zstd"
 
 
 def _simulate_args(p: argparse.ArgumentParser) -> None:
@@ -25,7 +28,12 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
         "(default: start a Mosquitto on a free loopback port)",
     )
     p.add_argument("--out", type=Path, default=Path("runs/sim"))
-    p.add_argument("--codec", default="fp32", help="delta codec, e.g. fp32, fp16, fp16+zstd")
+    p.add_argument(
+        "--codec",
+        default=DEFAULT_SIM_CODEC,
+        help="delta codec: [topk:F+](fp32|fp16|int8|int4)[+zstd]; the default sent 44.6x less "
+        "uplink than fp32 for -0.56 pp on digits (docs/benchmarks.md)",
+    )
     p.add_argument("--model", default=None, help="model name (default: by dataset)")
     p.add_argument("--epochs", type=int, default=5, help="local epochs per round")
     p.add_argument("--batch-size", type=int, default=32)

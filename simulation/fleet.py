@@ -49,7 +49,7 @@ class SimConfig:
     partition: str = "dirichlet:0.5"
     seed: int = 0
     broker: str | None = None
-    codec: str = "fp32"
+    codec: str = "topk:0.03+int4+zstd"  # see fedge_cli.main.DEFAULT_SIM_CODEC
     model: str | None = None
     epochs: int = 5
     batch_size: int = 32

@@ -117,7 +117,7 @@ class Fleet:
     def start_aggregator(self) -> None:
         self.aggregator.start()
 
-    def add_agent(self, i: int) -> EdgeAgent:
+    def add_agent(self, i: int, **kw: Any) -> EdgeAgent:
         x, y = self.data.parts[i]
         dev = f"dev-{i}"
         agent = EdgeAgent(
@@ -129,6 +129,7 @@ class Fleet:
             store=AgentStore(self.tmp / dev),
             executor=self.executor,
             seed=i,
+            **kw,
         )
         self.agents[dev] = agent
         agent.start()
