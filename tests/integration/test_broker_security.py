@@ -468,3 +468,85 @@ def test_admin_commands(tmp_path: Path) -> None:
         assert "Traceback" not in render.stderr
     else:
         assert render.returncode == 0, render.stderr
+
+
+def test_enrolled_fleet_trains_over_tls_with_signed_updates_and_models(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """The roles themselves on the production broker: TLS + passwords, every update signed by
+    its device key, every model signed by the aggregator and checked by the devices."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from aggregator.config import AggregatorConfig, HyperConfig, ModelConfig
+    from aggregator.evaluation import EvalSet
+    from aggregator.service import Aggregator
+    from edge_agent.agent import EdgeAgent
+    from edge_agent.data import LocalData
+    from edge_agent.store import AgentStore
+    from fedge.config_io import TLSConfig
+    from fedge.identity import load_signing_key, load_verify_key
+    from fedge.mqtt import BrokerURL
+    from fedge.mux import Mux
+    from fedge.topics import Topics
+    from simulation.datasets import make_federated
+    from tests.integration.fleet_helpers import wait_until
+
+    data = make_federated("digits", 3, "iid", seed=0)
+    url = f"mqtts://localhost:{fleet.broker.port}"
+    topics = Topics(f"s{uuid.uuid4().hex[:8]}")
+    agg_id = fleet.identity(admin.AGGREGATOR)
+    cfg = AggregatorConfig(
+        broker=url,
+        fleet=topics.fleet,
+        username=admin.AGGREGATOR,
+        password=fleet.password(admin.AGGREGATOR),
+        state_dir=tmp_path / "agg",
+        model=ModelConfig(),
+        hyper=HyperConfig(epochs=1),
+        codec="int8+zstd",
+        rounds=2,
+        target_devices=3,
+        min_devices=3,
+        round_timeout=30,
+        device_keys=fleet.ca.keys,
+        signing_key=agg_id / "signing.key",
+        tls=TLSConfig(ca_cert=fleet.ca.ca_crt),
+    )
+    agg_mux, dev_mux = Mux("agg").start(), Mux("dev").start()
+    executor = ThreadPoolExecutor(1)
+    agg = Aggregator(cfg, agg_mux, eval_set=EvalSet(*data.test))
+    agents = []
+    try:
+        agg.start()
+        for i, name in enumerate(("dev1", "dev2", "dev3")):
+            ident = fleet.identity(name)
+            x, y = data.parts[i]
+            a = EdgeAgent(
+                device_id=name,
+                mux=dev_mux,
+                broker=BrokerURL.parse(url),
+                topics=topics,
+                data=LocalData(x, y),
+                store=AgentStore(tmp_path / name),
+                executor=executor,
+                username=name,
+                password=fleet.password(name),
+                signing_key=load_signing_key(ident / "signing.key"),
+                aggregator_key=load_verify_key(ident / "aggregator.pub"),
+                tls=(str(ident / "ca.crt"), None, None),
+            )
+            agents.append(a)
+            a.start()
+
+        wait_until(agg.done.is_set, 60, "two versions over TLS")
+    finally:
+        for a in agents:
+            a.stop()
+        agg.stop()
+        time.sleep(0.3)
+        dev_mux.stop()
+        agg_mux.stop()
+        executor.shutdown(cancel_futures=True)
+    assert agg.version == 2
+    assert dict(agg.metrics.rejected) == {}
+    assert all(a.counters.updates_sent == 2 and a.counters.models_rejected == 0 for a in agents)
