@@ -25,6 +25,7 @@ import numpy as np
 
 from edge_agent.data import LocalData
 from edge_agent.outbox import Outbox
+from edge_agent.privacy import LocalDP
 from edge_agent.residual import Residual
 from edge_agent.store import AgentStore, HeldModel
 from fedge.chunks import Assembler
@@ -93,6 +94,7 @@ class EdgeAgent:
         signing_key: SigningKey | None = None,
         aggregator_key: VerifyKey | None = None,
         tls: tuple[str | None, str | None, str | None] = (None, None, None),
+        local_dp: LocalDP | None = None,
     ) -> None:
         self.device_id = device_id
         self.mux = mux
@@ -113,6 +115,7 @@ class EdgeAgent:
         self.residual = Residual.load(store.dir)
         self.outbox = Outbox(store.dir)
         self.signing_key = signing_key
+        self.local_dp = local_dp
         self.aggregator_key = aggregator_key
         self._resent_outbox = False
         offline = DeviceStatus(device_id, DeviceState.OFFLINE, ts=0.0).to_bytes()
@@ -297,6 +300,9 @@ class EdgeAgent:
             self._advance()
             return
         delta = {k: result.weights[k] - base[k] for k in base}
+        if self.local_dp is not None:
+            # Before the codec: error feedback then works on what privacy allows to leave.
+            delta = self.local_dp.privatize(delta)
         try:
             blob, residual = self._encode_with_feedback(delta, codec, t)
         except (ValueError, ProtocolError) as e:

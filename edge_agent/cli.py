@@ -54,7 +54,9 @@ def run_agent(config: Path, log_level: str) -> None:
     from edge_agent.agent import EdgeAgent
     from edge_agent.config import load_agent_config
     from edge_agent.data import load_local_data
+    from edge_agent.privacy import LocalDP
     from edge_agent.store import AgentStore
+    from fedge.identity import load_signing_key, load_verify_key
     from fedge.mqtt import BrokerURL
     from fedge.mux import Mux
     from fedge.runtime import setup_logging, wait_for_signal
@@ -76,6 +78,16 @@ def run_agent(config: Path, log_level: str) -> None:
         password=cfg.password,
         keepalive=cfg.keepalive,
         seed=cfg.seed,
+        signing_key=load_signing_key(cfg.signing_key) if cfg.signing_key else None,
+        aggregator_key=load_verify_key(cfg.aggregator_key) if cfg.aggregator_key else None,
+        tls=(
+            (str(t.ca_cert), _opt(t.client_cert), _opt(t.client_key))
+            if (t := cfg.tls)
+            else (None, None, None)
+        ),
+        local_dp=LocalDP(cfg.local_dp.clip_norm, cfg.local_dp.noise_multiplier)
+        if cfg.local_dp
+        else None,
     )
     print(
         f"fedge agent {cfg.device_id}: {len(data)} samples, broker {cfg.broker}, "
@@ -91,6 +103,10 @@ def run_agent(config: Path, log_level: str) -> None:
 
         time.sleep(0.3)
         mux.stop()
+
+
+def _opt(p: Path | None) -> str | None:
+    return None if p is None else str(p)
 
 
 def run(args: argparse.Namespace) -> None:

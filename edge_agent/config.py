@@ -20,6 +20,12 @@ def _default_device_id() -> str:
     return os.environ.get("FEDGE_DEVICE_ID") or socket.gethostname().split(".")[0]
 
 
+class LocalDPConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    clip_norm: float = Field(gt=0)
+    noise_multiplier: float = Field(ge=0)
+
+
 class AgentConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -42,6 +48,9 @@ class AgentConfig(BaseModel):
         description="the aggregator's public key; set = unsigned or wrongly signed models refused",
     )
     tls: TLSConfig | None = None
+    local_dp: LocalDPConfig | None = Field(
+        default=None, description="clip + Gaussian noise on every delta before it leaves"
+    )
     seed: int = 0
 
     @field_validator("device_id")

@@ -220,6 +220,7 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
         "failed_rounds": len(records) - len(ok),
         "final_accuracy": last.get("accuracy"),
         "final_loss": last.get("loss"),
+        "dp_epsilon": last.get("dp_epsilon"),  # None unless --strategy dp-fedavg
         "uplink_bytes": sum(r["uplink_bytes"] for r in ok),
         "downlink_bytes": sum(a.counters.rx_bytes for a in agents),
         "wall_seconds": round(wall, 3),
