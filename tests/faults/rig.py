@@ -1,9 +1,12 @@
 """A fleet of real processes for fault injection: Mosquitto, the aggregator, edge agents.
 
-Every part runs as its own OS process (``python -m aggregator`` / ``python -m edge_agent``),
-so a SIGKILL is a real crash. The outcome is read from what each side wrote to disk: devices'
-``acked.jsonl`` (updates the broker acknowledged) against the aggregator's metrics
-(``counted``: the update id it folded per device and round).
+Every part runs as its own OS process (``python -m aggregator`` / ``python -m edge_agent``, or
+``python -m tests.faults.agent_host`` for several agents in one process, as a gateway would
+run them), so a SIGKILL is a real crash. The outcome is read from what each side wrote to
+disk: devices' ``acked.jsonl`` (updates the broker acknowledged) against the aggregator's
+metrics (``counted``: the update id it folded per device and round) and its log (explicit
+rejections); see ``tests/faults/audit.py``. Kills, stops and restarts done through the rig
+(including ``rig.broker.kill()``) are put on a timeline for the recovery figure.
 """
 
 from __future__ import annotations
@@ -16,8 +19,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +28,46 @@ from aggregator.checkpoint import load_checkpoint
 from edge_agent.store import AgentStore
 from simulation.broker import MosquittoBroker
 from simulation.datasets import make_federated, write_npz_partitions
+from tests.faults.audit import Event, Outcome, audit, late_rejections, recovery_seconds
 
-__all__ = ["FaultRig", "Outcome"]
+__all__ = ["FaultRig", "Outcome", "rss_kb"]
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass(frozen=True)
-class Outcome:
-    versions: int  # published versions (rounds completed)
-    failed_rounds: int
-    acked: int  # updates the broker acknowledged to devices, in rounds that ended
-    counted: int  # updates the aggregator folded
-    lost: int  # acked by the broker, in a round that ended, but never counted
-    double_counted: int  # an update id or (device, round) counted more than once
-    recovery_seconds: float | None = None
+def rss_kb(pid: int) -> int | None:
+    """VmRSS of a live process, in kB (None once it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
-    def as_row(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+
+class _TimedBroker:
+    """The rig's broker: the same object, with kills, stops and restarts on the timeline."""
+
+    def __init__(self, broker: MosquittoBroker, note: Any) -> None:
+        self._broker = broker
+        self._note = note
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._broker, name)
+
+    def kill(self) -> None:
+        self._note("fault", "broker SIGKILL")
+        self._broker.kill()
+
+    def stop(self, timeout: float = 10) -> None:
+        self._note("fault", "broker SIGTERM")
+        self._broker.stop(timeout)
+
+    def restart(self, timeout: float = 10) -> MosquittoBroker:
+        out = self._broker.restart(timeout)
+        self._note("recover", "broker restarted")
+        return out
 
 
 class FaultRig:
@@ -55,11 +80,19 @@ class FaultRig:
         codec: str = "fp32",
         round_timeout: float = 20.0,
         min_devices: int | None = None,
+        target_devices: int | None = None,
+        rounds: int = 0,
+        agents_per_process: int = 1,
         seed: int = 0,
+        label: str = "",
     ) -> None:
         self.tmp = tmp
-        self.broker = broker
+        self.broker: Any = _TimedBroker(broker, self.note)
         self.devices = devices
+        self.label = label
+        self.notes: dict[str, Any] = {}  # a test's own figures, for the report
+        self.events: list[Event] = []
+        self.recovery: float | None = None  # set by a test that measures recovery itself
         self.fleet = f"f{uuid.uuid4().hex[:8]}"
         self.state = tmp / "aggregator"
         self.logs = tmp / "logs"
@@ -67,22 +100,19 @@ class FaultRig:
         data = make_federated("digits", devices, "iid", seed=seed)
         write_npz_partitions(data, tmp / "data")
         self.agg_config = tmp / "aggregator.yaml"
-        self.agg_config.write_text(
-            yaml.safe_dump(
-                {
-                    "broker": broker.url,
-                    "fleet": self.fleet,
-                    "state_dir": str(self.state),
-                    "hyper": {"epochs": 1},
-                    "codec": codec,
-                    "rounds": 0,
-                    "target_devices": devices,
-                    "min_devices": min_devices or devices,
-                    "round_timeout": round_timeout,
-                    "eval_data": str(tmp / "data" / "test.npz"),
-                }
-            )
-        )
+        self.agg_settings: dict[str, Any] = {
+            "broker": broker.url,
+            "fleet": self.fleet,
+            "state_dir": str(self.state),
+            "hyper": {"epochs": 1},
+            "codec": codec,
+            "rounds": rounds,
+            "target_devices": target_devices or devices,
+            "min_devices": min_devices or devices,
+            "round_timeout": round_timeout,
+            "eval_data": str(tmp / "data" / "test.npz"),
+        }
+        self.agg_config.write_text(yaml.safe_dump(self.agg_settings))
         self.agent_configs = []
         for i in range(devices):
             cfg = tmp / f"agent-{i}.yaml"
@@ -92,7 +122,7 @@ class FaultRig:
                         "device_id": f"dev-{i}",
                         "broker": broker.url,
                         "fleet": self.fleet,
-                        "state_dir": str(tmp / f"dev-{i}"),
+                        "state_dir": str(self.device_dir(i)),
                         "data": str(tmp / "data" / f"device-{i:03d}.npz"),
                         "keepalive": 5,
                         "seed": i,
@@ -100,38 +130,67 @@ class FaultRig:
                 )
             )
             self.agent_configs.append(cfg)
+        # Unit u runs devices units[u]: one device per process, or several (agent_host).
+        k = max(1, agents_per_process)
+        self.units = [list(range(s, min(s + k, devices))) for s in range(0, devices, k)]
         self.aggregator: subprocess.Popen[bytes] | None = None
         self.agents: dict[int, subprocess.Popen[bytes]] = {}
+        self._killed: set[int] = set()  # pids the rig killed itself
+
+    def device_dir(self, i: int) -> Path:
+        return self.tmp / f"dev-{i}"
+
+    def note(self, kind: str, what: str) -> None:
+        self.events.append(Event(time.time(), kind, what))
 
     # -- processes ----------------------------------------------------------------------------
-    def _spawn(self, module: str, config: Path, log: str, crash_at: str | None) -> Any:
+    def _spawn(self, args: list[str], log: str, crash_at: str | None) -> Any:
         env = dict(os.environ)
         env.pop("FEDGE_CRASH_AT", None)
         if crash_at:
             env["FEDGE_CRASH_AT"] = crash_at
         with (self.logs / log).open("ab") as out:
             return subprocess.Popen(
-                [sys.executable, "-m", module, "--config", str(config), "--log-level", "INFO"],
+                [sys.executable, "-m", *args, "--log-level", "INFO"],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 env=env,
+                cwd=ROOT,
             )
 
-    def start_aggregator(self, crash_at: str | None = None) -> None:
-        self.aggregator = self._spawn("aggregator", self.agg_config, "aggregator.log", crash_at)
+    def _restarting(self, prev: subprocess.Popen[bytes] | None, what: str) -> None:
+        """Put a restart on the timeline; a process that died on its own is a fault found now."""
+        if prev is None:
+            return
+        if prev.poll() is not None and prev.pid not in self._killed and prev.returncode != 0:
+            self.note("fault", f"{what} died (exit {prev.returncode})")
+        self.note("recover", f"{what} restarted")
 
-    def start_agent(self, i: int, crash_at: str | None = None) -> None:
-        self.agents[i] = self._spawn("edge_agent", self.agent_configs[i], f"dev-{i}.log", crash_at)
+    def start_aggregator(self, crash_at: str | None = None) -> None:
+        self._restarting(self.aggregator, "aggregator")
+        self.aggregator = self._spawn(
+            ["aggregator", "--config", str(self.agg_config)], "aggregator.log", crash_at
+        )
+
+    def start_agent(self, unit: int, crash_at: str | None = None) -> None:
+        """Start unit ``unit`` (device ``unit`` when each device has its own process)."""
+        self._restarting(self.agents.get(unit), f"agent unit {unit}")
+        devs = self.units[unit]
+        if len(devs) == 1:
+            args = ["edge_agent", "--config", str(self.agent_configs[devs[0]])]
+        else:
+            args = ["tests.faults.agent_host", *(str(self.agent_configs[i]) for i in devs)]
+        self.agents[unit] = self._spawn(args, f"unit-{unit}.log", crash_at)
 
     def start_all(self) -> None:
         self.start_aggregator()
-        for i in range(self.devices):
-            self.start_agent(i)
+        for u in range(len(self.units)):
+            self.start_agent(u)
 
-    @staticmethod
-    def _kill(p: subprocess.Popen[bytes] | None, sig: int = signal.SIGKILL) -> None:
+    def _kill(self, p: subprocess.Popen[bytes] | None, sig: int = signal.SIGKILL) -> None:
         if p is not None and p.poll() is None:
+            self._killed.add(p.pid)
             p.send_signal(sig)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(15)
@@ -140,10 +199,12 @@ class FaultRig:
                 p.wait(5)
 
     def kill_aggregator(self) -> None:
+        self.note("fault", "aggregator SIGKILL")
         self._kill(self.aggregator)
 
-    def kill_agent(self, i: int) -> None:
-        self._kill(self.agents.get(i))
+    def kill_agent(self, unit: int) -> None:
+        self.note("fault", f"agent unit {unit} SIGKILL")
+        self._kill(self.agents.get(unit))
 
     def stop(self) -> None:
         for p in self.agents.values():
@@ -180,30 +241,21 @@ class FaultRig:
             return (self.logs / log).read_text()[-n:]
         return ""
 
-    def outcome(self, recovery_seconds: float | None = None) -> Outcome:
-        recs = self.records()
-        ended = {r["round"] for r in recs}
-        counted_pairs = [
-            (d, r["round"], uid) for r in recs for d, uid in r.get("counted", {}).items()
+    def acked(self) -> list[tuple[str, int, str]]:
+        """(device, round, update id) of every update the broker acknowledged to a device."""
+        return [
+            (f"dev-{i}", int(a["round"]), str(a["update_id"]))  # type: ignore[call-overload]
+            for i in range(self.devices)
+            for a in AgentStore(self.device_dir(i)).acked()
         ]
-        counted_ids = Counter(uid for _, _, uid in counted_pairs)
-        counted_dr = Counter((d, rnd) for d, rnd, _ in counted_pairs)
-        acked = set()
-        for i in range(self.devices):
-            for a in AgentStore(self.tmp / f"dev-{i}").acked():
-                if a["round"] in ended:
-                    acked.add((f"dev-{i}", a["round"], a["update_id"]))
-        counted_set = {(d, rnd, uid) for d, rnd, uid in counted_pairs}
-        # An update acked for a round that closed with that device counted under another id is
-        # a resend of the same round (same device, same round): not a loss.
-        lost = {a for a in acked if a not in counted_set and (a[0], a[1]) not in counted_dr}
-        return Outcome(
-            versions=sum(1 for r in recs if "version" in r),
-            failed_rounds=sum(1 for r in recs if "failed" in r),
-            acked=len(acked),
-            counted=len(counted_pairs),
-            lost=len(lost),
-            double_counted=sum(c - 1 for c in counted_ids.values() if c > 1)
-            + sum(c - 1 for c in counted_dr.values() if c > 1),
-            recovery_seconds=recovery_seconds,
-        )
+
+    def outcome(self, recovery: float | None = None) -> Outcome:
+        records = self.records()
+        log = ""
+        with contextlib.suppress(FileNotFoundError):
+            log = (self.logs / "aggregator.log").read_text(errors="replace")
+        if recovery is None:
+            recovery = self.recovery
+        if recovery is None:
+            recovery = recovery_seconds(self.events, records)
+        return audit(records, self.acked(), late_rejections(log), recovery)
