@@ -36,6 +36,8 @@ class Checkpoint:
     # Server-side state that must survive a restart: optimizer moments, DP rounds spent, lr
     # schedules. Flat keys -> float32 arrays or numbers.
     state: dict[str, Any] = field(default_factory=dict)
+    # Async mode: tasks of the rounds still accepted (stale but within max_staleness).
+    recent_tasks: tuple[bytes, ...] = ()
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
@@ -47,6 +49,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
             "counted": list(ckpt.counted),
             "failed_rounds": ckpt.failed_rounds,
             "open_task": ckpt.open_task,
+            "recent_tasks": list(ckpt.recent_tasks),
             "state_scalars": {k: v for k, v in ckpt.state.items() if not isinstance(v, np.ndarray)},
             "state_arrays": encode_records(
                 [
@@ -85,6 +88,7 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
         failed_rounds=obj.get("failed_rounds", 0),
         open_task=obj.get("open_task"),
         state=_load_state(obj, big),
+        recent_tasks=tuple(obj.get("recent_tasks", ())),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -80,6 +81,14 @@ class AggregatorConfig(BaseModel):
         default=None,
         description="reduce the devices' learning rate when central accuracy plateaus",
     )
+    mode: Literal["sync", "async"] = Field(
+        default="sync",
+        description="sync: rounds with a barrier; async: FedBuff, a version every async_buffer "
+        "updates, stale updates down-weighted",
+    )
+    async_buffer: int = Field(default=10, ge=1, description="FedBuff K: updates per version")
+    max_staleness: int = Field(default=8, ge=0, description="async: older updates are dropped")
+    staleness_weight: str = Field(default="poly:0.5", description="poly:A | const | hinge:A,B")
     int8: bool = Field(
         default=False, description="publish an int8 QDQ model calibrated from devices' ranges"
     )

@@ -35,7 +35,7 @@ from aggregator.schedules import PlateauConfig, ReduceOnPlateau
 from aggregator.selection import select_clients
 from aggregator.strategies import make_strategy
 from aggregator.validation import validate_update
-from fedge.envelopes import DeviceState, DeviceStatus, ModelArch, RoundTask
+from fedge.envelopes import DeviceState, DeviceStatus, ModelArch, ModelUpdate, RoundTask
 from fedge.errors import AggregationError, ConfigError, ProtocolError
 from fedge.faults import crash_point
 from fedge.identity import load_signing_key
@@ -96,6 +96,14 @@ class Aggregator:
             )
         self.known: set[str] = set()
         self._calib: Any = None
+        self.is_async = config.mode == "async"
+        # Async: every round still accepted, by id (the open one included).
+        self.recent: dict[int, OpenRound] = {}
+        self._folded: list[tuple[str, int, str, int]] = []  # device, round, update id, staleness
+        if self.is_async:
+            from aggregator.fedbuff import StalenessWeight
+
+            self.strategy.staleness_weight = StalenessWeight.parse(config.staleness_weight)
         self.done = threading.Event()
         self.online: set[str] = set()
         self.round: OpenRound | None = None
@@ -152,6 +160,9 @@ class Aggregator:
         if self.config.rounds and self.version >= self.config.rounds:
             self.done.set()
         elif ckpt is not None and ckpt.open_task is not None:
+            for raw in ckpt.recent_tasks:
+                t = RoundTask.from_bytes(raw)
+                self.recent[t.round] = OpenRound(t, time.time())
             self.mux.call_soon(self._resume_round, RoundTask.from_bytes(ckpt.open_task))
         self.session.start()
 
@@ -178,6 +189,7 @@ class Aggregator:
             state.update(
                 {f"client_lr.{k}": _plain(v) for k, v in self.client_lr.state_dict().items()}
             )
+        recent = tuple(r.task.to_bytes() for r in self.recent.values()) if self.is_async else ()
         ck = Checkpoint(
             self.version,
             self.last_round,
@@ -186,6 +198,7 @@ class Aggregator:
             self.failed_rounds,
             open_task,
             state,
+            recent,
         )
         save_checkpoint(self.ckpt_path, ck)
 
@@ -276,6 +289,12 @@ class Aggregator:
     def _start_round(self, task: RoundTask) -> None:
         self.round = OpenRound(task, time.time())
         self.strategy.begin_round(spec_of(self.weights))
+        self._folded = []
+        if self.is_async:
+            self.recent[task.round] = self.round
+            oldest = self.version - self.config.max_staleness
+            for r in [r for r, o in self.recent.items() if o.task.base_version < oldest]:
+                del self.recent[r]
         self._calib = None
         if task.hyper.calibrate:
             from aggregator.calibration import RangeMerger
@@ -321,6 +340,9 @@ class Aggregator:
             return  # _on_connected extends the round once the broker is back
         if self.strategy.count >= self.config.min_devices:
             self._close_round()
+            return
+        if self.is_async:
+            self._extend_round()  # no barrier to fail: keep collecting
             return
         self._fail_round(
             rnd, f"quorum not met: {self.strategy.count} of {self.config.min_devices} by deadline"
@@ -370,9 +392,12 @@ class Aggregator:
         record = {
             "round": rnd.round,
             "version": self.version,
-            "devices": len(rnd.counted),
+            "devices": len(self._folded),
+            "staleness_max": max((s for *_, s in self._folded), default=0),
             # device -> update id: the audit trail the fault suite checks for loss/duplicates.
-            "counted": dict(sorted(rnd.counted.items())),
+            "counted": dict(sorted(rnd.counted.items()))
+            if not self.is_async
+            else {f"{d}@{r}": u for d, r, u, _ in self._folded},
             "train_loss": rnd.train_loss_sum / max(rnd.samples, 1),
             "samples": rnd.samples,
             "uplink_bytes": rnd.uplink_bytes,
@@ -430,16 +455,26 @@ class Aggregator:
             self._reject(None, "no_round", f"{device}: no round is open")
             return
         self.round.uplink_bytes += publish_packet_size(topic, len(payload))
-        if self._fold(device, topic, payload, journal=True) and (
-            self.strategy.count >= self._target
-        ):
+        target = self.config.async_buffer if self.is_async else self._target
+        if self._fold(device, topic, payload, journal=True) and self.strategy.count >= target:
             self._close_round()
-        else:
+        elif not self.is_async:
             self._maybe_close_early()
 
+    def _round_of(self, payload: bytes) -> OpenRound | None:
+        """Async: the (possibly stale) round an update answers, if still accepted."""
+        try:
+            upd = ModelUpdate.from_bytes(payload, self.limits)
+        except ProtocolError:
+            return self.round  # validation reports the reason
+        return self.recent.get(upd.round)
+
     def _fold(self, device: str, topic: str, payload: bytes, *, journal: bool) -> bool:
-        rnd = self.round
-        assert rnd is not None
+        rnd = self._round_of(payload) if self.is_async else self.round
+        if rnd is None:
+            self._reject(self.round, "too_stale", f"{device}: round no longer accepted")
+            return False
+        staleness = self.version - rnd.task.base_version
         try:
             acc = validate_update(
                 device,
@@ -462,20 +497,22 @@ class Aggregator:
         if acc.clamped:
             self.metrics.event("clamped_samples")
         try:
-            self.strategy.fold(acc.delta, acc.num_samples)
+            self.strategy.fold(acc.delta, acc.num_samples, staleness=staleness)
         except AggregationError as e:
             # Deterministic: a replay of the journal rejects it the same way.
             self._reject(rnd, "aggregation", f"{device}: {e}")
             return False
         rnd.counted[device] = acc.update.update_id
+        self._folded.append((device, rnd.round, acc.update.update_id, staleness))
         if self._calib is not None and acc.update.calib:
             try:
                 self._calib.add(acc.update.calib)
             except ProtocolError as e:
                 # The weights still count; only the ranges are refused.
                 self.metrics.reject(e.reason)
-        rnd.samples += acc.num_samples
-        rnd.train_loss_sum += acc.update.metrics.get("loss", 0.0) * acc.num_samples
+        cur = self.round or rnd
+        cur.samples += acc.num_samples
+        cur.train_loss_sum += acc.update.metrics.get("loss", 0.0) * acc.num_samples
         self.metrics.accepted += 1
         return True
 

@@ -66,6 +66,8 @@ class SimConfig:
     sign: bool = True  # Ed25519-sign updates and models, as a production fleet does
     stragglers: float = 0.0  # fraction of devices that run 1..epochs local epochs, seeded
     broker_config: str = "local"  # broker_config/<name>.conf.template
+    mode: str = "sync"  # or "async" (FedBuff)
+    async_buffer: int = 10
 
     def __post_init__(self) -> None:
         if self.devices < 1:

@@ -127,9 +127,8 @@ class Fleet:
             topics=self.topics,
             data=LocalData(x, y),
             store=AgentStore(self.tmp / dev),
-            executor=self.executor,
             seed=i,
-            **kw,
+            **{"executor": self.executor, **kw},
         )
         self.agents[dev] = agent
         agent.start()

@@ -1,0 +1,183 @@
+"""Sharded aggregation as processes: the ``shard-worker`` command and a reducer on its own
+MQTT session, driven from a plain thread (scripts, tests, the demo in ``bench/scale``).
+
+    fedge shard-worker --broker mqtt://HOST:PORT --fleet NAME --worker aggregator-0 \\
+        --state-dir state/aggregator-0
+
+The worker's username is its name; the broker must give each worker name read access to
+``{p}/update/+`` and write access to ``{p}/partial/<name>`` (``broker_config/acl.sharded``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from aggregator.reducer import Merged, Reducer
+from aggregator.sharding import ShardWorker, WorkerConfig
+from fedge.errors import AggregationError, TransportError
+from fedge.limits import DEFAULT_LIMITS, Limits
+from fedge.mqtt import BrokerURL
+from fedge.mux import Mux
+from fedge.partials import ShardTopics
+from fedge.session import Session, SessionOptions
+from fedge.tensors import TensorSpec
+from fedge.topics import Topics
+
+__all__ = ["ReducerSession", "add_arguments", "main", "run"]
+
+
+class ReducerSession:
+    """A ``Reducer`` on its own session (username ``aggregator``); methods block, bounded.
+
+    Call from any thread but the mux's. In the aggregator service the reducer shares the
+    service's session instead (one client id per identity).
+    """
+
+    def __init__(
+        self,
+        mux: Mux,
+        broker: str,
+        fleet: str,
+        workers: Sequence[str],
+        *,
+        username: str = "aggregator",
+        password: str | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.mux = mux
+        self.topics = Topics(fleet)
+        st = ShardTopics(self.topics)
+        self._connected = threading.Event()
+        self.session = Session(
+            mux,
+            BrokerURL.parse(broker),
+            SessionOptions(username, username, password),
+            subscriptions=[st.all_partials],
+            on_message=self._on_message,
+            on_connected=self._connected.set,
+        )
+        self.reducer = Reducer(st, workers, self.session.publish, limits=limits)
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        self.reducer.handle(topic, payload)
+
+    def start(self, timeout: float = 10.0) -> ReducerSession:
+        self.session.start()
+        if not self._connected.wait(timeout):
+            raise TransportError(f"reducer: not connected within {timeout}s")
+        return self
+
+    def close(self) -> None:
+        self.mux.call_soon(self.session.close)
+
+    def publish(
+        self, topic: str, payload: bytes, *, retain: bool = False, timeout: float = 10.0
+    ) -> None:
+        """Publish QoS 1 and wait for the broker's PUBACK."""
+        done = threading.Event()
+        result: list[tuple[bool, str]] = []
+
+        def on_done(ok: bool, reason: str) -> None:
+            result.append((ok, reason))
+            done.set()
+
+        self.mux.call_soon(
+            lambda: self.session.publish(topic, payload, retain=retain, on_done=on_done)
+        )
+        if not done.wait(timeout) or not result[0][0]:
+            raise TransportError(f"publish on {topic} not acknowledged: {result or 'timeout'}")
+
+    def collect(
+        self,
+        round_id: int,
+        base_version: int,
+        spec: TensorSpec,
+        *,
+        min_count: int = 0,
+        timeout: float = 30.0,
+        poll: float = 0.2,
+        ask: bool = True,
+    ) -> Merged:
+        """Ask every worker for its partial (again every ``poll`` s until ``min_count`` updates
+        are counted across them) and return the merge; ``AggregationError`` on timeout.
+
+        ``ask=False`` asks nothing and waits for the partials workers send at the deadline."""
+        got: list[Merged] = []
+        ready = threading.Event()
+
+        def on_merged(m: Merged) -> None:
+            got.append(m)
+            ready.set()
+
+        self.mux.call_soon(self.reducer.begin, round_id, base_version, spec, on_merged)
+        end = time.monotonic() + timeout
+        while True:
+            ready.clear()
+            if ask:
+                self.mux.call_soon(self.reducer.request)
+            if ready.wait(max(0.0, end - time.monotonic())) and got[-1].count >= min_count:
+                return got[-1]
+            if time.monotonic() >= end:
+                last = f"{got[-1].count} counted" if got else "not every worker answered"
+                raise AggregationError(
+                    f"round {round_id}: {last} within {timeout}s (want {min_count})"
+                )
+            time.sleep(poll)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
+    p.add_argument("--fleet", required=True, help="topic prefix is fedge/<fleet>")
+    p.add_argument("--worker", required=True, help="broker username = client id, e.g. aggregator-0")
+    p.add_argument("--password", default=None)
+    p.add_argument("--state-dir", type=Path, required=True, help="the worker's round journal")
+    p.add_argument("--group", default="aggregators", help="shared subscription group")
+    p.add_argument("--max-num-samples", type=int, default=100_000)
+    p.add_argument("--clip-norm", type=float, default=0.0)
+    p.add_argument("--log-level", default="INFO")
+
+
+def run(args: argparse.Namespace) -> None:
+    from fedge.runtime import setup_logging, wait_for_signal
+
+    setup_logging(args.log_level)
+    cfg = WorkerConfig(
+        broker=args.broker,
+        fleet=args.fleet,
+        worker=args.worker,
+        state_dir=args.state_dir,
+        group=args.group,
+        password=args.password,
+        max_num_samples=args.max_num_samples,
+        clip_norm=args.clip_norm,
+    )
+    mux = Mux(cfg.worker).start()
+    worker = ShardWorker(cfg, mux)
+    print(f"fedge shard-worker {cfg.worker}: {cfg.broker}, fleet {cfg.fleet}", flush=True)
+    worker.start()
+    try:
+        wait_for_signal()
+    finally:
+        worker.stop()
+        time.sleep(0.3)
+        mux.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fedge.errors import FedgeError
+
+    p = argparse.ArgumentParser(prog="fedge shard-worker", description="sharded aggregation")
+    add_arguments(p)
+    try:
+        run(p.parse_args(argv))
+    except (FedgeError, ValueError) as e:
+        sys.exit(f"fedge shard-worker: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""A shard worker: one of N aggregator processes that share the fleet's updates.
+
+Workers subscribe to ``$share/<group>/{p}/update/+`` (MQTT 5 shared subscription), so the
+broker hands each update to one of them. A worker validates it exactly as the aggregator does
+(``validate_update``, an ``OpenRound`` of the retained task, the spec of the retained model),
+journals it (fsync) before it is acked, and folds it into a float64 ``WeightedSum``. Asked by
+the reducer (``PartialRequest`` on ``{p}/round/close``), or at the task's deadline, it
+publishes its ``PartialSum`` on ``{p}/partial/<worker>``. A round's journal is kept until the
+next task (the reducer publishes it after its checkpoint): a restarted worker replays its
+share, and a device the reducer tells it to drop goes by folding the journal again without it.
+
+Each worker needs its own broker identity (``use_username_as_clientid``: workers sharing one
+username kick each other) with read access to ``{p}/update/+``: ``broker_config/acl.sharded``.
+Everything runs on the mux thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aggregator.accumulator import WeightedSum, squared_norm
+from aggregator.journal import RoundJournal
+from aggregator.keyring import KeyRing
+from aggregator.rounds import OpenRound
+from aggregator.validation import validate_update
+from fedge.chunks import Assembler
+from fedge.envelopes import GlobalModel, ModelChunk, ModelUpdate, RoundTask
+from fedge.errors import AggregationError, InvalidUpdate, ProtocolError
+from fedge.limits import DEFAULT_LIMITS, Limits
+from fedge.mqtt import BrokerURL, publish_packet_size
+from fedge.mux import Mux, Timer
+from fedge.partials import PartialRequest, PartialSum, ShardTopics
+from fedge.session import Session, SessionOptions
+from fedge.tensors import TensorSpec, spec_of
+from fedge.topics import Topics, validate_device_id
+
+__all__ = ["ShardWorker", "WorkerConfig"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    broker: str
+    fleet: str
+    worker: str  # broker username = client id = partial topic level, e.g. "aggregator-0"
+    state_dir: Path  # the worker's round journal
+    group: str = "aggregators"
+    password: str | None = None
+    max_num_samples: int = 100_000  # the aggregator's clamp of reported sample counts
+    clip_norm: float = 0.0  # norm bounding per update, as the strategies' clip_norm
+    session_expiry: int = 24 * 3600
+    max_pending: int = 10_000  # updates held while the worker has no open round
+
+    def __post_init__(self) -> None:
+        validate_device_id(self.worker)
+        validate_device_id(self.group)
+        if self.max_num_samples < 1 or self.clip_norm < 0 or self.max_pending < 0:
+            raise ValueError("max_num_samples must be >= 1, clip_norm and max_pending >= 0")
+
+
+class ShardWorker:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        mux: Mux,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        keyring: KeyRing | None = None,
+    ) -> None:
+        self.config = config
+        self.name = config.worker
+        self.mux = mux
+        self.limits = limits
+        self.keyring = keyring
+        self.topics = Topics(config.fleet)
+        self.shard_topics = ShardTopics(self.topics)
+        self.journal = RoundJournal(Path(config.state_dir) / "journal")
+        self.round: OpenRound | None = None
+        self.spec: TensorSpec | None = None
+        self.model_version = -1
+        self.folded = 0  # updates folded over the worker's life (replays included)
+        self.ready = threading.Event()  # holds the model and the task of an open round
+        self._task: RoundTask | None = None
+        self._acc: WeightedSum | None = None
+        self._excluded: set[str] = set()
+        self._pending: list[tuple[str, bytes]] = []
+        self._deadline: Timer | None = None
+        self._assembler = Assembler(limits.max_model_bytes)
+        self.session = Session(
+            mux,
+            BrokerURL.parse(config.broker),
+            # An update is acked only once it is in the journal (handler returned).
+            SessionOptions(
+                config.worker,
+                config.worker,
+                config.password,
+                session_expiry=config.session_expiry,
+                manual_ack=True,
+            ),
+            # One SUBSCRIBE: the retained model and task arrive after its SUBACK, so a
+            # worker that holds both has its share of updates flowing too.
+            subscriptions=[
+                self.topics.model,
+                self.topics.all_model_chunks,
+                self.topics.task,
+                self.shard_topics.request,
+                self.shard_topics.shared_updates(config.group),
+            ],
+            on_message=self._on_message,
+        )
+
+    def start(self) -> None:
+        self.session.start()
+
+    def stop(self) -> None:
+        self.mux.call_soon(self._stop)
+
+    def _stop(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self.journal.close()
+        self.session.close()
+
+    # -- incoming ---------------------------------------------------------------------------
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        device = self.topics.device_of(topic, "update")
+        if device is not None:
+            self._on_update(device, topic, payload)
+            return
+        try:
+            if topic == self.topics.task:
+                self._task = RoundTask.from_bytes(payload, self.limits)
+                self._maybe_open()
+            elif topic == self.shard_topics.request:
+                self._on_request(PartialRequest.from_bytes(payload, self.limits))
+            elif topic == self.topics.model:
+                m = GlobalModel.from_bytes(payload, self.limits)
+                self._on_model(self._assembler.offer_manifest(m) if m.is_manifest else m)
+            elif self.topics.device_of(topic, "model/chunk") is not None and payload:
+                self._on_model(
+                    self._assembler.offer_chunk(ModelChunk.from_bytes(payload, self.limits))
+                )
+        except (ProtocolError, ValueError) as e:
+            log.warning("%s: ignored %s: %s", self.name, topic, e)
+
+    def _on_model(self, model: GlobalModel | None) -> None:
+        if model is None or model.version == self.model_version:
+            return
+        from models.onnx_weights import read_initializers
+
+        self.spec = spec_of(read_initializers(model.onnx))
+        self.model_version = model.version
+        self._maybe_open()
+
+    def _maybe_open(self) -> None:
+        task, rnd = self._task, self.round
+        if task is None or self.spec is None or task.base_version != self.model_version:
+            return  # the model this task trains arrives separately
+        if rnd is not None and task.round <= rnd.round:
+            if task.round == rnd.round and task.deadline != rnd.task.deadline:
+                rnd.task = task  # deadline extended after a broker outage
+                self._schedule_deadline(task)
+            return
+        # A newer task means the reducer checkpointed the last round: its journal can go.
+        self.journal.discard_through(task.round - 1)
+        self._excluded = set()
+        self._start_round(task)
+        self._schedule_deadline(task)
+        pending, self._pending = self._pending, []
+        for device, payload in pending:
+            self._on_update(device, self.topics.update(device), payload)
+        self.ready.set()
+        log.info("%s: round %d open (base v%d)", self.name, task.round, task.base_version)
+
+    def _start_round(self, task: RoundTask) -> None:
+        """Fresh state for ``task``, then fold what the journal holds (minus excluded)."""
+        assert self.spec is not None
+        self.round = OpenRound(task, time.time())
+        self._acc = WeightedSum(self.spec)
+        for device, payload in self.journal.open(task.round):
+            if device in self._excluded:
+                self.round.counted[device] = "(dropped)"  # later copies are duplicates
+            else:
+                self._fold(device, payload, journal=False)
+
+    def _schedule_deadline(self, task: RoundTask) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        delay = max(0.0, task.deadline - time.time())
+        self._deadline = self.mux.call_later(delay, lambda: self._publish_partial(0))
+
+    def _on_update(self, device: str, topic: str, payload: bytes) -> None:
+        if self.round is None:
+            self._hold(device, payload)
+            return
+        self.round.uplink_bytes += publish_packet_size(topic, len(payload))
+        self._fold(device, payload, journal=True)
+
+    def _hold(self, device: str, payload: bytes) -> None:
+        if len(self._pending) < self.config.max_pending:
+            self._pending.append((device, payload))
+        else:
+            self._reject("no_round", f"{device}: no round open and {len(self._pending)} held")
+
+    def _fold(self, device: str, payload: bytes, *, journal: bool) -> None:
+        rnd, acc = self.round, self._acc
+        assert rnd is not None
+        assert acc is not None
+        assert self.spec is not None
+        c = self.config
+        try:
+            ok = validate_update(
+                device, payload, rnd, self.spec, self.limits, c.max_num_samples, self.keyring
+            )
+        except InvalidUpdate as e:
+            if e.reason == "wrong_round" and _round_of(payload, self.limits) > rnd.round:
+                # Its task has not reached this worker yet (possible on a broker cluster).
+                self._hold(device, payload)
+            else:
+                self._reject(e.reason, e.detail)
+            return
+        except ProtocolError as e:
+            self._reject(e.reason, e.detail)
+            return
+        if journal:
+            # Durable before counted and before acked; an OSError leaves it unacked.
+            self.journal.append(device, payload)
+        try:
+            scale = 1.0
+            if c.clip_norm > 0:
+                norm = squared_norm(ok.delta) ** 0.5
+                scale = min(1.0, c.clip_norm / norm) if norm > 0 else 1.0
+            acc.add(ok.delta, ok.num_samples, scale=scale)
+        except AggregationError as e:
+            self._reject("aggregation", f"{device}: {e}")
+            return
+        rnd.counted[device] = ok.update.update_id
+        rnd.samples += ok.num_samples
+        rnd.train_loss_sum += ok.update.metrics.get("loss", 0.0) * ok.num_samples
+        self.folded += 1
+
+    def _reject(self, reason: str, detail: str) -> None:
+        if self.round is not None:
+            self.round.rejected[reason] = self.round.rejected.get(reason, 0) + 1
+        log.warning("%s: rejected update: %s: %s", self.name, reason, detail)
+
+    # -- partial sums ------------------------------------------------------------------------
+    def _on_request(self, req: PartialRequest) -> None:
+        rnd = self.round
+        if not req.asks(self.name):
+            return
+        if rnd is None or req.round != rnd.round:
+            log.info("%s: request for round %d, mine is %s", self.name, req.round, rnd)
+            return
+        drop = set(req.drop) & {d for d in rnd.counted if d not in self._excluded}
+        if drop:
+            self._excluded |= drop
+            uplink, rejected = rnd.uplink_bytes, dict(rnd.rejected)
+            self._start_round(rnd.task)  # fold the journal again without them
+            self.round.uplink_bytes, self.round.rejected = uplink, rejected  # type: ignore[union-attr]
+            log.info("%s: dropped %s from round %d", self.name, sorted(drop), rnd.round)
+        self._publish_partial(req.request)
+
+    def partial(self, request: int) -> PartialSum:
+        """This worker's share of the open round (mux thread)."""
+        rnd, acc = self.round, self._acc
+        if rnd is None or acc is None:
+            raise AggregationError(f"{self.name}: no open round")
+        return PartialSum(
+            round=rnd.round,
+            base_version=rnd.task.base_version,
+            worker=self.name,
+            request=request,
+            total_weight=acc.total_weight,
+            counted={d: u for d, u in rnd.counted.items() if d not in self._excluded},
+            sums=acc.sums,
+            uplink_bytes=rnd.uplink_bytes,
+            loss_sum=rnd.train_loss_sum,
+            rejected=dict(rnd.rejected),
+        )
+
+    def _publish_partial(self, request: int) -> None:
+        if self.round is None:
+            return
+        p = self.partial(request)
+        try:
+            self.session.publish(self.shard_topics.partial(self.name), p.to_bytes())
+        except ProtocolError as e:  # larger than one packet: partials are not chunked yet
+            log.error("%s: cannot publish partial of round %d: %s", self.name, p.round, e)
+
+
+def _round_of(payload: bytes, limits: Limits) -> int:
+    try:
+        return ModelUpdate.from_bytes(payload, limits).round
+    except ProtocolError:
+        return -1
