@@ -62,6 +62,13 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--qat", action="store_true", help="devices train quantization-aware")
     p.add_argument(
+        "--mode",
+        choices=("sync", "async"),
+        default="sync",
+        help="async: FedBuff, a version every --async-buffer updates, no round barrier",
+    )
+    p.add_argument("--async-buffer", type=int, default=10, help="FedBuff K (async mode)")
+    p.add_argument(
         "--stragglers",
         type=float,
         default=0.0,
@@ -98,6 +105,17 @@ def _simulate(args: argparse.Namespace) -> None:
         lr=args.lr,
         round_timeout=args.round_timeout,
         min_devices=args.min_devices,
+        strategy=args.strategy,
+        strategy_opts=tuple(_pairs(args.strategy_opt).items()),
+        server_lr=args.server_lr,
+        clients_per_round=args.clients_per_round,
+        int8=args.int8,
+        qat=args.qat,
+        sign=not args.no_sign,
+        stragglers=args.stragglers,
+        broker_config=args.broker_config,
+        mode=args.mode,
+        async_buffer=args.async_buffer,
     )
     s = simulate(cfg)
     print(
