@@ -92,3 +92,40 @@ def test_predict_runs_onnx_without_torch(tmp_path: Path) -> None:
 def test_predict_missing_model(tmp_path: Path) -> None:
     p = fedge("agent", "predict", "--model", str(tmp_path / "m.onnx"), "--input", "x.csv")
     assert_one_line_error(p, "not found")
+
+
+def test_simulate_flags_reach_the_aggregator(broker: object, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    p = fedge(
+        "simulate",
+        "--devices",
+        "3",
+        "--rounds",
+        "2",
+        "--partition",
+        "iid",
+        "--epochs",
+        "1",
+        "--mode",
+        "async",
+        "--async-buffer",
+        "2",
+        "--strategy",
+        "fedprox",
+        "--strategy-opt",
+        "mu=0.5",
+        "--int8",
+        "--broker",
+        broker.url,  # type: ignore[attr-defined]
+        "--out",
+        str(out),
+        timeout=180,
+    )
+
+    assert p.returncode == 0, p.stderr
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["devices"] for r in records] == [2, 2]  # async: K=2 updates per version
+    assert all("int8_bytes" in r or "int8_skipped" in r for r in records)
+    assert any("int8_bytes" in r for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["strategy"] == "fedprox"
