@@ -101,12 +101,15 @@ class ReducerSession:
         min_count: int = 0,
         timeout: float = 30.0,
         poll: float = 0.2,
+        retry: float = 2.0,
         ask: bool = True,
     ) -> Merged:
-        """Ask every worker for its partial (again every ``poll`` s until ``min_count`` updates
-        are counted across them) and return the merge; ``AggregationError`` on timeout.
+        """Ask every worker for its partial and return the merge once ``min_count`` updates
+        are counted across them; ``AggregationError`` after ``timeout`` s.
 
-        ``ask=False`` asks nothing and waits for the partials workers send at the deadline."""
+        Short of ``min_count`` it asks again after ``poll`` s; when not every worker answered
+        (one had not seen the task yet) after ``retry`` s. ``ask=False`` asks nothing and
+        waits for the partials the workers send at the task's deadline."""
         got: list[Merged] = []
         ready = threading.Event()
 
@@ -120,14 +123,16 @@ class ReducerSession:
             ready.clear()
             if ask:
                 self.mux.call_soon(self.reducer.request)
-            if ready.wait(max(0.0, end - time.monotonic())) and got[-1].count >= min_count:
-                return got[-1]
+            left = max(0.0, end - time.monotonic())
+            if ready.wait(min(left, retry) if ask else left):
+                if got[-1].count >= min_count:
+                    return got[-1]
+                time.sleep(poll)
             if time.monotonic() >= end:
                 last = f"{got[-1].count} counted" if got else "not every worker answered"
                 raise AggregationError(
                     f"round {round_id}: {last} within {timeout}s (want {min_count})"
                 )
-            time.sleep(poll)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

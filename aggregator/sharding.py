@@ -29,7 +29,7 @@ from aggregator.rounds import OpenRound
 from aggregator.validation import validate_update
 from fedge.chunks import Assembler
 from fedge.envelopes import GlobalModel, ModelChunk, ModelUpdate, RoundTask
-from fedge.errors import AggregationError, InvalidUpdate, ProtocolError
+from fedge.errors import AggregationError, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.mqtt import BrokerURL, publish_packet_size
 from fedge.mux import Mux, Timer
@@ -217,15 +217,12 @@ class ShardWorker:
             ok = validate_update(
                 device, payload, rnd, self.spec, self.limits, c.max_num_samples, self.keyring
             )
-        except InvalidUpdate as e:
+        except ProtocolError as e:
             if e.reason == "wrong_round" and _round_of(payload, self.limits) > rnd.round:
                 # Its task has not reached this worker yet (possible on a broker cluster).
                 self._hold(device, payload)
             else:
                 self._reject(e.reason, e.detail)
-            return
-        except ProtocolError as e:
-            self._reject(e.reason, e.detail)
             return
         if journal:
             # Durable before counted and before acked; an OSError leaves it unacked.
@@ -255,7 +252,8 @@ class ShardWorker:
         if not req.asks(self.name):
             return
         if rnd is None or req.round != rnd.round:
-            log.info("%s: request for round %d, mine is %s", self.name, req.round, rnd)
+            mine = rnd.round if rnd is not None else None
+            log.info("%s: request for round %d, mine is %s", self.name, req.round, mine)
             return
         drop = set(req.drop) & {d for d in rnd.counted if d not in self._excluded}
         if drop:

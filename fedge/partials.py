@@ -1,0 +1,232 @@
+"""What sharded aggregation sends between aggregator processes: partial sums and requests.
+
+Shard workers share one MQTT 5 shared subscription to the fleet's updates
+(``$share/<group>/{p}/update/+``), so each folds a share. A reducer publishes a
+``PartialRequest`` on ``{p}/round/close``; each worker answers on ``{p}/partial/<worker>``
+with a ``PartialSum``: ``sum_i n_i * delta_i`` (fp32 tensor records), ``sum_i n_i``, and which
+update of which device it counted, so the reducer can check that no device is counted twice.
+
+Like the device envelopes these are frozen dataclasses over msgpack maps with ``v`` and
+``kind``; ``from_bytes`` validates everything and raises ``ProtocolError``. They are a contract
+between aggregator processes, not devices, so they carry their own schema version.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Self
+
+import numpy as np
+
+from fedge.errors import ProtocolError
+from fedge.limits import DEFAULT_LIMITS, Limits
+from fedge.tensors import TensorSpec, decode_records, dense_record, encode_records
+from fedge.topics import Topics, validate_device_id
+from fedge.wire import Fields, pack, unpack_map
+
+__all__ = ["PARTIALS_SCHEMA_VERSION", "PartialRequest", "PartialSum", "ShardTopics"]
+
+PARTIALS_SCHEMA_VERSION = 1
+_MAX_ROUND = 2**31
+_MAX_REQUEST = 2**62
+_KIND_SUM = "partial"
+_KIND_REQUEST = "partial_request"
+
+
+@dataclass(frozen=True)
+class ShardTopics:
+    """The topics of sharded aggregation, next to a fleet's ``Topics``."""
+
+    topics: Topics
+
+    def shared_updates(self, group: str) -> str:
+        return f"$share/{validate_device_id(group)}/{self.topics.all_updates}"
+
+    @property
+    def request(self) -> str:
+        # Under round/: the shipped ACL already lets every client read it, only the
+        # "aggregator" user write it; devices subscribe to round/current only.
+        return f"{self.topics.prefix}/round/close"
+
+    def partial(self, worker: str) -> str:
+        return f"{self.topics.prefix}/partial/{validate_device_id(worker)}"
+
+    @property
+    def all_partials(self) -> str:
+        return f"{self.topics.prefix}/partial/+"
+
+    def worker_of(self, topic: str) -> str | None:
+        return self.topics.device_of(topic, "partial")
+
+
+def _open(payload: bytes, kind: str, limits: Limits) -> Fields:
+    f = Fields(unpack_map(payload, limits, what=kind), kind, limits)
+    v = f.int("v", 0, 2**16)
+    if v != PARTIALS_SCHEMA_VERSION:
+        raise ProtocolError(
+            "version", f"{kind} schema version {v}, this peer speaks {PARTIALS_SCHEMA_VERSION}"
+        )
+    got = f.str("kind")
+    if got != kind:
+        raise ProtocolError("schema", f"expected kind {kind!r}, got {got!r}")
+    return f
+
+
+def _ids(f: Fields, key: str, *, optional: bool = False) -> tuple[str, ...] | None:
+    raw = f.str_list(key, optional=optional)
+    if raw is None:
+        return None
+    try:
+        ids = tuple(validate_device_id(x) for x in raw)
+    except ValueError as e:
+        raise ProtocolError("schema", f"{key}: {e}") from None
+    if len(set(ids)) != len(ids):
+        raise ProtocolError("schema", f"{key} lists an id twice")
+    return ids
+
+
+@dataclass(frozen=True)
+class PartialRequest:
+    """The reducer asks ``workers`` (all when None) for their partial sum of ``round``.
+
+    ``drop`` lists devices the answering workers must leave out (and keep out for the rest of
+    the round): how the reducer resolves a device counted by two workers. ``request`` grows
+    with every request of a round, so a late answer to an older one is recognised.
+    """
+
+    round: int
+    request: int
+    workers: tuple[str, ...] | None = None
+    drop: tuple[str, ...] = ()
+
+    def asks(self, worker: str) -> bool:
+        return self.workers is None or worker in self.workers
+
+    def to_bytes(self) -> bytes:
+        return pack(
+            {
+                "v": PARTIALS_SCHEMA_VERSION,
+                "kind": _KIND_REQUEST,
+                "round": self.round,
+                "request": self.request,
+                "workers": list(self.workers) if self.workers is not None else None,
+                "drop": list(self.drop),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Self:
+        f = _open(payload, _KIND_REQUEST, limits)
+        req = cls(
+            round=f.int("round", 1, _MAX_ROUND),
+            request=f.int("request", 1, _MAX_REQUEST),
+            workers=_ids(f, "workers", optional=True),
+            drop=_ids(f, "drop") or (),
+        )
+        f.done()
+        return req
+
+
+@dataclass(frozen=True, eq=False)
+class PartialSum:
+    """One worker's share of a round: ``sums = sum_i n_i * delta_i``, ``total_weight = sum n_i``.
+
+    ``request`` is the id of the request answered (0: sent unasked at the task's deadline).
+    ``counted`` maps each device folded to its update id; ``count == len(counted)``. Tensors
+    travel as fp32: the rounding (2**-24 of each partial) is below the fp32 model's own.
+    """
+
+    round: int
+    base_version: int
+    worker: str
+    request: int
+    total_weight: float
+    counted: Mapping[str, str]
+    sums: Mapping[str, np.ndarray]
+    uplink_bytes: int = 0
+    loss_sum: float = 0.0  # sum_i n_i * loss_i, for the round's train loss
+    rejected: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return len(self.counted)
+
+    def to_bytes(self) -> bytes:
+        devices = sorted(self.counted)
+        return pack(
+            {
+                "v": PARTIALS_SCHEMA_VERSION,
+                "kind": _KIND_SUM,
+                "round": self.round,
+                "base_version": self.base_version,
+                "worker": self.worker,
+                "request": self.request,
+                "count": self.count,
+                "total_weight": float(self.total_weight),
+                "devices": devices,
+                "update_ids": [self.counted[d] for d in devices],
+                "tensors": encode_records(
+                    [dense_record(k, np.asarray(v), "<f4") for k, v in self.sums.items()]
+                ),
+                "uplink_bytes": self.uplink_bytes,
+                "loss_sum": float(self.loss_sum),
+                "rejected": dict(self.rejected),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, spec: TensorSpec, limits: Limits = DEFAULT_LIMITS) -> Self:
+        """Decode and validate against the model's tensor ``spec`` (names, shapes, finite)."""
+        f = _open(payload, _KIND_SUM, limits)
+        rnd = f.int("round", 1, _MAX_ROUND)
+        base = f.int("base_version", 0, _MAX_ROUND)
+        worker = _worker(f)
+        request = f.int("request", 0, _MAX_REQUEST)
+        count = f.int("count", 0, limits.max_array_len)
+        total = f.float("total_weight", 0.0)
+        devices = _ids(f, "devices") or ()
+        update_ids = f.str_list("update_ids")
+        if not count == len(devices) == len(update_ids):
+            raise ProtocolError(
+                "schema",
+                f"partial of {worker}: count {count}, {len(devices)} devices, "
+                f"{len(update_ids)} update ids",
+            )
+        # Every n_i is an integer >= 1; no update means no weight.
+        if total < count or (count == 0 and total != 0.0):
+            raise ProtocolError(
+                "schema", f"partial of {worker}: total_weight {total} for {count} updates"
+            )
+        sums = decode_records(f.bytes("tensors"), spec, ("<f4",), limits)
+        uplink = f.int("uplink_bytes")
+        loss_sum = f.float("loss_sum")
+        rejected = {k: _count(k, v) for k, v in f.number_map("rejected").items()}
+        f.done()
+        return cls(
+            rnd,
+            base,
+            worker,
+            request,
+            total,
+            dict(zip(devices, update_ids, strict=True)),
+            sums,
+            uplink,
+            loss_sum,
+            rejected,
+        )
+
+
+def _worker(f: Fields) -> str:
+    w = f.str("worker")
+    try:
+        return validate_device_id(w)
+    except ValueError as e:
+        raise ProtocolError("schema", f"worker: {e}") from None
+
+
+def _count(key: str, v: float) -> int:
+    if not (math.isfinite(v) and v >= 0 and v == int(v)):
+        raise ProtocolError("schema", f"rejected.{key} = {v} is not a count")
+    return int(v)
