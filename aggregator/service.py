@@ -320,6 +320,9 @@ class Aggregator:
         for device, payload in replayed:
             self._fold(device, self.topics.update(device), payload, journal=False)
         log.info("round %d resumed with %d journaled updates", task.round, len(replayed))
+        target = self.config.async_buffer if self.is_async else self._target
+        if self.strategy.count >= target:
+            self._close_round()
 
     def _extend_round(self) -> None:
         rnd = self.round
@@ -353,7 +356,15 @@ class Aggregator:
             self._deadline.cancel()
         self.failed_rounds += 1
         log.warning("round %d failed: %s", rnd.round, reason)
-        self.metrics.write({"round": rnd.round, "failed": reason, "ts": time.time()})
+        self.metrics.write(
+            {
+                "round": rnd.round,
+                "failed": reason,
+                "uplink_bytes": rnd.uplink_bytes,
+                "rejected": dict(rnd.rejected),
+                "ts": time.time(),
+            }
+        )
         self.round = None
         self._open_round()
         self.journal.discard_through(rnd.round)
@@ -419,8 +430,10 @@ class Aggregator:
     def _maybe_close_early(self) -> None:
         """Close when every online device has answered: waiting for the deadline gains nothing."""
         rnd = self.round
-        if rnd is None or self.strategy.count < self.config.min_devices:
+        if rnd is None or self.is_async or self.strategy.count < self.config.min_devices:
             return
+        if len(self.known) < self._target:
+            return  # not every expected device has announced itself yet: it may still answer
         waiting = {d for d in self.online if rnd.task.asks(d)} - set(rnd.counted)
         if not waiting:
             self._close_round()
@@ -509,7 +522,7 @@ class Aggregator:
                 self._calib.add(acc.update.calib)
             except ProtocolError as e:
                 # The weights still count; only the ranges are refused.
-                self.metrics.reject(e.reason)
+                self._reject(rnd, e.reason, f"{device}: calibration ranges: {e.detail}")
         cur = self.round or rnd
         cur.samples += acc.num_samples
         cur.train_loss_sum += acc.update.metrics.get("loss", 0.0) * acc.num_samples

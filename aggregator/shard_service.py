@@ -1,8 +1,9 @@
-"""Sharded aggregation as processes: the ``shard-worker`` command and a reducer on its own
-MQTT session, driven from a plain thread (scripts, tests, the demo in ``bench/scale``).
+"""Sharded aggregation as processes: the shard worker (``python -m aggregator.shard_service``)
+and a reducer on its own MQTT session, driven from a plain thread (scripts, tests, the demo in
+``bench/scale``).
 
-    fedge shard-worker --broker mqtt://HOST:PORT --fleet NAME --worker aggregator-0 \\
-        --state-dir state/aggregator-0
+    python -m aggregator.shard_service --broker mqtt://HOST:PORT --fleet NAME \\
+        --worker aggregator-0 --state-dir state/aggregator-0
 
 The worker's username is its name; the broker must give each worker name read access to
 ``{p}/update/+`` and write access to ``{p}/partial/<name>`` (``broker_config/acl.sharded``).

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.data import LocalData
+from edge_agent.model_cache import ModelCache
 from edge_agent.outbox import Outbox
 from edge_agent.privacy import LocalDP
 from edge_agent.residual import Residual
@@ -95,6 +96,7 @@ class EdgeAgent:
         aggregator_key: VerifyKey | None = None,
         tls: tuple[str | None, str | None, str | None] = (None, None, None),
         local_dp: LocalDP | None = None,
+        model_cache: ModelCache | None = None,
     ) -> None:
         self.device_id = device_id
         self.mux = mux
@@ -116,6 +118,8 @@ class EdgeAgent:
         self.outbox = Outbox(store.dir)
         self.signing_key = signing_key
         self.local_dp = local_dp
+        self._cache = model_cache or ModelCache()
+        self._entry: Any = None  # keeps the shared model version alive while we hold it
         self.aggregator_key = aggregator_key
         self._resent_outbox = False
         offline = DeviceStatus(device_id, DeviceState.OFFLINE, ts=0.0).to_bytes()
@@ -167,6 +171,10 @@ class EdgeAgent:
             for round_id, uid, payload in self.outbox.pending():
                 log.info("%s: resending update %s of round %d", self.device_id, uid, round_id)
                 self._send(round_id, uid, payload, on_done=None)
+                if round_id > self.last_round:
+                    # It was trained and sent before the restart: never train it again.
+                    self.last_round = round_id
+                    self.store.set_last_round(round_id)
         if self.state == AgentState.CONNECTING:
             self.state = AgentState.WAITING_MODEL if self.model is None else AgentState.WAITING_TASK
         self._advance()
@@ -212,14 +220,15 @@ class EdgeAgent:
 
         try:
             # Parse before keeping it: a model we cannot train from must not replace ours.
-            weights = read_initializers(m.onnx)
+            entry = self._cache.get(m.sha256, m.onnx, read_initializers)
         except ValueError as e:
             log.warning("%s: refused model v%d: %s", self.device_id, m.version, e)
             self.counters.models_rejected += 1
             return
         self.store.save_model(m)
-        self.model = HeldModel(m.version, m.arch, m.sha256, m.onnx)
-        self._weights = weights
+        self._entry = entry
+        self.model = HeldModel(m.version, m.arch, m.sha256, entry.onnx)
+        self._weights = entry.weights
         self._advance()
 
     def _on_task(self, t: RoundTask) -> None:

@@ -129,7 +129,7 @@ def quantize_int8(
     # A fresh TensorsData per call: the quantizer rewrites entries in place (Relu inputs take
     # their output's range).
     data = {name: _tensor_data(name, ranges[name]) for name in needed}
-    # As quantize_static: QDQ with per-channel scales needs opset >= 13 (a no-op for ours, 20).
+    # As quantize_static: QDQ with per-channel scales needs opset >= 13 (a no-op for ours, 17).
     model = update_opset_version(model, QuantType.QInt8, _ACTIVATION_TYPES[activation_type])
     add_infer_metadata(model)
     quantizer = QDQQuantizer(

@@ -25,6 +25,7 @@ from aggregator.evaluation import EvalSet
 from aggregator.service import Aggregator
 from edge_agent.agent import EdgeAgent
 from edge_agent.data import LocalData
+from edge_agent.model_cache import ModelCache
 from edge_agent.store import AgentStore
 from fedge.errors import BrokerUnavailable, ConfigError
 from fedge.mqtt import BrokerURL, probe_broker
@@ -175,6 +176,7 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
         )
         agg_mux, dev_mux = Mux("aggregator").start(), Mux("devices").start()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+        model_cache = ModelCache()  # one copy of each version for all simulated devices
         aggregator = Aggregator(agg_cfg, agg_mux, eval_set=EvalSet(*data.test), on_round=on_round)
         aggregator.start()
         for i, (x, y) in enumerate(data.parts):
@@ -191,6 +193,7 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
                 train_fn=straggler_train(cfg.seed * 7919 + i) if i in stragglers else None,
                 signing_key=keys.device_keys[i] if keys else None,
                 aggregator_key=keys.aggregator_key_pub if keys else None,
+                model_cache=model_cache,
             )
             agents.append(agent)
             agent.start()

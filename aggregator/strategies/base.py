@@ -16,7 +16,7 @@ folds ``scale * delta`` with weight ``num_samples``. A refused update raises
 ``finish`` = aggregation rule (``_aggregate``: weighted mean, median, ...) followed by the
 server step (``_server_step``: plain, momentum, Adam, ...). Cross-round state (optimizer
 moments, the server learning rate) is in ``state_dict()`` so that it survives a restart; an
-open round's updates are not (a restarted aggregator opens a new round).
+open round's updates are replayed from the round journal when the aggregator resumes it.
 """
 
 from __future__ import annotations
