@@ -35,7 +35,14 @@ from aggregator.schedules import PlateauConfig, ReduceOnPlateau
 from aggregator.selection import select_clients
 from aggregator.strategies import make_strategy
 from aggregator.validation import validate_update
-from fedge.envelopes import DeviceState, DeviceStatus, ModelArch, ModelUpdate, RoundTask
+from fedge.envelopes import (
+    DeviceState,
+    DeviceStatus,
+    ModelArch,
+    ModelUpdate,
+    Receipt,
+    RoundTask,
+)
 from fedge.errors import AggregationError, ConfigError, ProtocolError
 from fedge.faults import crash_point
 from fedge.identity import load_signing_key
@@ -474,6 +481,17 @@ class Aggregator:
         elif not self.is_async:
             self._maybe_close_early()
 
+    def _receipt(self, device: str, round_id: int, update_id: str) -> None:
+        """Tell the device its update is recorded: it may now drop it from its outbox."""
+        msg = Receipt(device, round_id, update_id).to_bytes()
+        self.session.publish(self.topics.receipt(device), msg, qos=1)
+
+    def _receipt_again(self, device: str, payload: bytes, rnd: OpenRound) -> None:
+        # A resend of the update we counted (its receipt was lost): confirm it again.
+        upd = ModelUpdate.from_bytes(payload, self.limits)
+        if rnd.counted.get(device) == upd.update_id:
+            self._receipt(device, upd.round, upd.update_id)
+
     def _round_of(self, payload: bytes) -> OpenRound | None:
         """Async: the (possibly stale) round an update answers, if still accepted."""
         try:
@@ -500,6 +518,8 @@ class Aggregator:
             )
         except ProtocolError as e:
             self._reject(rnd, e.reason, e.detail)
+            if e.reason == "duplicate" and journal:
+                self._receipt_again(device, payload, rnd)
             return False
         if journal:
             # Durable before counted and before acked; an OSError propagates, so the session
@@ -507,6 +527,7 @@ class Aggregator:
             crash_point("before_journal")
             self.journal.append(device, payload)
             crash_point("after_journal")
+            self._receipt(device, acc.update.round, acc.update.update_id)
         if acc.clamped:
             self.metrics.event("clamped_samples")
         try:

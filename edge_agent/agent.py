@@ -38,6 +38,7 @@ from fedge.envelopes import (
     ModelArch,
     ModelChunk,
     ModelUpdate,
+    Receipt,
     RoundTask,
 )
 from fedge.errors import ProtocolError
@@ -136,7 +137,12 @@ class EdgeAgent:
                 client_cert=tls[1],
                 client_key=tls[2],
             ),
-            subscriptions=[topics.model, topics.all_model_chunks, topics.task],
+            subscriptions=[
+                topics.model,
+                topics.all_model_chunks,
+                topics.task,
+                topics.receipt(device_id),
+            ],
             on_message=self._on_message,
             on_connected=self._on_connected,
         )
@@ -164,17 +170,21 @@ class EdgeAgent:
 
     def _on_connected(self) -> None:
         self._publish_status(DeviceState.ONLINE)
-        if not self._resent_outbox:
-            # Updates a previous life of this process wrote but never saw acknowledged. (Within
-            # one process paho itself resends unacknowledged QoS 1 messages on reconnect.)
-            self._resent_outbox = True
-            for round_id, uid, payload in self.outbox.pending():
-                log.info("%s: resending update %s of round %d", self.device_id, uid, round_id)
-                self._send(round_id, uid, payload, on_done=None)
-                if round_id > self.last_round:
-                    # It was trained and sent before the restart: never train it again.
-                    self.last_round = round_id
-                    self.store.set_last_round(round_id)
+        # Every update not yet receipted by the aggregator, after every (re)connect: the broker
+        # may have acknowledged it and then lost it in flight (a crash). A resend of an update
+        # already counted is refused as a duplicate and receipted again.
+        first = not self._resent_outbox
+        self._resent_outbox = True
+        for round_id, uid, payload in self.outbox.pending():
+            if self.task is not None and round_id < self.task.round:
+                self.outbox.remove(round_id, uid)  # its round is closed: nothing can count it
+                continue
+            log.info("%s: resending update %s of round %d", self.device_id, uid, round_id)
+            self._send(round_id, uid, payload, on_done=None)
+            if first and round_id > self.last_round:
+                # It was trained and sent before the restart: never train it again.
+                self.last_round = round_id
+                self.store.set_last_round(round_id)
         if self.state == AgentState.CONNECTING:
             self.state = AgentState.WAITING_MODEL if self.model is None else AgentState.WAITING_TASK
         self._advance()
@@ -190,6 +200,9 @@ class EdgeAgent:
                     self._on_model(full)
             elif topic == self.topics.task:
                 self._on_task(RoundTask.from_bytes(payload, self.limits))
+            elif topic == self.topics.receipt(self.device_id):
+                r = Receipt.from_bytes(payload, self.limits)
+                self.outbox.remove(r.round, r.update_id)
             elif payload and self.topics.device_of(topic, "model/chunk") is not None:
                 full = self._assembler.offer_chunk(ModelChunk.from_bytes(payload, self.limits))
                 if full is not None:
@@ -235,6 +248,9 @@ class EdgeAgent:
         if self.task is not None and t.round < self.task.round:
             return  # a stale retained/redelivered task; the newer one stands
         self.task = t
+        for round_id, uid, _ in self.outbox.pending():
+            if round_id < t.round:
+                self.outbox.remove(round_id, uid)  # its round closed: no receipt will come
         self._advance()
 
     def _skip_round(self, t: RoundTask, why: str) -> None:
@@ -347,15 +363,15 @@ class EdgeAgent:
         self, round_id: int, uid: str, payload: bytes, on_done: Callable[[bool], None] | None
     ) -> None:
         def done(ok: bool, why: str) -> None:
-            # Acknowledged or refused by the broker: either way it leaves the outbox (a refusal
-            # is final, e.g. the ACL; resending would loop).
+            # The broker took it: it stays in the outbox until the aggregator's receipt. A
+            # refusal is final (e.g. the ACL): resending would loop, so it leaves the outbox.
             if ok:
                 self.store.record_acked(round_id, uid)
             else:
                 log.warning(
                     "%s: broker refused update of round %d: %s", self.device_id, round_id, why
                 )
-            self.outbox.remove(round_id, uid)
+                self.outbox.remove(round_id, uid)
             if on_done is not None:
                 on_done(ok)
 

@@ -25,6 +25,7 @@ __all__ = [
     "ModelArch",
     "ModelChunk",
     "ModelUpdate",
+    "Receipt",
     "RoundTask",
     "TrainHyper",
 ]
@@ -41,6 +42,7 @@ class Kind(StrEnum):
     MODEL = "model"
     CHUNK = "chunk"
     STATUS = "status"
+    RECEIPT = "receipt"
 
 
 class DeviceState(StrEnum):
@@ -429,3 +431,34 @@ class DeviceStatus:
         )
         f.done()
         return st
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The aggregator's word that an update is durably recorded: until it arrives the device
+    keeps the update in its outbox and resends it after every reconnect (the broker's PUBACK
+    alone is not enough: a broker crash can lose a message in flight to the aggregator)."""
+
+    device: str
+    round: int
+    update_id: str
+
+    def to_bytes(self) -> bytes:
+        return pack(
+            {
+                "v": SCHEMA_VERSION,
+                "kind": str(Kind.RECEIPT),
+                "device": self.device,
+                "round": self.round,
+                "update_id": self.update_id,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Self:
+        f = _open(payload, Kind.RECEIPT, limits)
+        r = cls(
+            device=_device(f), round=f.int("round", 1, _MAX_ROUND), update_id=f.str("update_id")
+        )
+        f.done()
+        return r

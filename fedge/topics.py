@@ -8,6 +8,7 @@
     {p}/round/current     retained, QoS 1   aggregator -> devices   RoundTask
     {p}/update/{device}   QoS 1             device -> aggregator    ModelUpdate
     {p}/status/{device}   retained, QoS 1   device -> all           DeviceStatus (also the will)
+    {p}/receipt/{device}  QoS 1             aggregator -> device    Receipt (update recorded)
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ class Topics:
 
     def update(self, device: str) -> str:
         return f"{self.prefix}/update/{validate_device_id(device)}"
+
+    def receipt(self, device: str) -> str:
+        return f"{self.prefix}/receipt/{validate_device_id(device)}"
 
     def status(self, device: str) -> str:
         return f"{self.prefix}/status/{validate_device_id(device)}"
