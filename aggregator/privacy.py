@@ -29,6 +29,7 @@ import numpy as np
 
 from aggregator.strategies.base import StateDict, Strategy
 from aggregator.strategies.options import StrategyOptions, opt
+from fedge.clipping import clip_update, l2_norm
 from fedge.errors import AggregationError
 from fedge.tensors import TensorSpec
 
@@ -122,32 +123,6 @@ def noise_multiplier_for(
 
 
 # -- clipping --------------------------------------------------------------------------------
-
-
-def l2_norm(delta: Mapping[str, np.ndarray]) -> float:
-    """L2 norm over all tensors, in float64 (float32 squares overflow past ~1.8e19)."""
-    total = 0.0
-    for v in delta.values():
-        a = np.asarray(v, dtype=np.float64).ravel()
-        total += float(np.dot(a, a))
-    return math.sqrt(total)
-
-
-def clip_update(
-    delta: Mapping[str, np.ndarray], clip_norm: float
-) -> tuple[dict[str, np.ndarray], float]:
-    """``delta`` scaled to L2 norm at most ``clip_norm`` (float64), and its norm before.
-
-    A non-finite norm raises ``ValueError``: scaling a NaN or Inf by ``C / norm`` would give NaN
-    or 0 and silently let the value through, which is how a NaN slips past other clippers.
-    """
-    if not clip_norm > 0:
-        raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
-    norm = l2_norm(delta)
-    if not math.isfinite(norm):
-        raise ValueError("update has a non-finite L2 norm (NaN or Inf in it)")
-    scale = 1.0 if norm <= clip_norm else clip_norm / norm
-    return {k: np.asarray(v, dtype=np.float64) * scale for k, v in delta.items()}, norm
 
 
 class NoisyClippedSum:

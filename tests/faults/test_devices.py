@@ -129,6 +129,8 @@ def test_device_reboot_keeps_residual_and_model(rig_factory: Any) -> None:
     receipts_round1 = [a for a in AgentStore(d0).acked() if a["round"] == 1]
     rig.start_agent(1)
     rig.wait_versions(2, 120)
+    # The metrics line follows the checkpoint (after export and publish): wait for it too.
+    _wait(lambda: sum("version" in r for r in rig.records()) >= 2, 30, "metrics of version 2")
 
     # Assert: the state survived the SIGKILL byte for byte and was not redone.
     assert after == before

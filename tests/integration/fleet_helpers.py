@@ -26,7 +26,35 @@ from fedge.topics import Topics
 from simulation.broker import MosquittoBroker
 from simulation.datasets import FederatedData
 
-__all__ = ["Fleet", "RawDevice", "wait_until"]
+__all__ = ["Fleet", "RawDevice", "update_for", "wait_until"]
+
+
+def update_for(
+    weights: dict[str, Any], device: str, task: RoundTask, key: Any = None, **over: Any
+) -> bytes:
+    """A valid zero-delta update for ``task`` (fields overridable), signed when ``key`` is given."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from fedge.codecs import parse_codec
+    from fedge.envelopes import ModelUpdate
+
+    delta = {k: np.zeros_like(v) for k, v in weights.items()}
+    u = ModelUpdate(
+        device=device,
+        round=task.round,
+        base_version=task.base_version,
+        update_id=uuid.uuid4().hex,
+        nonce=task.nonce,
+        num_samples=10,
+        codec=task.codec,
+        delta=parse_codec(task.codec).encode(delta),
+    )
+    u = replace(u, **over)
+    if key is not None:
+        u = replace(u, signature=key.sign(u.digest()))
+    return u.to_bytes()
 
 
 def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +13,12 @@ import pytest
 from aggregator.service import Aggregator
 from edge_agent.inference import OnnxPredictor
 from fedge.codecs import parse_codec
-from fedge.envelopes import ModelUpdate
 from fedge.tensors import dense_record, encode_records
 from models.onnx_weights import read_initializers
 from simulation.broker import MosquittoBroker
 from simulation.datasets import FederatedData, make_federated
 from simulation.fleet import SimConfig, simulate
-from tests.integration.fleet_helpers import wait_until
+from tests.integration.fleet_helpers import update_for, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -82,19 +80,7 @@ def test_late_device_gets_retained_model_and_joins_next_round(
 
 
 def _zero_update(agg: Aggregator, device: str, task: Any, **over: Any) -> bytes:
-    delta = {k: np.zeros_like(v) for k, v in agg.weights.items()}
-    fields = dict(
-        device=device,
-        round=task.round,
-        base_version=task.base_version,
-        update_id=uuid.uuid4().hex,
-        nonce=task.nonce,
-        num_samples=10,
-        codec=task.codec,
-        delta=parse_codec(task.codec).encode(delta),
-    )
-    fields.update(over)
-    return ModelUpdate(**fields).to_bytes()
+    return update_for(agg.weights, device, task, **over)
 
 
 def test_duplicates_and_bad_payloads_are_rejected_while_round_completes(

@@ -6,24 +6,21 @@ from __future__ import annotations
 
 import hashlib
 import time
-import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import msgpack
-import numpy as np
 import pytest
 import zstandard
 from paho.mqtt.client import CallbackAPIVersion, Client
 from paho.mqtt.enums import MQTTProtocolVersion
 
-from fedge.codecs import parse_codec
-from fedge.envelopes import GlobalModel, ModelUpdate
+from fedge.envelopes import GlobalModel
 from fedge.identity import SigningKey
 from simulation.datasets import FederatedData, make_federated
 from simulation.keys import SimKeys
-from tests.integration.fleet_helpers import wait_until
+from tests.integration.fleet_helpers import update_for, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -34,21 +31,7 @@ def digits3() -> FederatedData:
 
 
 def signed_update(agg: Any, key: SigningKey | None, device: str, task: Any, **over: Any) -> bytes:
-    delta = {k: np.zeros_like(v) for k, v in agg.weights.items()}
-    u = ModelUpdate(
-        device=device,
-        round=task.round,
-        base_version=task.base_version,
-        update_id=uuid.uuid4().hex,
-        nonce=task.nonce,
-        num_samples=10,
-        codec=task.codec,
-        delta=parse_codec(task.codec).encode(delta),
-    )
-    u = replace(u, **over)
-    if key is not None:
-        u = replace(u, signature=key.sign(u.digest()))
-    return u.to_bytes()
+    return update_for(agg.weights, device, task, key, **over)
 
 
 def test_hostile_updates_are_refused_while_an_honest_round_completes(
