@@ -253,9 +253,9 @@ class EdgeAgent:
                 self.outbox.remove(round_id, uid)  # its round closed: no receipt will come
         self._advance()
 
-    def _skip_round(self, t: RoundTask, why: str) -> None:
+    def _skip_round(self, t: RoundTask, why: str, level: int = logging.ERROR) -> None:
         """Give up on a round for good (persisted): retrying would fail the same way."""
-        log.error("%s: skipping round %d: %s", self.device_id, t.round, why)
+        log.log(level, "%s: skipping round %d: %s", self.device_id, t.round, why)
         self.counters.rounds_skipped += 1
         self.last_round = t.round
         self.store.set_last_round(t.round)
@@ -322,6 +322,12 @@ class EdgeAgent:
         except Exception as e:
             log.exception("%s: local training failed in round %d", self.device_id, t.round)
             self._skip_round(t, f"training failed: {e}")
+            self._advance()
+            return
+        if result is None:
+            # A train function may decline the round (a simulated straggler that misses the
+            # deadline): nothing is sent, and the round is over for this device.
+            self._skip_round(t, "local training returned no result", logging.INFO)
             self._advance()
             return
         delta = {k: result.weights[k] - base[k] for k in base}
