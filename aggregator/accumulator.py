@@ -157,6 +157,29 @@ class WeightedSum:
                 np.multiply(src[i:j], f32, out=t, casting="same_kind")
                 np.add(d, t, out=d)
 
+    def add_sum(self, sums: Mapping[str, np.ndarray], total_weight: float, count: int) -> None:
+        """Add a share summed elsewhere (a shard worker's partial): ``sums`` are already
+        ``sum_i w_i * scale_i * delta_i`` over ``count`` updates of total weight
+        ``total_weight``. Refused whole, before anything is added, unless it is finite and of
+        this sum's tensors and shapes."""
+        if sums.keys() != self.sums.keys():
+            raise AggregationError(f"partial tensors {list(sums)} != {list(self.sums)}")
+        if not (total_weight > 0 and math.isfinite(total_weight)) or count < 1:
+            raise AggregationError(
+                f"partial needs total_weight > 0 and count >= 1, got {total_weight}, {count}"
+            )
+        for k, acc in self.sums.items():
+            a = np.asarray(sums[k])
+            if a.shape != acc.shape:
+                raise AggregationError(f"{k}: partial shape {a.shape} != {acc.shape}")
+            if not np.isfinite(a).all():
+                raise AggregationError(f"partial tensor {k} contains NaN or Inf")
+        with np.errstate(over="ignore"):
+            for k, acc in self.sums.items():
+                acc += np.asarray(sums[k], self.dtype)
+        self.total_weight += float(total_weight)
+        self.count += int(count)
+
     def mean(self) -> dict[str, np.ndarray]:
         if self.count == 0:
             raise AggregationError("no updates to average")

@@ -81,6 +81,28 @@ class AggregatorConfig(BaseModel):
         default=None,
         description="reduce the devices' learning rate when central accuracy plateaus",
     )
+    adaptive_server_lr: PlateauSettings | None = Field(
+        default=None,
+        description="reduce the strategy's server_lr when central accuracy plateaus",
+    )
+    early_stop_patience: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="devices stop local training after this many epochs without a better "
+        "validation loss; 0 = off",
+    )
+    val_fraction: float = Field(
+        default=0.1, ge=0, le=0.5, description="share of local data devices hold out for it"
+    )
+    shard_workers: tuple[str, ...] = Field(
+        default=(),
+        description="shard worker names (fedge shard-worker); non-empty: this service reads "
+        "no updates and reduces the workers' partial sums",
+    )
+    shard_poll: float = Field(
+        default=1.0, gt=0, description="seconds between partial-sum requests in a round"
+    )
     mode: Literal["sync", "async"] = Field(
         default="sync",
         description="sync: rounds with a barrier; async: FedBuff, a version every async_buffer "
@@ -143,6 +165,18 @@ class AggregatorConfig(BaseModel):
                 f"min_devices ({self.min_devices}) must not exceed target_devices "
                 f"({self.target_devices})"
             )
+        if self.shard_workers:
+            from fedge.topics import validate_device_id
+
+            for w in self.shard_workers:
+                validate_device_id(w)
+            if len(set(self.shard_workers)) != len(self.shard_workers):
+                raise ValueError(f"shard_workers must be distinct, got {self.shard_workers}")
+            if self.mode == "async" or self.int8:
+                raise ValueError(
+                    "shard_workers works with mode: sync and int8: false (the workers do not "
+                    "forward staleness or calibration ranges)"
+                )
         return self
 
     @property

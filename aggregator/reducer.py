@@ -172,6 +172,10 @@ class Reducer:
             self._got.pop(w, None)
         self._publish(self.topics.request, req.to_bytes())
 
+    def missing(self) -> list[str]:
+        """Workers whose partial for the latest request has not come yet."""
+        return [w for w in self.workers if w not in self._got]
+
     def handle(self, topic: str, payload: bytes) -> bool:
         """Take a message from ``{p}/partial/+``; False if the topic is not a partial."""
         worker = self.topics.worker_of(topic)

@@ -19,6 +19,9 @@ class OpenRound:
     samples: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
     task_bytes: int = 0
+    epochs_sum: float = 0.0  # local epochs devices report having run (early stopping)
+    epochs_reported: int = 0
+    early_stopped: int = 0
 
     @property
     def round(self) -> int:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.adaptive import AdaptiveLR
 from aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aggregator.config import AggregatorConfig
 from aggregator.evaluation import EvalSet
@@ -29,11 +30,13 @@ from aggregator.journal import RoundJournal
 from aggregator.keyring import KeyRing
 from aggregator.metrics import MetricsLog
 from aggregator.publisher import ModelPublisher
+from aggregator.reducer import Merged
 from aggregator.registry import ModelRegistry
 from aggregator.rounds import OpenRound
-from aggregator.schedules import PlateauConfig, ReduceOnPlateau
 from aggregator.selection import select_clients
+from aggregator.sharded_round import ShardedRound
 from aggregator.strategies import make_strategy
+from aggregator.strategies.streaming import StreamingStrategy
 from aggregator.validation import validate_update
 from fedge.envelopes import (
     DeviceState,
@@ -49,6 +52,7 @@ from fedge.identity import load_signing_key
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.mqtt import BrokerURL, publish_packet_size
 from fedge.mux import Mux, Timer
+from fedge.partials import ShardTopics
 from fedge.session import Session, SessionOptions
 from fedge.tensors import spec_of
 from fedge.topics import Topics
@@ -94,13 +98,13 @@ class Aggregator:
                 f"strategy {config.strategy} needs at least {self.strategy.min_updates} updates "
                 f"per round; raise min_devices (now {config.min_devices})"
             )
-        self.client_lr: ReduceOnPlateau | None = None
-        if config.adaptive_lr is not None:
-            a = config.adaptive_lr
-            self.client_lr = ReduceOnPlateau(
-                config.hyper.lr,
-                PlateauConfig("max", a.factor, a.patience, a.threshold, a.cooldown, a.min_lr),
+        if config.shard_workers and not isinstance(self.strategy, StreamingStrategy):
+            raise ConfigError(
+                f"strategy {config.strategy} cannot run sharded: shard workers send sums, so "
+                "only the linear strategies (fedavg, fedavgm, fedprox, fedadam, fedyogi, "
+                "fedadagrad) can"
             )
+        self.adaptive = AdaptiveLR(config, self.strategy, has_eval=self.eval_set is not None)
         self.known: set[str] = set()
         self._calib: Any = None
         self.is_async = config.mode == "async"
@@ -140,10 +144,26 @@ class Aggregator:
                 client_cert=str(tls.client_cert) if tls and tls.client_cert else None,
                 client_key=str(tls.client_key) if tls and tls.client_key else None,
             ),
-            subscriptions=[self.topics.all_updates, self.topics.all_statuses],
+            subscriptions=[
+                ShardTopics(self.topics).all_partials
+                if config.shard_workers
+                else self.topics.all_updates,
+                self.topics.all_statuses,
+            ],
             on_message=self._on_message,
             on_connected=self._on_connected,
         )
+        self.sharded: ShardedRound | None = None
+        if config.shard_workers:
+            self.sharded = ShardedRound(
+                self.topics,
+                config.shard_workers,
+                self.session,
+                mux,
+                poll=config.shard_poll,
+                limits=limits,
+                on_merged=self._on_merged,
+            )
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -192,10 +212,7 @@ class Aggregator:
     def _checkpoint(self, counted: tuple[str, ...]) -> None:
         open_task = self.round.task.to_bytes() if self.round is not None else None
         state = {f"strategy.{k}": _plain(v) for k, v in self.strategy.state_dict().items()}
-        if self.client_lr is not None:
-            state.update(
-                {f"client_lr.{k}": _plain(v) for k, v in self.client_lr.state_dict().items()}
-            )
+        state.update(self.adaptive.state_dict())
         recent = tuple(r.task.to_bytes() for r in self.recent.values()) if self.is_async else ()
         ck = Checkpoint(
             self.version,
@@ -215,8 +232,7 @@ class Aggregator:
 
         if part("strategy."):
             self.strategy.load_state_dict(part("strategy."))
-        if self.client_lr is not None and part("client_lr."):
-            self.client_lr.load_state_dict(part("client_lr."))
+        self.adaptive.load_state_dict(state)
 
     def _publish_model(self) -> None:
         self.publisher.publish(self.session)
@@ -242,9 +258,14 @@ class Aggregator:
         now = time.time()
         self.last_round += 1
         c = self.config
-        hyper = replace(c.hyper.to_hyper(), qat=c.qat, calibrate=c.int8)
-        if self.client_lr is not None:
-            hyper = replace(hyper, lr=self.client_lr.value)
+        hyper = replace(
+            c.hyper.to_hyper(),
+            qat=c.qat,
+            calibrate=c.int8,
+            early_stop_patience=c.early_stop_patience,
+            val_fraction=c.val_fraction if c.early_stop_patience else 0.0,
+        )
+        hyper = self.adaptive.hyper(hyper)
         task = RoundTask(
             round=self.last_round,
             base_version=self.version,
@@ -310,6 +331,8 @@ class Aggregator:
             self._calib = RangeMerger(calibration_tensor_names(self.publisher.onnx))
         delay = max(0.0, task.deadline - time.time())
         self._deadline = self.mux.call_later(delay, self._on_deadline)
+        if self.sharded is not None:
+            self.sharded.begin(task, spec_of(self.weights))
 
     def _resume_round(self, task: RoundTask) -> None:
         """Re-open the round a previous process left open, replaying its journal."""
@@ -348,6 +371,9 @@ class Aggregator:
             return
         if not self.session.connected:
             return  # _on_connected extends the round once the broker is back
+        if self.sharded is not None:
+            self.sharded.request_now()  # _on_merged decides, past the deadline
+            return
         if self.strategy.count >= self.config.min_devices:
             self._close_round()
             return
@@ -361,6 +387,8 @@ class Aggregator:
     def _fail_round(self, rnd: OpenRound, reason: str) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
+        if self.sharded is not None:
+            self.sharded.stop()
         self.failed_rounds += 1
         log.warning("round %d failed: %s", rnd.round, reason)
         self.metrics.write(
@@ -376,12 +404,14 @@ class Aggregator:
         self._open_round()
         self.journal.discard_through(rnd.round)
 
-    def _close_round(self) -> None:
+    def _close_round(self, merged: Merged | None = None) -> None:
         rnd = self.round
         assert rnd is not None
         if self._deadline is not None:
             self._deadline.cancel()
         try:
+            if merged is not None:
+                self._take_merged(rnd, merged)
             new = self.strategy.finish(self.weights)
         except AggregationError as e:
             self._fail_round(rnd, f"aggregation failed: {e}")
@@ -393,6 +423,8 @@ class Aggregator:
         self.weights = new
         self.version += 1
         self.round = None
+        if self.sharded is not None:
+            self.sharded.stop()
         self._checkpoint(counted=tuple(rnd.counted))
         self.journal.discard_through(rnd.round)
         metrics: dict[str, Any] = dict(self.publisher.render(self.version, self.weights))
@@ -403,10 +435,10 @@ class Aggregator:
         round_metrics = getattr(self.strategy, "round_metrics", None)
         if round_metrics is not None:
             metrics.update(round_metrics())
-        if self.client_lr is not None and "accuracy" in metrics:
-            metrics["client_lr"] = rnd.task.hyper.lr
-            if self.client_lr.step(metrics["accuracy"]):
-                log.info("central accuracy plateaued: device lr -> %g", self.client_lr.value)
+        self.adaptive.step(metrics, rnd.task.hyper.lr)
+        if rnd.epochs_reported:
+            metrics["local_epochs_mean"] = rnd.epochs_sum / rnd.epochs_reported
+            metrics["early_stopped"] = rnd.early_stopped
         record = {
             "round": rnd.round,
             "version": self.version,
@@ -445,8 +477,40 @@ class Aggregator:
         if not waiting:
             self._close_round()
 
+    # -- sharded: the merge of the workers' partial sums ---------------------------------------
+    def _on_merged(self, m: Merged) -> None:
+        """Close on a merge that meets the target (or, past the deadline, the quorum)."""
+        rnd = self.round
+        if rnd is None or m.round != rnd.round:
+            return
+        c = self.config
+        waiting = {d for d in self.online if rnd.task.asks(d)} - set(m.counted)
+        everyone = len(self.known) >= self._target and not waiting
+        past_deadline = time.time() >= rnd.task.deadline
+        if m.count >= self._target or (m.count >= c.min_devices and (everyone or past_deadline)):
+            self._close_round(merged=m)
+        elif past_deadline:
+            self._fail_round(
+                rnd, f"quorum not met: {m.count} of {c.min_devices} by deadline (sharded)"
+            )
+
+    def _take_merged(self, rnd: OpenRound, m: Merged) -> None:
+        """Load the merged sums into the strategy and the round's bookkeeping."""
+        assert isinstance(self.strategy, StreamingStrategy)
+        self.strategy.fold_sum(m.sums, m.total_weight, m.count)
+        rnd.counted = dict(m.counted)
+        rnd.uplink_bytes = m.uplink_bytes
+        rnd.samples = round(m.total_weight)
+        rnd.train_loss_sum = m.loss_sum
+        for reason, n in m.rejected.items():
+            rnd.rejected[reason] = rnd.rejected.get(reason, 0) + n
+        self._folded = [(d, rnd.round, u, 0) for d, u in m.counted.items()]
+        self.metrics.accepted += m.count
+
     # -- incoming -----------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
+        if self.sharded is not None and self.sharded.handle(topic, payload):
+            return
         device = self.topics.device_of(topic, "update")
         if device is not None:
             self._on_update(device, topic, payload)
@@ -547,6 +611,11 @@ class Aggregator:
         cur = self.round or rnd
         cur.samples += acc.num_samples
         cur.train_loss_sum += acc.update.metrics.get("loss", 0.0) * acc.num_samples
+        epochs = acc.update.metrics.get("epochs")
+        if epochs is not None:
+            cur.epochs_sum += epochs
+            cur.epochs_reported += 1
+            cur.early_stopped += epochs < rnd.task.hyper.epochs
         self.metrics.accepted += 1
         return True
 

@@ -144,7 +144,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, required=True, help="the worker's round journal")
     p.add_argument("--group", default="aggregators", help="shared subscription group")
     p.add_argument("--max-num-samples", type=int, default=100_000)
-    p.add_argument("--clip-norm", type=float, default=0.0)
+    p.add_argument("--clip-norm", type=float, default=0.0, help="the strategy's clip_norm")
+    p.add_argument(
+        "--device-keys",
+        type=Path,
+        default=None,
+        help="key registry (`fedge ca init`): set = every update must be signed, as the "
+        "aggregator's device_keys",
+    )
     p.add_argument("--log-level", default="INFO")
 
 
@@ -163,7 +170,12 @@ def run(args: argparse.Namespace) -> None:
         clip_norm=args.clip_norm,
     )
     mux = Mux(cfg.worker).start()
-    worker = ShardWorker(cfg, mux)
+    keyring = None
+    if args.device_keys is not None:
+        from aggregator.keyring import KeyRing
+
+        keyring = KeyRing(args.device_keys)
+    worker = ShardWorker(cfg, mux, keyring=keyring)
     print(f"fedge shard-worker {cfg.worker}: {cfg.broker}, fleet {cfg.fleet}", flush=True)
     worker.start()
     try:

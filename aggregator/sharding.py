@@ -28,7 +28,7 @@ from aggregator.keyring import KeyRing
 from aggregator.rounds import OpenRound
 from aggregator.validation import validate_update
 from fedge.chunks import Assembler
-from fedge.envelopes import GlobalModel, ModelChunk, ModelUpdate, RoundTask
+from fedge.envelopes import GlobalModel, ModelChunk, ModelUpdate, Receipt, RoundTask
 from fedge.errors import AggregationError, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.mqtt import BrokerURL, publish_packet_size
@@ -221,12 +221,16 @@ class ShardWorker:
             if e.reason == "wrong_round" and _round_of(payload, self.limits) > rnd.round:
                 # Its task has not reached this worker yet (possible on a broker cluster).
                 self._hold(device, payload)
-            else:
-                self._reject(e.reason, e.detail)
+                return
+            self._reject(e.reason, e.detail)
+            if e.reason == "duplicate" and journal:
+                self._receipt_again(device, payload, rnd)
             return
         if journal:
-            # Durable before counted and before acked; an OSError leaves it unacked.
+            # Durable before counted and before acked; an OSError leaves it unacked. Then the
+            # receipt: the device may drop the update from its outbox (docs/protocol.md).
             self.journal.append(device, payload)
+            self._receipt(device, ok.update.round, ok.update.update_id)
         try:
             scale = 1.0
             if c.clip_norm > 0:
@@ -240,6 +244,16 @@ class ShardWorker:
         rnd.samples += ok.num_samples
         rnd.train_loss_sum += ok.update.metrics.get("loss", 0.0) * ok.num_samples
         self.folded += 1
+
+    def _receipt_again(self, device: str, payload: bytes, rnd: OpenRound) -> None:
+        # A resend of an update this worker counted (its receipt was lost): confirm it again.
+        upd = ModelUpdate.from_bytes(payload, self.limits)
+        if rnd.counted.get(device) == upd.update_id:
+            self._receipt(device, upd.round, upd.update_id)
+
+    def _receipt(self, device: str, round_id: int, update_id: str) -> None:
+        msg = Receipt(device, round_id, update_id).to_bytes()
+        self.session.publish(self.topics.receipt(device), msg, qos=1)
 
     def _reject(self, reason: str, detail: str) -> None:
         if self.round is not None:

@@ -349,7 +349,7 @@ class EdgeAgent:
             num_samples=result.num_samples,
             codec=t.codec,
             delta=blob,
-            metrics={"loss": result.loss, "accuracy": result.accuracy, "seconds": result.seconds},
+            metrics=_train_metrics(result),
             calib=self._calibration(m, t),
         )
         if self.signing_key is not None:
@@ -431,3 +431,13 @@ class EdgeAgent:
         self.store.set_last_round(t.round)
         self.state = AgentState.IDLE
         self._advance()
+
+
+def _train_metrics(result: Any) -> dict[str, float]:
+    """What the update reports of local training (``ModelUpdate.metrics``)."""
+    out = {"loss": result.loss, "accuracy": result.accuracy, "seconds": result.seconds}
+    if getattr(result, "epochs", 0):
+        out["epochs"] = result.epochs
+    if getattr(result, "val_loss", None) is not None:
+        out["val_loss"] = result.val_loss
+    return out

@@ -2,7 +2,13 @@
 return the new weights. With ``prox_mu > 0`` it adds FedProx's proximal term
 ``mu/2 * ||w - w_global||^2``, which keeps a device with skewed data near the global model.
 With ``qat=True`` the forward pass is fake-quantized as the published int8 model will compute it
-(`models.qat`), while the weights trained, returned and sent stay plain float32."""
+(`models.qat`), while the weights trained, returned and sent stay plain float32.
+
+Early stopping (``hyper.early_stop_patience > 0``): a seeded ``val_fraction`` of the local data
+is held out; after each epoch the loss on it is measured, and training stops once it has not
+improved for ``early_stop_patience`` epochs in a row. The weights returned are those of the
+best epoch, so a device whose data is exhausted sends the model before it overfitted. A data
+set too small to hold out one example (or to keep one for training) trains without it."""
 
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ class TrainResult:
     loss: float
     accuracy: float
     seconds: float
+    epochs: int = 0  # epochs run (fewer than asked after an early stop)
+    val_loss: float | None = None  # best held-out loss, with early stopping
 
 
 def train_local(
@@ -54,9 +62,14 @@ def train_local(
     xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     yt = torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
     gen = torch.Generator().manual_seed(seed)
+    stopper = _EarlyStop.maybe(hyper, len(yt), gen)
+    if stopper is not None:
+        (xt, yt), held_out = stopper.split(xt, yt)
     n = len(yt)
     total_loss, total_correct, seen = 0.0, 0, 0
+    epochs = 0
     for _ in range(hyper.epochs):
+        epochs += 1
         order = torch.randperm(n, generator=gen)
         total_loss, total_correct, seen = 0.0, 0, 0
         for start in range(0, n, hyper.batch_size):
@@ -75,13 +88,56 @@ def train_local(
             total_loss += float(loss.detach()) * len(yb)
             total_correct += int((logits.detach().argmax(1) == yb).sum())
             seen += len(yb)
+        if stopper is not None and stopper.should_stop(model, loss_fn, *held_out):
+            break
     return TrainResult(
-        weights=to_numpy_state(model),
+        weights=stopper.best if stopper is not None and stopper.best else to_numpy_state(model),
         num_samples=n,
         loss=total_loss / max(seen, 1),
         accuracy=total_correct / max(seen, 1),
         seconds=time.perf_counter() - t0,
+        epochs=epochs,
+        val_loss=stopper.best_loss if stopper is not None and stopper.best else None,
     )
+
+
+class _EarlyStop:
+    """Held-out loss after each epoch; keeps the best epoch's weights."""
+
+    def __init__(self, patience: int, n_val: int, order: torch.Tensor) -> None:
+        self.patience, self.n_val, self.order = patience, n_val, order
+        self.best: dict[str, np.ndarray] = {}
+        self.best_loss = float("inf")
+        self.bad = 0
+
+    @classmethod
+    def maybe(cls, hyper: TrainHyper, n: int, gen: torch.Generator) -> _EarlyStop | None:
+        if not hyper.early_stop_patience:
+            return None
+        n_val = int(n * hyper.val_fraction)
+        if n_val < 1 or n - n_val < 1:
+            return None
+        return cls(hyper.early_stop_patience, n_val, torch.randperm(n, generator=gen))
+
+    def split(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        val, train = self.order[: self.n_val], self.order[self.n_val :]
+        return (x[train], y[train]), (x[val], y[val])
+
+    @torch.no_grad()
+    def should_stop(
+        self, model: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> bool:
+        model.eval()
+        loss = float(loss_fn(model(x), y))
+        model.train()
+        if loss < self.best_loss:  # a NaN loss is never better
+            self.best_loss, self.bad = loss, 0
+            self.best = to_numpy_state(model)
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
 
 
 class _SGD:

@@ -85,6 +85,10 @@ class TrainHyper:
     prox_mu: float = 0.0
     qat: bool = False  # train with fake quantization (models/qat.py)
     calibrate: bool = False  # report activation ranges for the int8 export
+    # Early stopping on local validation: hold out val_fraction of the local data and stop
+    # after early_stop_patience epochs without a better validation loss (0 = off).
+    early_stop_patience: int = 0
+    val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.epochs <= 1000:
@@ -96,6 +100,21 @@ class TrainHyper:
         for name in ("momentum", "weight_decay", "prox_mu"):
             if not 0.0 <= getattr(self, name) < 1e6:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.early_stop_patience <= 1000:
+            raise ValueError(
+                f"early_stop_patience must be in [0, 1000], got {self.early_stop_patience}"
+            )
+        if not 0.0 <= self.val_fraction <= 0.5:
+            raise ValueError(f"val_fraction must be in [0, 0.5], got {self.val_fraction}")
+        if self.early_stop_patience and not self.val_fraction:
+            raise ValueError("early_stop_patience needs val_fraction > 0")
+
+    def to_map(self) -> dict[str, Any]:
+        """The wire map; the early-stopping keys only when it is on (optional on the wire)."""
+        out = asdict(self)
+        if not self.early_stop_patience:
+            del out["early_stop_patience"], out["val_fraction"]
+        return out
 
     @classmethod
     def _read(cls, raw: Any, limits: Limits) -> TrainHyper:
@@ -111,6 +130,8 @@ class TrainHyper:
             "prox_mu": f.float("prox_mu", 0.0, 1e6),
             "qat": f.bool("qat", optional=True) or False,
             "calibrate": f.bool("calibrate", optional=True) or False,
+            "early_stop_patience": f.int("early_stop_patience", 0, 1000, optional=True) or 0,
+            "val_fraction": f.float("val_fraction", 0.0, 0.5, optional=True) or 0.0,
         }
         f.done()
         try:
@@ -154,7 +175,7 @@ class RoundTask:
                 "deadline": float(self.deadline),
                 "issued": float(self.issued),
                 "codec": self.codec,
-                "hyper": asdict(self.hyper),
+                "hyper": self.hyper.to_map(),
                 "nonce": self.nonce,
                 "selected": list(self.selected) if self.selected is not None else None,
             }

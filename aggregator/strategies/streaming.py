@@ -59,6 +59,13 @@ class StreamingStrategy(Strategy):
         assert self._acc is not None
         self._acc.add(delta, weight, scale=scale, sq_norm=self.fold_sq_norm)
 
+    def fold_sum(self, sums: Mapping[str, np.ndarray], total_weight: float, count: int) -> None:
+        """Take a share of the round summed elsewhere (sharded aggregation: the merge of the
+        shard workers' partial sums, norm bounding already applied by the workers)."""
+        self._require_round("fold_sum")
+        assert self._acc is not None
+        self._acc.add_sum(sums, total_weight, count)
+
     @property
     def count(self) -> int:
         return 0 if self._acc is None else self._acc.count

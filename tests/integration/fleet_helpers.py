@@ -19,7 +19,7 @@ from aggregator.service import Aggregator
 from edge_agent.agent import EdgeAgent
 from edge_agent.data import LocalData
 from edge_agent.store import AgentStore
-from fedge.envelopes import RoundTask
+from fedge.envelopes import Receipt, RoundTask
 from fedge.mqtt import BrokerURL
 from fedge.mux import Mux
 from fedge.topics import Topics
@@ -73,6 +73,7 @@ class RawDevice:
         self.device_id = device_id
         self.prefix = fleet_prefix
         self.task: RoundTask | None = None
+        self.receipts: list[Receipt] = []
         self._acked: dict[int, threading.Event] = {}
         self._lock = threading.Lock()
         self.client = Client(
@@ -84,11 +85,16 @@ class RawDevice:
         self.client.on_message = self._on_message
         self.client.on_publish = self._on_publish
         self.client.connect(host, port)
-        self.client.subscribe(f"{fleet_prefix}/round/current", qos=1)
+        self.client.subscribe(
+            [(f"{fleet_prefix}/round/current", 1), (f"{fleet_prefix}/receipt/{device_id}", 1)]
+        )
         self.client.loop_start()
 
-    def _on_message(self, _c: Client, _u: object, msg: object) -> None:
-        self.task = RoundTask.from_bytes(msg.payload)  # type: ignore[attr-defined]
+    def _on_message(self, _c: Client, _u: object, msg: Any) -> None:
+        if msg.topic.endswith("/round/current"):
+            self.task = RoundTask.from_bytes(msg.payload)
+        else:
+            self.receipts.append(Receipt.from_bytes(msg.payload))
 
     def _on_publish(self, _c: Client, _u: object, mid: int, _rc: object, _p: object) -> None:
         with self._lock:
@@ -135,8 +141,7 @@ class Fleet:
             fleet=self.topics.fleet,
             state_dir=tmp / "aggregator",
             model=ModelConfig(input_dim=data.input_dim, num_classes=data.num_classes),
-            hyper=HyperConfig(epochs=2, lr=0.1),
-            **cfg,
+            **{"hyper": HyperConfig(epochs=2, lr=0.1), **cfg},
         )
         self.aggregator = Aggregator(
             self.config, self.agg_mux, eval_set=EvalSet(*data.test), on_round=self.records.append

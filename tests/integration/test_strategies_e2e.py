@@ -57,3 +57,38 @@ def test_strategy_runs_over_the_broker(
     assert [r["devices"] for r in fleet.records] == [5, 5]
     if name == "fedprox":  # the proximal term reached the devices through the task
         assert all(a.task.hyper.prox_mu > 0 for a in fleet.agents.values())
+
+
+def test_adaptive_rates_and_early_stopping_show_in_the_metrics(
+    fleet_factory: Any, digits5: FederatedData
+) -> None:
+    """Devices stop on their held-out loss (lr 5 overshoots, so they do), report the epochs
+    they ran, and both learning rates follow the central accuracy, visible per version."""
+    from aggregator.config import HyperConfig, PlateauSettings
+
+    flat = PlateauSettings(factor=0.5, patience=0, threshold=0.5, min_lr=1e-3)
+    fleet = fleet_factory(
+        digits5,
+        rounds=3,
+        target_devices=5,
+        min_devices=5,
+        round_timeout=30,
+        hyper=HyperConfig(epochs=20, lr=5.0),
+        early_stop_patience=1,
+        val_fraction=0.2,
+        adaptive_lr=flat,
+        adaptive_server_lr=flat,
+    )
+    fleet.start_aggregator()
+    for i in range(5):
+        fleet.add_agent(i)
+    wait_until(fleet.aggregator.done.is_set, 60, "three versions with early stopping")
+
+    recs = fleet.records
+    assert all(a.task.hyper.early_stop_patience == 1 for a in fleet.agents.values())
+    assert all(r["early_stopped"] >= 1 for r in recs)
+    assert all(1 <= r["local_epochs_mean"] < 20 for r in recs)
+    # The first version sets the best; threshold 0.5 (+50 %) makes every later one a plateau,
+    # so from the third version on each is made with half the rates of the one before.
+    assert [r["server_lr"] for r in recs] == [1.0, 1.0, 0.5]
+    assert [r["client_lr"] for r in recs] == [5.0, 5.0, 2.5]
