@@ -36,8 +36,11 @@ class Checkpoint:
     # Server-side state that must survive a restart: optimizer moments, DP rounds spent, lr
     # schedules. Flat keys -> float32 arrays or numbers.
     state: dict[str, Any] = field(default_factory=dict)
-    # Async mode: tasks of the rounds still accepted (stale but within max_staleness).
+    # Async mode: tasks of the rounds still accepted (stale but within max_staleness), and
+    # who was counted in each (device -> update id), so a resend after a restart stays a
+    # duplicate.
     recent_tasks: tuple[bytes, ...] = ()
+    recent_counted: dict[int, dict[str, str]] = field(default_factory=dict)
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
@@ -50,6 +53,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
             "failed_rounds": ckpt.failed_rounds,
             "open_task": ckpt.open_task,
             "recent_tasks": list(ckpt.recent_tasks),
+            "recent_counted": [[r, c] for r, c in ckpt.recent_counted.items()],
             "state_scalars": {k: v for k, v in ckpt.state.items() if not isinstance(v, np.ndarray)},
             "state_arrays": encode_records(
                 [
@@ -89,6 +93,7 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
         open_task=obj.get("open_task"),
         state=_load_state(obj, big),
         recent_tasks=tuple(obj.get("recent_tasks", ())),
+        recent_counted={int(r): dict(c) for r, c in obj.get("recent_counted", ())},
     )
 
 

@@ -189,7 +189,8 @@ class Aggregator:
         elif ckpt is not None and ckpt.open_task is not None:
             for raw in ckpt.recent_tasks:
                 t = RoundTask.from_bytes(raw)
-                self.recent[t.round] = OpenRound(t, time.time())
+                counted = dict(ckpt.recent_counted.get(t.round, {}))
+                self.recent[t.round] = OpenRound(t, time.time(), counted=counted)
             self.mux.call_soon(self._resume_round, RoundTask.from_bytes(ckpt.open_task))
         self.session.start()
 
@@ -223,6 +224,7 @@ class Aggregator:
             open_task,
             state,
             recent,
+            {r: dict(o.counted) for r, o in self.recent.items()},
         )
         save_checkpoint(self.ckpt_path, ck)
 
@@ -266,6 +268,11 @@ class Aggregator:
             val_fraction=c.val_fraction if c.early_stop_patience else 0.0,
         )
         hyper = self.adaptive.hyper(hyper)
+        accepts_from = None
+        if self.is_async:  # rounds _start_round keeps accepting, and this one
+            oldest = self.version - c.max_staleness
+            kept = [r for r, o in self.recent.items() if o.task.base_version >= oldest]
+            accepts_from = min(kept, default=self.last_round)
         task = RoundTask(
             round=self.last_round,
             base_version=self.version,
@@ -275,6 +282,7 @@ class Aggregator:
             nonce=os.urandom(16),
             selected=self._select(),
             issued=now,
+            accepts_from=accepts_from,
         )
         self._start_round(task)
         # Persist the open round before anyone can answer it: a restart resumes it, and its
@@ -347,12 +355,26 @@ class Aggregator:
             return
         self._start_round(task)
         replayed = self.journal.open(task.round)
+        if self.is_async:
+            self._uncount(replayed)
         for device, payload in replayed:
             self._fold(device, self.topics.update(device), payload, journal=False)
         log.info("round %d resumed with %d journaled updates", task.round, len(replayed))
         target = self.config.async_buffer if self.is_async else self._target
         if self.strategy.count >= target:
             self._close_round()
+
+    def _uncount(self, journaled: list[tuple[str, bytes]]) -> None:
+        """Async: updates in the journal are in no version yet; the checkpoint may list them
+        as counted (it was written with them in the buffer): the replay folds them again."""
+        for device, payload in journaled:
+            try:
+                upd = ModelUpdate.from_bytes(payload, self.limits)
+            except ProtocolError:
+                continue
+            rnd = self.recent.get(upd.round)
+            if rnd is not None and rnd.counted.get(device) == upd.update_id:
+                del rnd.counted[device]
 
     def _extend_round(self) -> None:
         rnd = self.round

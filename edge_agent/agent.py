@@ -176,7 +176,7 @@ class EdgeAgent:
         first = not self._resent_outbox
         self._resent_outbox = True
         for round_id, uid, payload in self.outbox.pending():
-            if self.task is not None and round_id < self.task.round:
+            if self.task is not None and round_id < self.task.oldest_accepted:
                 self.outbox.remove(round_id, uid)  # its round is closed: nothing can count it
                 continue
             log.info("%s: resending update %s of round %d", self.device_id, uid, round_id)
@@ -249,7 +249,7 @@ class EdgeAgent:
             return  # a stale retained/redelivered task; the newer one stands
         self.task = t
         for round_id, uid, _ in self.outbox.pending():
-            if round_id < t.round:
+            if round_id < t.oldest_accepted:
                 self.outbox.remove(round_id, uid)  # its round closed: no receipt will come
         self._advance()
 

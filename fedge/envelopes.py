@@ -161,11 +161,24 @@ class RoundTask:
     nonce: bytes
     selected: tuple[str, ...] | None = None
     issued: float = 0.0
+    # Async mode: the oldest round whose updates are still accepted (None: this round only).
+    # A device keeps unreceipted updates of rounds from here on in its outbox.
+    accepts_from: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.accepts_from is not None and not 1 <= self.accepts_from <= self.round:
+            raise ValueError(f"accepts_from must be in [1, round], got {self.accepts_from}")
 
     def asks(self, device: str) -> bool:
         return self.selected is None or device in self.selected
 
+    @property
+    def oldest_accepted(self) -> int:
+        """The oldest round an update may still answer."""
+        return self.round if self.accepts_from is None else self.accepts_from
+
     def to_bytes(self) -> bytes:
+        extra = {} if self.accepts_from is None else {"accepts_from": self.accepts_from}
         return pack(
             {
                 "v": SCHEMA_VERSION,
@@ -178,14 +191,17 @@ class RoundTask:
                 "hyper": self.hyper.to_map(),
                 "nonce": self.nonce,
                 "selected": list(self.selected) if self.selected is not None else None,
+                **extra,
             }
         )
 
     @classmethod
     def from_bytes(cls, payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Self:
         f = _open(payload, Kind.TASK, limits)
+        round_id = f.int("round", 1, _MAX_ROUND)
+        accepts_from = f.int("accepts_from", 1, round_id, optional=True)
         task = cls(
-            round=f.int("round", 1, _MAX_ROUND),
+            round=round_id,
             base_version=f.int("base_version", 0, _MAX_ROUND),
             deadline=f.float("deadline", 0.0),
             issued=f.float("issued", 0.0),
@@ -193,6 +209,7 @@ class RoundTask:
             hyper=TrainHyper._read(f.map("hyper"), limits),
             nonce=_nonce(f),
             selected=_opt_tuple(f.str_list("selected", optional=True)),
+            accepts_from=accepts_from,
         )
         f.done()
         return task

@@ -61,3 +61,96 @@ def test_fedbuff_publishes_every_k_updates_and_accepts_stale_ones(
     assert any(k.startswith("dev-3@") for k in keys), fleet.aggregator.metrics.rejected
     w = read_initializers(fleet.aggregator.registry.path(10).read_bytes())
     assert all(np.isfinite(v).all() for v in w.values())
+
+
+def test_after_a_restart_a_resent_stale_update_stays_counted_once(
+    fleet_factory: Any, digits4: FederatedData
+) -> None:
+    """Async rounds stay open after their version: the checkpoint keeps who was counted in
+    them, so an update resent after an aggregator restart is a duplicate (receipted again),
+    not a second vote; and the task tells devices which rounds still accept updates."""
+    from aggregator.evaluation import EvalSet
+    from aggregator.service import Aggregator
+    from tests.integration.fleet_helpers import update_for
+
+    fleet = fleet_factory(
+        digits4, mode="async", async_buffer=1, max_staleness=8, min_devices=1, round_timeout=60
+    )
+    fleet.start_aggregator()
+    a, b = fleet.raw_device("dev-a"), fleet.raw_device("dev-b")
+    try:
+        t1 = a.wait_task(1)
+        assert t1.accepts_from == 1
+        weights = dict(fleet.aggregator.weights)
+        u = update_for(weights, "dev-a", t1)
+        a.send(u)
+        t2 = a.wait_task(2)  # K = 1: dev-a's update made version 1, round 2 opened
+        assert (t2.base_version, t2.accepts_from) == (1, 1)
+        wait_until(lambda: len(a.receipts) == 1, 10, "dev-a's receipt")
+
+        fleet.aggregator.stop()
+        wait_until(lambda: not fleet.aggregator.session.connected, 10, "aggregator stop")
+        fleet.aggregator = Aggregator(
+            fleet.config,
+            fleet.agg_mux,
+            eval_set=EvalSet(*fleet.data.test),
+            on_round=fleet.records.append,
+        )
+        fleet.aggregator.start()
+        wait_until(lambda: fleet.aggregator.session.connected, 10, "aggregator restart")
+
+        a.send(u)  # the same update again, as an agent resends after a reconnect
+        wait_until(lambda: len(a.receipts) == 2, 10, "the duplicate's receipt")
+        assert fleet.aggregator.metrics.rejected.get("duplicate") == 1
+        assert fleet.aggregator.version == 1
+
+        b.send(update_for(weights, "dev-b", t1))  # stale (round 1) but within the window
+        wait_until(lambda: fleet.aggregator.version == 2, 10, "dev-b's stale update counted")
+        assert fleet.records[-1]["counted"] == {"dev-b@1": fleet.records[-1]["counted"]["dev-b@1"]}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_restart_replays_the_buffer_even_after_a_checkpoint_listed_it_as_counted(
+    fleet_factory: Any, digits4: FederatedData
+) -> None:
+    """A deadline extension checkpoints while a stale update waits in the buffer (journaled,
+    in no version yet, but in the counted map of its older round): after a restart the
+    journal replay must fold it again, not call it a duplicate of itself."""
+    from aggregator.evaluation import EvalSet
+    from aggregator.service import Aggregator
+    from tests.integration.fleet_helpers import update_for
+
+    fleet = fleet_factory(
+        digits4, mode="async", async_buffer=2, min_devices=2, target_devices=2, round_timeout=1
+    )
+    fleet.start_aggregator()
+    devs = {n: fleet.raw_device(f"dev-{n}") for n in "abcd"}
+    try:
+        t1 = devs["a"].wait_task(1)
+        w0 = dict(fleet.aggregator.weights)
+        for n in "ab":
+            devs[n].send(update_for(w0, f"dev-{n}", t1))
+        t2 = devs["a"].wait_task(2)
+        w1 = dict(fleet.aggregator.weights)
+        devs["c"].send(update_for(w0, "dev-c", t1))  # stale: waits in the buffer for a 2nd
+        wait_until(lambda: len(devs["c"].receipts) == 1, 10, "dev-c's receipt")
+        wait_until(lambda: devs["a"].task.deadline > t2.deadline, 10, "an extension (a checkpoint)")
+
+        fleet.aggregator.stop()
+        wait_until(lambda: not fleet.aggregator.session.connected, 10, "aggregator stop")
+        fleet.aggregator = Aggregator(
+            fleet.config,
+            fleet.agg_mux,
+            eval_set=EvalSet(*fleet.data.test),
+            on_round=fleet.records.append,
+        )
+        fleet.aggregator.start()
+        wait_until(lambda: fleet.aggregator.session.connected, 10, "aggregator restart")
+        devs["d"].send(update_for(w1, "dev-d", t2))
+        wait_until(lambda: fleet.aggregator.version == 2, 10, "version 2 from c and d")
+        assert sorted(fleet.records[-1]["counted"]) == ["dev-c@1", "dev-d@2"]
+    finally:
+        for d in devs.values():
+            d.close()

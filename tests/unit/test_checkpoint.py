@@ -268,3 +268,28 @@ def test_registry_meta_of_unknown_version(tmp_path: Path) -> None:
 
     with pytest.raises(FileNotFoundError):
         reg.meta(4)
+
+
+def test_async_recent_rounds_keep_who_was_counted(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    ck = replace(
+        make_checkpoint(),
+        recent_tasks=(b"t4", b"t5"),
+        recent_counted={4: {"dev-a": "u1"}, 5: {}},
+    )
+    save_checkpoint(tmp_path / "c", ck)
+    got = load_checkpoint(tmp_path / "c")
+    assert got is not None
+    assert got.recent_counted == {4: {"dev-a": "u1"}, 5: {}}
+    assert got.recent_tasks == (b"t4", b"t5")
+
+
+def test_a_checkpoint_written_before_recent_counted_existed_still_loads(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path / "c", make_checkpoint())
+    obj = msgpack.unpackb((tmp_path / "c").read_bytes())
+    del obj["recent_counted"]
+    (tmp_path / "c").write_bytes(msgpack.packb(obj))
+    got = load_checkpoint(tmp_path / "c")
+    assert got is not None
+    assert got.recent_counted == {}

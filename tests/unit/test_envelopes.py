@@ -548,3 +548,18 @@ def test_fuzz_one_field_replaced(data: st.DataObject) -> None:
     target[key] = data.draw(msgpack_values)
 
     only_protocol_errors(cls, packed(raw))
+
+
+def test_accepts_from_travels_only_when_set_and_never_beyond_the_round() -> None:
+    hyper = TrainHyper()
+    plain = RoundTask(5, 4, 2e9, "fp32", hyper, b"n" * 16)
+    assert "accepts_from" not in msgpack.unpackb(plain.to_bytes())
+    assert plain.oldest_accepted == 5
+    async_task = RoundTask(5, 4, 2e9, "fp32", hyper, b"n" * 16, accepts_from=2)
+    back = RoundTask.from_bytes(async_task.to_bytes())
+    assert (back.accepts_from, back.oldest_accepted) == (2, 2)
+    raw = msgpack.unpackb(async_task.to_bytes())
+    raw["accepts_from"] = 6
+    with pytest.raises(ProtocolError) as e:
+        RoundTask.from_bytes(msgpack.packb(raw))
+    assert e.value.reason == "schema"
