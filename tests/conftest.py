@@ -37,6 +37,17 @@ def fresh_broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
         yield started
 
 
+@pytest.fixture(scope="module")
+def sharded_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """A broker with broker_config/acl.sharded: shard workers aggregator-0..3 may read updates."""
+    from simulation.broker import CONFIG_DIR
+
+    _require_mosquitto()
+    acl = CONFIG_DIR / "acl.sharded"
+    with MosquittoBroker(tmp_path_factory.mktemp("sharded-broker"), acl=acl) as started:
+        yield started
+
+
 @pytest.fixture
 def prefix() -> str:
     """A topic prefix `fedge/t<8 hex>` (the fleet level) unique to the test."""

@@ -167,6 +167,20 @@ class Fleet:
         agent.start()
         return agent
 
+    def restart_aggregator(self, timeout: float = 10.0) -> Aggregator:
+        """Stop the aggregator and start a new one on the same config and state directory."""
+        self.aggregator.stop()
+        wait_until(lambda: not self.aggregator.session.connected, timeout, "aggregator stop")
+        self.aggregator = Aggregator(
+            self.config,
+            self.agg_mux,
+            eval_set=EvalSet(*self.data.test),
+            on_round=self.records.append,
+        )
+        self.aggregator.start()
+        wait_until(lambda: self.aggregator.session.connected, timeout, "aggregator restart")
+        return self.aggregator
+
     def raw_device(self, name: str) -> RawDevice:
         return RawDevice(self.url.host, self.url.port, name, self.topics.prefix)
 

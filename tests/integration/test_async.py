@@ -69,8 +69,6 @@ def test_after_a_restart_a_resent_stale_update_stays_counted_once(
     """Async rounds stay open after their version: the checkpoint keeps who was counted in
     them, so an update resent after an aggregator restart is a duplicate (receipted again),
     not a second vote; and the task tells devices which rounds still accept updates."""
-    from aggregator.evaluation import EvalSet
-    from aggregator.service import Aggregator
     from tests.integration.fleet_helpers import update_for
 
     fleet = fleet_factory(
@@ -88,16 +86,7 @@ def test_after_a_restart_a_resent_stale_update_stays_counted_once(
         assert (t2.base_version, t2.accepts_from) == (1, 1)
         wait_until(lambda: len(a.receipts) == 1, 10, "dev-a's receipt")
 
-        fleet.aggregator.stop()
-        wait_until(lambda: not fleet.aggregator.session.connected, 10, "aggregator stop")
-        fleet.aggregator = Aggregator(
-            fleet.config,
-            fleet.agg_mux,
-            eval_set=EvalSet(*fleet.data.test),
-            on_round=fleet.records.append,
-        )
-        fleet.aggregator.start()
-        wait_until(lambda: fleet.aggregator.session.connected, 10, "aggregator restart")
+        fleet.restart_aggregator()
 
         a.send(u)  # the same update again, as an agent resends after a reconnect
         wait_until(lambda: len(a.receipts) == 2, 10, "the duplicate's receipt")
@@ -118,8 +107,6 @@ def test_a_restart_replays_the_buffer_even_after_a_checkpoint_listed_it_as_count
     """A deadline extension checkpoints while a stale update waits in the buffer (journaled,
     in no version yet, but in the counted map of its older round): after a restart the
     journal replay must fold it again, not call it a duplicate of itself."""
-    from aggregator.evaluation import EvalSet
-    from aggregator.service import Aggregator
     from tests.integration.fleet_helpers import update_for
 
     fleet = fleet_factory(
@@ -138,16 +125,7 @@ def test_a_restart_replays_the_buffer_even_after_a_checkpoint_listed_it_as_count
         wait_until(lambda: len(devs["c"].receipts) == 1, 10, "dev-c's receipt")
         wait_until(lambda: devs["a"].task.deadline > t2.deadline, 10, "an extension (a checkpoint)")
 
-        fleet.aggregator.stop()
-        wait_until(lambda: not fleet.aggregator.session.connected, 10, "aggregator stop")
-        fleet.aggregator = Aggregator(
-            fleet.config,
-            fleet.agg_mux,
-            eval_set=EvalSet(*fleet.data.test),
-            on_round=fleet.records.append,
-        )
-        fleet.aggregator.start()
-        wait_until(lambda: fleet.aggregator.session.connected, 10, "aggregator restart")
+        fleet.restart_aggregator()
         devs["d"].send(update_for(w1, "dev-d", t2))
         wait_until(lambda: fleet.aggregator.version == 2, 10, "version 2 from c and d")
         assert sorted(fleet.records[-1]["counted"]) == ["dev-c@1", "dev-d@2"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from aggregator.sharding import ShardWorker, WorkerConfig
 from fedge.codecs import parse_codec
 from fedge.errors import ConfigError
 from fedge.mux import Mux
-from simulation.broker import CONFIG_DIR, MosquittoBroker, MosquittoNotFound, find_mosquitto
+from simulation.broker import MosquittoBroker
 from simulation.datasets import make_federated
 from tests.integration.fleet_helpers import Fleet, update_for, wait_until
 
@@ -25,17 +24,6 @@ pytestmark = pytest.mark.integration
 
 WAIT = 30.0
 WORKERS = ("aggregator-0", "aggregator-1")
-
-
-@pytest.fixture(scope="module")
-def sharded_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
-    try:
-        find_mosquitto()
-    except MosquittoNotFound as exc:
-        pytest.skip(str(exc))
-    acl = CONFIG_DIR / "acl.sharded"
-    with MosquittoBroker(tmp_path_factory.mktemp("sharded-svc"), acl=acl) as started:
-        yield started
 
 
 def _start_workers(fleet: Fleet, tmp: Path) -> tuple[Mux, list[ShardWorker]]:

@@ -12,7 +12,7 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from fedge.limits import DEFAULT_LIMITS
 from fedge.mux import Mux
 from fedge.session import Session, SessionOptions
 from fedge.topics import Topics
-from simulation.broker import CONFIG_DIR, MosquittoBroker, MosquittoNotFound, find_mosquitto
+from simulation.broker import MosquittoBroker
 
 pytestmark = pytest.mark.integration
 
@@ -110,17 +110,6 @@ def make_case(codec_name: str) -> Case:
         for k in SHAPES
     }
     return Case(weights, model, task, payloads, expected, sum(samples))
-
-
-@pytest.fixture(scope="module")
-def sharded_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
-    try:
-        find_mosquitto()
-    except MosquittoNotFound as exc:
-        pytest.skip(str(exc))
-    acl = CONFIG_DIR / "acl.sharded"
-    with MosquittoBroker(tmp_path_factory.mktemp("sharded-broker"), acl=acl) as started:
-        yield started
 
 
 def _publish(mux: Mux, session: Session, topic: str, payload: bytes) -> None:
