@@ -14,7 +14,7 @@ from typing import Any, Self
 from fedge.errors import ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.topics import validate_device_id
-from fedge.wire import Fields, pack, unpack_map
+from fedge.wire import Fields, open_envelope, pack
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -52,17 +52,7 @@ class DeviceState(StrEnum):
 
 
 def _open(payload: bytes, kind: Kind, limits: Limits) -> Fields:
-    obj = unpack_map(payload, limits, what=str(kind))
-    f = Fields(obj, str(kind), limits)
-    v = f.int("v", 0, 2**16)
-    if v != SCHEMA_VERSION:
-        raise ProtocolError(
-            "version", f"{kind} schema version {v}, this peer speaks {SCHEMA_VERSION}"
-        )
-    got = f.str("kind")
-    if got != kind:
-        raise ProtocolError("schema", f"expected kind {kind!r}, got {got!r}")
-    return f
+    return open_envelope(payload, str(kind), SCHEMA_VERSION, limits)
 
 
 def _device(f: Fields, key: str = "device") -> str:

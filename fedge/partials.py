@@ -24,7 +24,7 @@ from fedge.errors import ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.tensors import TensorSpec, decode_records, dense_record, encode_records
 from fedge.topics import Topics, validate_device_id
-from fedge.wire import Fields, pack, unpack_map
+from fedge.wire import Fields, open_envelope, pack
 
 __all__ = ["PARTIALS_SCHEMA_VERSION", "PartialRequest", "PartialSum", "ShardTopics"]
 
@@ -62,16 +62,7 @@ class ShardTopics:
 
 
 def _open(payload: bytes, kind: str, limits: Limits) -> Fields:
-    f = Fields(unpack_map(payload, limits, what=kind), kind, limits)
-    v = f.int("v", 0, 2**16)
-    if v != PARTIALS_SCHEMA_VERSION:
-        raise ProtocolError(
-            "version", f"{kind} schema version {v}, this peer speaks {PARTIALS_SCHEMA_VERSION}"
-        )
-    got = f.str("kind")
-    if got != kind:
-        raise ProtocolError("schema", f"expected kind {kind!r}, got {got!r}")
-    return f
+    return open_envelope(payload, kind, PARTIALS_SCHEMA_VERSION, limits)
 
 
 def _ids(f: Fields, key: str, *, optional: bool = False) -> tuple[str, ...] | None:

@@ -17,7 +17,7 @@ import msgpack
 from fedge.errors import ProtocolError
 from fedge.limits import Limits
 
-__all__ = ["Fields", "pack", "unpack_map"]
+__all__ = ["Fields", "open_envelope", "pack", "unpack_map"]
 
 
 def pack(obj: Mapping[str, Any]) -> bytes:
@@ -199,3 +199,16 @@ class Fields:
             raise ProtocolError(
                 "schema", f"{self._what} has unknown keys: {', '.join(sorted(map(str, extra)))}"
             )
+
+
+def open_envelope(payload: bytes, kind: str, version: int, limits: Limits) -> Fields:
+    """Unpack a message map and check its common header: ``v`` (schema version) equals
+    ``version`` (else ``version``), and ``kind`` is ``kind`` (else ``schema``)."""
+    f = Fields(unpack_map(payload, limits, what=kind), kind, limits)
+    v = f.int("v", 0, 2**16)
+    if v != version:
+        raise ProtocolError("version", f"{kind} schema version {v}, this peer speaks {version}")
+    got = f.str("kind")
+    if got != kind:
+        raise ProtocolError("schema", f"expected kind {kind!r}, got {got!r}")
+    return f
