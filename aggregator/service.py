@@ -26,6 +26,7 @@ from aggregator.adaptive import AdaptiveLR
 from aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aggregator.config import AggregatorConfig
 from aggregator.evaluation import EvalSet
+from aggregator.intake import UpdateIntake
 from aggregator.journal import RoundJournal
 from aggregator.keyring import KeyRing
 from aggregator.metrics import MetricsLog
@@ -37,17 +38,13 @@ from aggregator.selection import select_clients
 from aggregator.sharded_round import ShardedRound
 from aggregator.strategies import make_strategy
 from aggregator.strategies.streaming import StreamingStrategy
-from aggregator.validation import validate_update
 from fedge.envelopes import (
     DeviceState,
     DeviceStatus,
     ModelArch,
-    ModelUpdate,
-    Receipt,
     RoundTask,
 )
 from fedge.errors import AggregationError, ConfigError, ProtocolError
-from fedge.faults import crash_point
 from fedge.identity import load_signing_key
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.mqtt import BrokerURL, publish_packet_size
@@ -106,11 +103,9 @@ class Aggregator:
             )
         self.adaptive = AdaptiveLR(config, self.strategy, has_eval=self.eval_set is not None)
         self.known: set[str] = set()
-        self._calib: Any = None
         self.is_async = config.mode == "async"
         # Async: every round still accepted, by id (the open one included).
         self.recent: dict[int, OpenRound] = {}
-        self._folded: list[tuple[str, int, str, int]] = []  # device, round, update id, staleness
         if self.is_async:
             from aggregator.fedbuff import StalenessWeight
 
@@ -152,6 +147,16 @@ class Aggregator:
             ],
             on_message=self._on_message,
             on_connected=self._on_connected,
+        )
+        self.intake = UpdateIntake(
+            session=self.session,
+            topics=self.topics,
+            journal=self.journal,
+            metrics=self.metrics,
+            strategy=self.strategy,
+            limits=limits,
+            max_num_samples=config.max_num_samples,
+            keyring=self.keyring,
         )
         self.sharded: ShardedRound | None = None
         if config.shard_workers:
@@ -325,18 +330,16 @@ class Aggregator:
     def _start_round(self, task: RoundTask) -> None:
         self.round = OpenRound(task, time.time())
         self.strategy.begin_round(spec_of(self.weights))
-        self._folded = []
         if self.is_async:
             self.recent[task.round] = self.round
             oldest = self.version - self.config.max_staleness
             for r in [r for r, o in self.recent.items() if o.task.base_version < oldest]:
                 del self.recent[r]
-        self._calib = None
         if task.hyper.calibrate:
             from aggregator.calibration import RangeMerger
             from models.int8 import calibration_tensor_names
 
-            self._calib = RangeMerger(calibration_tensor_names(self.publisher.onnx))
+            self.round.calib = RangeMerger(calibration_tensor_names(self.publisher.onnx))
         delay = max(0.0, task.deadline - time.time())
         self._deadline = self.mux.call_later(delay, self._on_deadline)
         if self.sharded is not None:
@@ -356,25 +359,13 @@ class Aggregator:
         self._start_round(task)
         replayed = self.journal.open(task.round)
         if self.is_async:
-            self._uncount(replayed)
+            self.intake.uncount(replayed, self.recent)
         for device, payload in replayed:
-            self._fold(device, self.topics.update(device), payload, journal=False)
+            self._fold(device, payload, journal=False)
         log.info("round %d resumed with %d journaled updates", task.round, len(replayed))
         target = self.config.async_buffer if self.is_async else self._target
         if self.strategy.count >= target:
             self._close_round()
-
-    def _uncount(self, journaled: list[tuple[str, bytes]]) -> None:
-        """Async: updates in the journal are in no version yet; the checkpoint may list them
-        as counted (it was written with them in the buffer): the replay folds them again."""
-        for device, payload in journaled:
-            try:
-                upd = ModelUpdate.from_bytes(payload, self.limits)
-            except ProtocolError:
-                continue
-            rnd = self.recent.get(upd.round)
-            if rnd is not None and rnd.counted.get(device) == upd.update_id:
-                del rnd.counted[device]
 
     def _extend_round(self) -> None:
         rnd = self.round
@@ -450,33 +441,24 @@ class Aggregator:
         self._checkpoint(counted=tuple(rnd.counted))
         self.journal.discard_through(rnd.round)
         metrics: dict[str, Any] = dict(self.publisher.render(self.version, self.weights))
-        if self._calib is not None:
-            merged = self._calib.merged() if self._calib.reports else None
-            metrics.update(self.publisher.render_int8(self.version, merged))
+        if rnd.calib is not None:
+            ranges = rnd.calib.merged() if rnd.calib.reports else None
+            metrics.update(self.publisher.render_int8(self.version, ranges))
         self._publish_model()
         round_metrics = getattr(self.strategy, "round_metrics", None)
         if round_metrics is not None:
             metrics.update(round_metrics())
         self.adaptive.step(metrics, rnd.task.hyper.lr)
-        if rnd.epochs_reported:
-            metrics["local_epochs_mean"] = rnd.epochs_sum / rnd.epochs_reported
-            metrics["early_stopped"] = rnd.early_stopped
         record = {
             "round": rnd.round,
             "version": self.version,
-            "devices": len(self._folded),
-            "staleness_max": max((s for *_, s in self._folded), default=0),
             # device -> update id: the audit trail the fault suite checks for loss/duplicates.
             "counted": dict(sorted(rnd.counted.items()))
             if not self.is_async
-            else {f"{d}@{r}": u for d, r, u, _ in self._folded},
-            "train_loss": rnd.train_loss_sum / max(rnd.samples, 1),
-            "samples": rnd.samples,
-            "uplink_bytes": rnd.uplink_bytes,
+            else {f"{d}@{r}": u for d, r, u, _ in rnd.folded},
+            **rnd.record(),
             "model_bytes": self.model_bytes,
-            "task_bytes": rnd.task_bytes,
             "seconds": time.time() - rnd.opened_at,
-            "rejected": dict(rnd.rejected),
             "ts": time.time(),
             **metrics,
         }
@@ -526,7 +508,7 @@ class Aggregator:
         rnd.train_loss_sum = m.loss_sum
         for reason, n in m.rejected.items():
             rnd.rejected[reason] = rnd.rejected.get(reason, 0) + n
-        self._folded = [(d, rnd.round, u, 0) for d, u in m.counted.items()]
+        rnd.folded = [(d, rnd.round, u, 0) for d, u in m.counted.items()]
         self.metrics.accepted += m.count
 
     # -- incoming -----------------------------------------------------------------------------
@@ -550,96 +532,30 @@ class Aggregator:
             else:
                 self.online.add(device)
 
-    def _reject(self, rnd: OpenRound | None, reason: str, detail: str) -> None:
-        self.metrics.reject(reason)
-        if rnd is not None:
-            rnd.rejected[reason] = rnd.rejected.get(reason, 0) + 1
-        log.warning("rejected update: %s: %s", reason, detail)
-
     def _on_update(self, device: str, topic: str, payload: bytes) -> None:
         if self.round is None:
-            self._reject(None, "no_round", f"{device}: no round is open")
+            self.intake.reject(None, "no_round", f"{device}: no round is open")
             return
         self.round.uplink_bytes += publish_packet_size(topic, len(payload))
         target = self.config.async_buffer if self.is_async else self._target
-        if self._fold(device, topic, payload, journal=True) and self.strategy.count >= target:
+        if self._fold(device, payload, journal=True) and self.strategy.count >= target:
             self._close_round()
         elif not self.is_async:
             self._maybe_close_early()
 
-    def _receipt(self, device: str, round_id: int, update_id: str) -> None:
-        """Tell the device its update is recorded: it may now drop it from its outbox."""
-        msg = Receipt(device, round_id, update_id).to_bytes()
-        self.session.publish(self.topics.receipt(device), msg, qos=1)
-
-    def _receipt_again(self, device: str, payload: bytes, rnd: OpenRound) -> None:
-        # A resend of the update we counted (its receipt was lost): confirm it again.
-        upd = ModelUpdate.from_bytes(payload, self.limits)
-        if rnd.counted.get(device) == upd.update_id:
-            self._receipt(device, upd.round, upd.update_id)
-
-    def _round_of(self, payload: bytes) -> OpenRound | None:
-        """Async: the (possibly stale) round an update answers, if still accepted."""
-        try:
-            upd = ModelUpdate.from_bytes(payload, self.limits)
-        except ProtocolError:
-            return self.round  # validation reports the reason
-        return self.recent.get(upd.round)
-
-    def _fold(self, device: str, topic: str, payload: bytes, *, journal: bool) -> bool:
-        rnd = self._round_of(payload) if self.is_async else self.round
-        if rnd is None:
-            self._reject(self.round, "too_stale", f"{device}: round no longer accepted")
-            return False
-        staleness = self.version - rnd.task.base_version
-        try:
-            acc = validate_update(
-                device,
-                payload,
-                rnd,
-                spec_of(self.weights),
-                self.limits,
-                self.config.max_num_samples,
-                self.keyring,
-            )
-        except ProtocolError as e:
-            self._reject(rnd, e.reason, e.detail)
-            if e.reason == "duplicate" and journal:
-                self._receipt_again(device, payload, rnd)
-            return False
-        if journal:
-            # Durable before counted and before acked; an OSError propagates, so the session
-            # leaves the message unacked and the broker redelivers it.
-            crash_point("before_journal")
-            self.journal.append(device, payload)
-            crash_point("after_journal")
-            self._receipt(device, acc.update.round, acc.update.update_id)
-        if acc.clamped:
-            self.metrics.event("clamped_samples")
-        try:
-            self.strategy.fold(acc.delta, acc.num_samples, staleness=staleness)
-        except AggregationError as e:
-            # Deterministic: a replay of the journal rejects it the same way.
-            self._reject(rnd, "aggregation", f"{device}: {e}")
-            return False
-        rnd.counted[device] = acc.update.update_id
-        self._folded.append((device, rnd.round, acc.update.update_id, staleness))
-        if self._calib is not None and acc.update.calib:
-            try:
-                self._calib.add(acc.update.calib)
-            except ProtocolError as e:
-                # The weights still count; only the ranges are refused.
-                self._reject(rnd, e.reason, f"{device}: calibration ranges: {e.detail}")
-        cur = self.round or rnd
-        cur.samples += acc.num_samples
-        cur.train_loss_sum += acc.update.metrics.get("loss", 0.0) * acc.num_samples
-        epochs = acc.update.metrics.get("epochs")
-        if epochs is not None:
-            cur.epochs_sum += epochs
-            cur.epochs_reported += 1
-            cur.early_stopped += epochs < rnd.task.hyper.epochs
-        self.metrics.accepted += 1
-        return True
+    def _fold(self, device: str, payload: bytes, *, journal: bool) -> bool:
+        rnd = self.round
+        assert rnd is not None
+        answered = self.intake.answered_round(payload, self.recent, rnd) if self.is_async else rnd
+        return self.intake.fold(
+            device,
+            payload,
+            answered=answered,
+            building=rnd,
+            version=self.version,
+            spec=spec_of(self.weights),
+            journal=journal,
+        )
 
 
 def _plain(v: Any) -> Any:

@@ -189,7 +189,7 @@ class LocalFleet:
         self.agents: dict[int, EdgeAgent] = {}
         self.raw: list[Device] = []
         self._log = _Lines()
-        logging.getLogger("aggregator.service").addHandler(self._log)
+        logging.getLogger("aggregator").addHandler(self._log)
 
     def note(self, kind: str, what: str) -> None:
         self.events.append(Event(time.time(), kind, what))
@@ -300,4 +300,4 @@ class LocalFleet:
         time.sleep(0.2)
         self.dev_mux.stop()
         self.executor.shutdown(cancel_futures=True)
-        logging.getLogger("aggregator.service").removeHandler(self._log)
+        logging.getLogger("aggregator").removeHandler(self._log)
