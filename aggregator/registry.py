@@ -1,14 +1,18 @@
-"""Published model versions on disk: ``vNNNNNN.onnx`` beside ``vNNNNNN.json`` metadata."""
+"""Published model versions on disk: ``vNNNNNN.onnx`` beside ``vNNNNNN.json`` metadata (and
+``vNNNNNN.int8.onnx``, the int8 twin, when one is built)."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from fedge.fsutil import atomic_write
 
 __all__ = ["ModelRegistry"]
+
+_VERSION_FILE = re.compile(r"v(\d{6,})\.onnx")
 
 
 class ModelRegistry:
@@ -27,7 +31,22 @@ class ModelRegistry:
         return p
 
     def versions(self) -> list[int]:
-        return sorted(int(p.stem[1:]) for p in self.dir.glob("v*.onnx"))
+        """Versions saved, oldest first (int8 twins and other files are not versions)."""
+        found = (_VERSION_FILE.fullmatch(p.name) for p in self.dir.glob("v*.onnx"))
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def prune(self, keep: int) -> list[int]:
+        """Delete all but the newest ``keep`` versions (model, metadata, int8 twin); return
+        the versions deleted. The newest is never deleted: ``keep`` must be >= 1."""
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        gone = self.versions()[:-keep]
+        for v in gone:
+            p = self.path(v)
+            # The .onnx first: a crash midway leaves metadata without a listed version.
+            for f in (p, p.with_suffix(".int8.onnx"), p.with_suffix(".json")):
+                f.unlink(missing_ok=True)
+        return gone
 
     def meta(self, version: int) -> dict[str, Any]:
         return json.loads(self.path(version).with_suffix(".json").read_text())

@@ -445,6 +445,8 @@ class Aggregator:
             ranges = rnd.calib.merged() if rnd.calib.reports else None
             metrics.update(self.publisher.render_int8(self.version, ranges))
         self._publish_model()
+        if self.config.keep_versions:
+            self.registry.prune(self.config.keep_versions)
         round_metrics = getattr(self.strategy, "round_metrics", None)
         if round_metrics is not None:
             metrics.update(round_metrics())

@@ -79,6 +79,20 @@ def test_late_device_gets_retained_model_and_joins_next_round(
     assert any(r["devices"] == 3 for r in fleet.records[1:])
 
 
+def test_the_registry_keeps_only_the_newest_versions_when_asked(
+    fleet_factory: Any, digits3: FederatedData
+) -> None:
+    fleet = fleet_factory(
+        digits3, rounds=4, target_devices=3, min_devices=3, round_timeout=30, keep_versions=2
+    )
+    fleet.start_aggregator()
+    for i in range(3):
+        fleet.add_agent(i)
+    wait_until(lambda: fleet.aggregator.done.is_set(), 60, "four versions")
+    assert fleet.aggregator.registry.versions() == [3, 4]
+    assert fleet.aggregator.latest_model_path.exists()
+
+
 def _zero_update(agg: Aggregator, device: str, task: Any, **over: Any) -> bytes:
     return update_for(agg.weights, device, task, **over)
 

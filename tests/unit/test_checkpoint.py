@@ -293,3 +293,22 @@ def test_a_checkpoint_written_before_recent_counted_existed_still_loads(tmp_path
     got = load_checkpoint(tmp_path / "c")
     assert got is not None
     assert got.recent_counted == {}
+
+
+def test_registry_int8_twins_are_not_versions_and_go_with_theirs_when_pruned(
+    tmp_path: Path,
+) -> None:
+    reg = ModelRegistry(tmp_path)
+    for v in (1, 2, 3, 4):
+        reg.save(v, b"m", {"v": v})
+        reg.path(v).with_suffix(".int8.onnx").write_bytes(b"q")
+    assert reg.versions() == [1, 2, 3, 4]
+
+    assert reg.prune(2) == [1, 2]
+    assert reg.versions() == [3, 4]
+    assert dir_listing(tmp_path) == sorted(
+        f"v{v:06d}.{ext}" for v in (3, 4) for ext in ("onnx", "json", "int8.onnx")
+    )
+    assert reg.prune(5) == []
+    with pytest.raises(ValueError, match="keep"):
+        reg.prune(0)
