@@ -22,10 +22,15 @@ from fedge.limits import MAX_PACKET_SIZE
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+SHARDED_FILE = ROOT / "docker-compose.sharded.yml"
 DOCKER_CONF = ROOT / "broker_config" / "docker" / "mosquitto.conf"
 LOCAL_CONF = ROOT / "broker_config" / "local.conf.template"
 DOCKERFILES = [ROOT / "docker" / "aggregator.Dockerfile", ROOT / "docker" / "agent.Dockerfile"]
-AGGREGATOR_CONFIGS = [ROOT / "examples" / "aggregator.yaml", ROOT / "docker/config/aggregator.yaml"]
+AGGREGATOR_CONFIGS = [
+    ROOT / "examples" / "aggregator.yaml",
+    ROOT / "docker/config/aggregator.yaml",
+    ROOT / "docker/config/aggregator.sharded.yaml",
+]
 AGENT_CONFIGS = [ROOT / "examples" / "agent.yaml", ROOT / "docker/config/agent.yaml"]
 
 
@@ -50,7 +55,10 @@ def _directive_values(conf: Path, name: str) -> list[str]:
 # --- docker-compose itself ---------------------------------------------------------------
 
 
-def test_docker_compose_validates_the_file() -> None:
+@pytest.mark.parametrize(
+    "files", [[COMPOSE_FILE], [COMPOSE_FILE, SHARDED_FILE]], ids=["plain", "sharded"]
+)
+def test_docker_compose_validates_the_file(files: list[Path]) -> None:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip(
@@ -58,7 +66,7 @@ def test_docker_compose_validates_the_file() -> None:
             "docker-compose); validated by parsing only"
         )
     result = subprocess.run(
-        [exe, "-f", str(COMPOSE_FILE), "config", "-q"],
+        [exe, *(a for f in files for a in ("-f", str(f))), "config", "-q"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -178,3 +186,37 @@ def test_docker_broker_conf_settings() -> None:
     assert re.search(
         r"^listener[ \t]+1883([ \t]+0\.0\.0\.0)?[ \t]*$", DOCKER_CONF.read_text(), re.M
     )
+
+
+# --- docker-compose.sharded.yml ------------------------------------------------------------
+
+
+def test_the_sharded_override_fits_its_aggregator_config_and_acl() -> None:
+    over = yaml.safe_load(SHARDED_FILE.read_text())["services"]
+    workers = {k: v for k, v in over.items() if k.startswith("shard-worker-")}
+    agg = load_aggregator_config(ROOT / "docker/config/aggregator.sharded.yaml")
+    base = load_aggregator_config(ROOT / "docker/config/aggregator.yaml")
+    names = []
+    for name, svc in workers.items():
+        cmd = svc["command"]
+        arg = dict(zip(cmd[1::2], cmd[2::2], strict=False))
+        assert cmd[0] == "shard-worker"
+        assert arg["--broker"] == agg.broker
+        assert arg["--fleet"] == agg.fleet
+        assert arg["--state-dir"].startswith("/var/lib/fedge/"), name
+        assert any(str(v).endswith(":/var/lib/fedge") for v in svc["volumes"]), name
+        names.append(arg["--worker"])
+    assert sorted(names) == sorted(agg.shard_workers)
+    # The reducer config differs from the plain one only in the sharding keys.
+    assert agg.model_dump(exclude={"shard_workers", "shard_poll"}) == base.model_dump(
+        exclude={"shard_workers", "shard_poll"}
+    )
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in over["mosquitto"]["volumes"]}
+    acl = ROOT / mounts["/mosquitto/config/acl"]
+    for w in names:
+        assert f"user {w}\n" in acl.read_text(), f"{acl.name} has no section for {w}"
+    for svc in over.values():
+        for volume in svc.get("volumes", []):
+            source = str(volume).split(":", 1)[0]
+            if source.startswith("./"):
+                assert (ROOT / source).is_file(), source
