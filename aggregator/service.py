@@ -159,6 +159,7 @@ class Aggregator:
             keyring=self.keyring,
         )
         self.sharded: ShardedRound | None = None
+        self.workers_seen: set[str] = set()  # shard workers that announced themselves
         if config.shard_workers:
             self.sharded = ShardedRound(
                 self.topics,
@@ -252,7 +253,7 @@ class Aggregator:
         if self.done.is_set():
             return
         if self.round is None:
-            self._open_round()
+            self._open_first_round()
             return
         if time.time() >= self.round.task.deadline:
             # The deadline passed while we could not reach the broker: devices may not have
@@ -260,6 +261,15 @@ class Aggregator:
             self._extend_round()
         else:
             self.session.publish(self.topics.task, self.round.task.to_bytes(), retain=True)
+
+    def _open_first_round(self) -> None:
+        """Open a round unless a shard worker has never announced itself: an update
+        published before any worker subscribed would have no subscriber and be dropped."""
+        missing = sorted(set(self.config.shard_workers) - self.workers_seen)
+        if missing:
+            log.info("waiting for shard workers %s before the first round", ", ".join(missing))
+            return
+        self._open_round()
 
     def _open_round(self) -> None:
         now = time.time()
@@ -500,6 +510,16 @@ class Aggregator:
                 rnd, f"quorum not met: {m.count} of {c.min_devices} by deadline (sharded)"
             )
 
+    def _on_worker_status(self, worker: str, st: DeviceStatus) -> None:
+        # A retained status, online or offline, means the worker's session (and with it its
+        # shared subscription) exists: the broker keeps its share of updates meanwhile.
+        if st.state == DeviceState.OFFLINE:
+            log.warning("shard worker %s is offline; its share waits for it", worker)
+        first = worker not in self.workers_seen
+        self.workers_seen.add(worker)
+        if first and self.round is None and self.session.connected and not self.done.is_set():
+            self._open_first_round()
+
     def _take_merged(self, rnd: OpenRound, m: Merged) -> None:
         """Load the merged sums into the strategy and the round's bookkeeping."""
         assert isinstance(self.strategy, StreamingStrategy)
@@ -526,6 +546,9 @@ class Aggregator:
             try:
                 st = DeviceStatus.from_bytes(payload, self.limits)
             except ProtocolError:
+                return
+            if device in self.config.shard_workers:
+                self._on_worker_status(device, st)
                 return
             self.known.add(device)
             if st.state == DeviceState.OFFLINE:

@@ -136,11 +136,21 @@ class ReducerSession:
                 )
 
 
+def _password(args: argparse.Namespace) -> str | None:
+    if args.password_file is None:
+        return args.password
+    try:
+        return args.password_file.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"cannot read --password-file {args.password_file}: {e}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
+    p.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
     p.add_argument("--fleet", required=True, help="topic prefix is fedge/<fleet>")
     p.add_argument("--worker", required=True, help="broker username = client id, e.g. aggregator-0")
-    p.add_argument("--password", default=None)
+    p.add_argument("--password", default=None, help="visible to `ps`: prefer --password-file")
+    p.add_argument("--password-file", type=Path, default=None, help="file holding the password")
     p.add_argument("--state-dir", type=Path, required=True, help="the worker's round journal")
     p.add_argument("--group", default="aggregators", help="shared subscription group")
     p.add_argument("--max-num-samples", type=int, default=100_000)
@@ -152,6 +162,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="key registry (`fedge ca init`): set = every update must be signed, as the "
         "aggregator's device_keys",
     )
+    p.add_argument("--ca-cert", default=None, help="mqtts://: the fleet CA (CA/ca.crt)")
+    p.add_argument("--client-cert", default=None, help="mutual TLS: this worker's certificate")
+    p.add_argument("--client-key", default=None, help="mutual TLS: its key")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -165,9 +178,12 @@ def run(args: argparse.Namespace) -> None:
         worker=args.worker,
         state_dir=args.state_dir,
         group=args.group,
-        password=args.password,
+        password=_password(args),
         max_num_samples=args.max_num_samples,
         clip_norm=args.clip_norm,
+        ca_cert=args.ca_cert,
+        client_cert=args.client_cert,
+        client_key=args.client_key,
     )
     mux = Mux(cfg.worker).start()
     keyring = None

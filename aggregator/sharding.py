@@ -28,7 +28,15 @@ from aggregator.keyring import KeyRing
 from aggregator.rounds import OpenRound
 from aggregator.validation import validate_update
 from fedge.chunks import Assembler
-from fedge.envelopes import GlobalModel, ModelChunk, ModelUpdate, Receipt, RoundTask
+from fedge.envelopes import (
+    DeviceState,
+    DeviceStatus,
+    GlobalModel,
+    ModelChunk,
+    ModelUpdate,
+    Receipt,
+    RoundTask,
+)
 from fedge.errors import AggregationError, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.mqtt import BrokerURL, publish_packet_size
@@ -55,6 +63,9 @@ class WorkerConfig:
     clip_norm: float = 0.0  # norm bounding per update, as the strategies' clip_norm
     session_expiry: int = 24 * 3600
     max_pending: int = 10_000  # updates held while the worker has no open round
+    ca_cert: str | None = None  # mqtts://: the CA to trust; mutual TLS: cert and key
+    client_cert: str | None = None
+    client_key: str | None = None
 
     def __post_init__(self) -> None:
         validate_device_id(self.worker)
@@ -91,6 +102,7 @@ class ShardWorker:
         self._pending: list[tuple[str, bytes]] = []
         self._deadline: Timer | None = None
         self._assembler = Assembler(limits.max_model_bytes)
+        offline = DeviceStatus(self.name, DeviceState.OFFLINE, ts=0.0).to_bytes()
         self.session = Session(
             mux,
             BrokerURL.parse(config.broker),
@@ -101,6 +113,10 @@ class ShardWorker:
                 config.password,
                 session_expiry=config.session_expiry,
                 manual_ack=True,
+                ca_cert=config.ca_cert,
+                client_cert=config.client_cert,
+                client_key=config.client_key,
+                will=(self.topics.status(self.name), offline),
             ),
             # One SUBSCRIBE: the retained model and task arrive after its SUBACK, so a
             # worker that holds both has its share of updates flowing too.
@@ -112,6 +128,7 @@ class ShardWorker:
                 self.shard_topics.shared_updates(config.group),
             ],
             on_message=self._on_message,
+            on_connected=self._on_connected,
         )
 
     def start(self) -> None:
@@ -125,6 +142,14 @@ class ShardWorker:
             self._deadline.cancel()
         self.journal.close()
         self.session.close()
+
+    def _on_connected(self) -> None:
+        # Announce the worker on its status topic (retained; the will says offline). The
+        # broker handles this connection's SUBSCRIBE before this PUBLISH, so once the
+        # reducer sees it the shared subscription exists and the broker keeps this worker's
+        # share of updates, connected or not (persistent session).
+        status = DeviceStatus(self.name, DeviceState.ONLINE, ts=time.time()).to_bytes()
+        self.session.publish(self.topics.status(self.name), status, qos=1, retain=True)
 
     # -- incoming ---------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:

@@ -158,3 +158,59 @@ def test_a_strategy_that_needs_every_update_is_refused_when_sharded(
     data = make_federated("digits", 3, "iid", 0, 0.2)
     with pytest.raises(ConfigError, match="cannot run sharded"):
         Fleet(sharded_broker, tmp_path, data, strategy="median", shard_workers=WORKERS)
+
+
+def test_shard_worker_processes_from_the_cli_serve_the_reducer_service(
+    sharded_broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """`fedge shard-worker` as OS processes (password from a file), the service as their
+    reducer: a round of four updates closes with all four counted, and SIGTERM stops each
+    worker cleanly."""
+    import signal
+    import subprocess
+    import sys
+
+    data = make_federated("digits", 4, "iid", 0, 0.2)
+    fleet = Fleet(
+        sharded_broker,
+        tmp_path,
+        data,
+        shard_workers=WORKERS,
+        shard_poll=0.2,
+        target_devices=4,
+        min_devices=4,
+        round_timeout=WAIT,
+        rounds=1,
+    )
+    fleet.start_aggregator()
+    (tmp_path / "pw").write_text("not-checked-by-the-local-broker\n")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fedge_cli.main", "shard-worker", "--broker", str(fleet.url),
+             "--fleet", fleet.topics.fleet, "--worker", name, "--state-dir",
+             str(tmp_path / name), "--password-file", str(tmp_path / "pw")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for name in WORKERS
+    ]  # fmt: skip
+    devices = [fleet.raw_device(f"dev-{i}") for i in range(4)]
+    try:
+        base = dict(fleet.aggregator.weights)
+        for d in devices:
+            d.send(update_for(base, d.device_id, d.wait_task(1)))
+        wait_until(lambda: fleet.aggregator.done.is_set(), WAIT, "the round through processes")
+        assert sorted(fleet.records[-1]["counted"]) == [d.device_id for d in devices]
+        for d in devices:
+            wait_until(lambda d=d: len(d.receipts) == 1, WAIT, "a receipt from a worker process")
+    finally:
+        for d in devices:
+            d.close()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=WAIT)[0] for p in procs]
+        fleet.close()
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert all("fedge shard-worker aggregator-" in o for o in outs), outs
