@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 __all__ = ["add_arguments", "main", "run"]
 
@@ -41,13 +42,13 @@ def run(args: argparse.Namespace) -> None:
         print(f"done: version {agg.version} at {agg.latest_model_path}")
 
 
-def _line(r: dict[str, object]) -> str:
+def _line(r: dict[str, Any]) -> str:
     acc = r.get("accuracy")
     acc_s = f" acc {acc:.4f}" if isinstance(acc, float) else ""
     return (
         f"round {r['round']} -> v{r['version']}: {r['devices']} devices,{acc_s} "
         f"up {r['uplink_bytes']} B, {float(r['seconds']):.1f} s"
-    )  # type: ignore[arg-type]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -304,6 +304,7 @@ class Aggregator:
         # id is never reused.
         self._checkpoint(counted=())
         self.journal.open(task.round)
+        assert self.round is not None
         self.round.task_bytes = self.session.publish(self.topics.task, task.to_bytes(), retain=True)
         log.info("round %d open (base v%d)", task.round, task.base_version)
 

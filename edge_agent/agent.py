@@ -304,7 +304,9 @@ class EdgeAgent:
     ) -> Any:
         train = self._train_fn
         if train is None:
-            from edge_agent.trainer import train_local as train
+            from edge_agent.trainer import train_local
+
+            train = train_local
         if t.hyper.qat:
             return train(arch, weights, self.data.x, self.data.y, t.hyper, seed, qat=True)
         return train(arch, weights, self.data.x, self.data.y, t.hyper, seed)

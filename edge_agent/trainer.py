@@ -13,7 +13,7 @@ set too small to hold out one example (or to keep one for training) trains witho
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,7 +145,9 @@ class _SGD:
     ``torch.optim`` step imports torch's compiler stack (about +70 MB RSS measured), which a
     device that trains a small model for a few steps does not need."""
 
-    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float, wd: float) -> None:
+    def __init__(
+        self, params: Sequence[torch.Tensor], lr: float, momentum: float, wd: float
+    ) -> None:
         self.params, self.lr, self.momentum, self.wd = params, lr, momentum, wd
         self.bufs: list[torch.Tensor | None] = [None] * len(params)
 

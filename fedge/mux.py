@@ -160,11 +160,11 @@ class Mux:
         link.backoff = min(link.backoff * 2, _BACKOFF_MAX)
         link.retry = self.call_later(delay, lambda: self._try_connect(link))
 
-    def _on_open(self, link: Link, sock: socket.socket) -> None:
+    def _on_open(self, link: Link, sock: Any) -> None:
         link.sock = sock
         self._sel.register(sock, selectors.EVENT_READ, link)
 
-    def _on_close(self, link: Link, sock: socket.socket) -> None:
+    def _on_close(self, link: Link, sock: Any) -> None:
         self._unregister(sock)
         link.sock = None
         self._schedule_reconnect(link)
@@ -173,7 +173,7 @@ class Mux:
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._sel.unregister(sock)
 
-    def _want_write(self, link: Link, sock: socket.socket, on: bool) -> None:
+    def _want_write(self, link: Link, sock: Any, on: bool) -> None:
         events = selectors.EVENT_READ | (selectors.EVENT_WRITE if on else 0)
         with contextlib.suppress(KeyError, ValueError, OSError):
             self._sel.modify(sock, events, link)

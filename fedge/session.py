@@ -170,7 +170,7 @@ class Session:
 
     def _handle_message(self, client: Client, _u: Any, msg: MQTTMessage) -> None:
         try:
-            self._on_message(msg.topic, msg.payload)
+            self._on_message(msg.topic, bytes(msg.payload))
         except Exception:
             log.exception(
                 "%s: handler failed on %s; left unacked", self.options.client_id, msg.topic

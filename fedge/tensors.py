@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 import numpy as np
@@ -70,7 +70,7 @@ def unpack_records(blob: bytes, spec: TensorSpec, limits: Limits) -> list[list[A
     names = [r[0] if isinstance(r, list) and r else None for r in obj]
     if not all(isinstance(n, str) for n in names):
         raise ProtocolError("schema", "every tensor record must start with a string name")
-    if sorted(names) != sorted(spec) or len(set(names)) != len(names):
+    if sorted(cast(list[str], names)) != sorted(spec) or len(set(names)) != len(names):
         raise ProtocolError(
             "bad_tensor", f"delta tensors {names} do not match the model's {list(spec)}"
         )

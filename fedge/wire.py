@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 import msgpack
 
@@ -58,6 +58,13 @@ def unpack_map(payload: bytes, limits: Limits, *, what: str = "message") -> dict
     if not isinstance(obj, dict):
         raise ProtocolError("schema", f"{what} must be a msgpack map, got {type(obj).__name__}")
     return obj
+
+
+# Fields has methods named str, int, float, bool: annotations inside the class use these.
+_Str: TypeAlias = str
+_Int: TypeAlias = int
+_Float: TypeAlias = float
+_Bool: TypeAlias = bool
 
 
 class Fields:
@@ -118,7 +125,7 @@ class Fields:
             self._bad(key, f"= {v!r} is not one of {', '.join(choices)}")
         return v
 
-    def bytes(self, key: str, *, max_len: int | None = None, optional: bool = False) -> Any:
+    def bytes(self, key: _Str, *, max_len: _Int | None = None, optional: _Bool = False) -> Any:
         v = self._get(key, optional)
         if v is None and optional:
             return None
@@ -128,7 +135,7 @@ class Fields:
             self._bad(key, f"is {len(v)} bytes, limit {max_len}")
         return v
 
-    def str_list(self, key: str, *, optional: bool = False) -> Any:
+    def str_list(self, key: _Str, *, optional: _Bool = False) -> Any:
         v = self._get(key, optional)
         if v is None and optional:
             return None
@@ -138,14 +145,14 @@ class Fields:
             self._bad(key, f"has an item longer than {self._limits.max_str_len} characters")
         return v
 
-    def number_map(self, key: str, *, optional: bool = True) -> dict[str, float]:
+    def number_map(self, key: _Str, *, optional: _Bool = True) -> dict[_Str, _Float]:
         """A flat map of short string keys to finite numbers (metrics)."""
         v = self._get(key, optional)
         if v is None:
             return {}
         if not isinstance(v, dict) or len(v) > self._limits.max_map_len:
             self._bad(key, f"must be a map of at most {self._limits.max_map_len} numbers")
-        out: dict[str, float] = {}
+        out: dict[_Str, _Float] = {}
         for k, x in v.items():
             ok_k = isinstance(k, str) and len(k) <= 64
             ok_x = isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
@@ -154,7 +161,7 @@ class Fields:
             out[k] = float(x)
         return out
 
-    def bool(self, key: str, *, optional: bool = False) -> Any:
+    def bool(self, key: _Str, *, optional: _Bool = False) -> Any:
         v = self._get(key, optional)
         if v is None and optional:
             return None
@@ -162,14 +169,14 @@ class Fields:
             self._bad(key, f"must be a boolean, got {type(v).__name__}")
         return v
 
-    def range_map(self, key: str) -> dict[str, tuple[float, float]]:
+    def range_map(self, key: _Str) -> dict[_Str, tuple[_Float, _Float]]:
         """Optional map of tensor name -> [min, max] (finite, min <= max)."""
         v = self._get(key, True)
         if v is None:
             return {}
         if not isinstance(v, dict) or len(v) > self._limits.max_tensors:
             self._bad(key, f"must be a map of at most {self._limits.max_tensors} ranges")
-        out: dict[str, tuple[float, float]] = {}
+        out: dict[_Str, tuple[_Float, _Float]] = {}
         for k, r in v.items():
             ok = (
                 isinstance(k, str)
@@ -185,7 +192,7 @@ class Fields:
             out[k] = (float(r[0]), float(r[1]))
         return out
 
-    def map(self, key: str, *, optional: bool = False) -> Any:
+    def map(self, key: _Str, *, optional: _Bool = False) -> Any:
         v = self._get(key, optional)
         if v is None and optional:
             return None
