@@ -32,6 +32,7 @@ test: venv mosquitto
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
