@@ -19,8 +19,8 @@ class MetricsLog:
         self.events: Counter[str] = Counter()
         self.accepted = 0
 
-    def reject(self, reason: str) -> None:
-        self.rejected[reason] += 1
+    def reject(self, reason: str, count: int = 1) -> None:
+        self.rejected[reason] += count
 
     def event(self, name: str) -> None:
         self.events[name] += 1

@@ -10,7 +10,12 @@ worker in name order; the others are asked for their partial again without that 
 ``merge_partials`` and ``Merged`` are plain numpy. ``Reducer`` is the round bookkeeping over
 any MQTT session (the aggregator service's own, in production): it publishes requests through
 a ``publish(topic, payload)`` callable and is fed the ``{p}/partial/+`` messages by
-``handle``. It runs on the mux thread.
+``handle``. It keeps each worker's newest partial of the round, so a worker slower than the
+polling still contributes (an answer to an older request is still news), and merges whenever
+every worker has one. A ``final`` request seals the round: only answers to it (or later)
+count from then on, and their merge is ``Merged.final``: the sums to close the round on.
+Partials made under another ``ShardPolicy`` than the reducer's are refused, with the
+difference in the log. It runs on the mux thread.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 
 from fedge.errors import AggregationError, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
-from fedge.partials import PartialRequest, PartialSum, ShardTopics
+from fedge.partials import PartialRequest, PartialSum, ShardPolicy, ShardTopics
 from fedge.tensors import TensorSpec
 from fedge.topics import validate_device_id
 
@@ -49,6 +54,7 @@ class Merged:
     uplink_bytes: int = 0
     loss_sum: float = 0.0
     rejected: dict[str, int] = field(default_factory=dict)
+    final: bool = False  # every partial answered the sealing request
 
     @property
     def count(self) -> int:
@@ -123,7 +129,7 @@ Publish = Callable[[str, bytes], Any]
 
 
 class Reducer:
-    """Collects one partial per worker for the open round, resolves overlaps, merges."""
+    """Collects each worker's newest partial for the open round, resolves overlaps, merges."""
 
     def __init__(
         self,
@@ -132,6 +138,7 @@ class Reducer:
         publish: Publish,
         *,
         limits: Limits = DEFAULT_LIMITS,
+        policy: ShardPolicy | None = None,
     ) -> None:
         if not workers or len(set(workers)) != len(workers):
             raise ValueError(f"workers must be distinct names, got {list(workers)}")
@@ -139,14 +146,18 @@ class Reducer:
         self.workers = tuple(validate_device_id(w) for w in workers)
         self._publish = publish
         self.limits = limits
+        self.policy = policy  # None: take partials made under any policy
         # Request ids grow across rounds and restarts: a late answer is never taken as new.
         self._ids = itertools.count(int(time.time() * 1000))
         self.round = 0
         self.base_version = 0
         self.spec: TensorSpec = {}
         self.overlaps_resolved = 0
-        self._want: dict[str, int] = {}
-        self._got: dict[str, PartialSum] = {}
+        self.refused: dict[str, str] = {}  # worker -> why its last partial was refused
+        self._floor: dict[str, int] = {}  # lowest request id an answer may echo
+        self._asked: dict[str, int] = {}  # newest request id sent to each worker
+        self._got: dict[str, PartialSum] = {}  # each worker's newest usable partial
+        self._final: int | None = None  # id of the sealing request, once sent
         self._on_merged: Callable[[Merged], Any] | None = None
 
     def begin(
@@ -156,32 +167,50 @@ class Reducer:
         spec: TensorSpec,
         on_merged: Callable[[Merged], Any],
     ) -> None:
-        """A new round: forget partials; until ``request``, deadline partials count."""
+        """A new round: forget partials; the partials workers send at the deadline count."""
         self.round, self.base_version, self.spec = round_id, base_version, dict(spec)
-        self._want = dict.fromkeys(self.workers, 0)
+        self._floor = dict.fromkeys(self.workers, 0)
+        self._asked = dict.fromkeys(self.workers, 0)
         self._got = {}
+        self._final = None
+        self.refused = {}
         self._on_merged = on_merged
 
-    def request(self) -> None:
-        """Ask every worker for its partial now; ``on_merged`` follows once all answered."""
-        self._send(PartialRequest(self.round, next(self._ids)), self.workers)
+    @property
+    def sealing(self) -> bool:
+        return self._final is not None
+
+    def request(self, *, final: bool = False) -> None:
+        """Ask every worker for its partial now; ``on_merged`` follows each complete set.
+        ``final`` seals the round: from now on only answers to this request (or later) count."""
+        req = PartialRequest(self.round, next(self._ids), final=final or self.sealing)
+        if final and not self.sealing:
+            self._final = req.request
+            self._floor = dict.fromkeys(self.workers, req.request)
+            self._got = {}
+        self._send(req, self.workers)
+
+    def outstanding(self) -> list[str]:
+        """Workers that have not answered the newest request sent to them."""
+        return [
+            w for w in self.workers if w not in self._got or self._got[w].request < self._asked[w]
+        ]
+
+    def missing(self) -> list[str]:
+        """Workers without a usable partial for this round yet."""
+        return [w for w in self.workers if w not in self._got]
 
     def _send(self, req: PartialRequest, workers: Sequence[str]) -> None:
         for w in workers:
-            self._want[w] = req.request
-            self._got.pop(w, None)
+            self._asked[w] = req.request
         self._publish(self.topics.request, req.to_bytes())
-
-    def missing(self) -> list[str]:
-        """Workers whose partial for the latest request has not come yet."""
-        return [w for w in self.workers if w not in self._got]
 
     def handle(self, topic: str, payload: bytes) -> bool:
         """Take a message from ``{p}/partial/+``; False if the topic is not a partial."""
         worker = self.topics.worker_of(topic)
         if worker is None:
             return False
-        if worker not in self._want:
+        if worker not in self._floor:
             log.warning("partial from unknown worker %s ignored", worker)
             return True
         try:
@@ -192,9 +221,16 @@ class Reducer:
         if p.worker != worker or (p.round, p.base_version) != (self.round, self.base_version):
             log.info("partial of %s (round %d) is not for round %d", p.worker, p.round, self.round)
             return True
-        if p.request < self._want[worker]:
-            return True  # answers an older request
-        self._got[worker] = p
+        if p.request < self._floor[worker]:
+            return True  # made before a drop or the seal: superseded
+        if self.policy is not None and p.policy != self.policy:
+            why = f"worker policy {p.policy} != aggregator's {self.policy}"
+            if self.refused.get(worker) != why:
+                log.error("partial of %s refused: %s (start it with matching flags)", worker, why)
+            self.refused[worker] = why
+            return True
+        self.refused.pop(worker, None)
+        self._got[worker] = p  # one worker's partials arrive in order: the newest wins
         if len(self._got) == len(self.workers):
             self._complete()
         return True
@@ -210,7 +246,14 @@ class Reducer:
             log.warning("round %d: devices counted twice %s: re-asking", self.round, dup)
             self.overlaps_resolved += len(dup)
             for w, devices in sorted(drops.items()):
-                self._send(PartialRequest(self.round, next(self._ids), (w,), tuple(devices)), [w])
+                req = PartialRequest(
+                    self.round, next(self._ids), (w,), tuple(devices), final=self.sealing
+                )
+                self._floor[w] = req.request
+                self._got.pop(w, None)
+                self._send(req, [w])
             return
         if self._on_merged is not None:
-            self._on_merged(merge_partials(partials))
+            merged = merge_partials(partials)
+            merged.final = self.sealing
+            self._on_merged(merged)

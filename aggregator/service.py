@@ -49,7 +49,7 @@ from fedge.identity import load_signing_key
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.mqtt import BrokerURL, publish_packet_size
 from fedge.mux import Mux, Timer
-from fedge.partials import ShardTopics
+from fedge.partials import ShardPolicy, ShardTopics
 from fedge.session import Session, SessionOptions
 from fedge.tensors import spec_of
 from fedge.topics import Topics
@@ -169,6 +169,12 @@ class Aggregator:
                 poll=config.shard_poll,
                 limits=limits,
                 on_merged=self._on_merged,
+                # The workers must enforce what this service would: refused otherwise.
+                policy=ShardPolicy(
+                    signed=self.keyring is not None,
+                    clip_norm=float(self.strategy.options.clip_norm),
+                    max_num_samples=config.max_num_samples,
+                ),
             )
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -192,12 +198,15 @@ class Aggregator:
         self.publisher.render(self.version, self.weights)
         if self.config.rounds and self.version >= self.config.rounds:
             self.done.set()
-        elif ckpt is not None and ckpt.open_task is not None:
+        elif ckpt is not None:
+            # Async: the window of still-accepted rounds survives a crash at any point,
+            # also between a version's checkpoint and the next round's.
             for raw in ckpt.recent_tasks:
                 t = RoundTask.from_bytes(raw)
                 counted = dict(ckpt.recent_counted.get(t.round, {}))
                 self.recent[t.round] = OpenRound(t, time.time(), counted=counted)
-            self.mux.call_soon(self._resume_round, RoundTask.from_bytes(ckpt.open_task))
+            if ckpt.open_task is not None:
+                self.mux.call_soon(self._resume_round, RoundTask.from_bytes(ckpt.open_task))
         self.session.start()
 
     def stop(self) -> None:
@@ -496,16 +505,24 @@ class Aggregator:
 
     # -- sharded: the merge of the workers' partial sums ---------------------------------------
     def _on_merged(self, m: Merged) -> None:
-        """Close on a merge that meets the target (or, past the deadline, the quorum)."""
+        """Seal on a merge that meets the target (or, past the deadline, the quorum); close
+        on the sealed (final) merge."""
         rnd = self.round
+        assert self.sharded is not None
         if rnd is None or m.round != rnd.round:
             return
         c = self.config
+        if m.final:
+            if m.count >= c.min_devices:
+                self._close_round(merged=m)
+            else:  # devices counted twice were counted once: the quorum may go
+                self._fail_round(rnd, f"quorum not met: {m.count} of {c.min_devices} (sharded)")
+            return
         waiting = {d for d in self.online if rnd.task.asks(d)} - set(m.counted)
         everyone = len(self.known) >= self._target and not waiting
         past_deadline = time.time() >= rnd.task.deadline
         if m.count >= self._target or (m.count >= c.min_devices and (everyone or past_deadline)):
-            self._close_round(merged=m)
+            self.sharded.seal()
         elif past_deadline:
             self._fail_round(
                 rnd, f"quorum not met: {m.count} of {c.min_devices} by deadline (sharded)"
@@ -531,6 +548,7 @@ class Aggregator:
         rnd.train_loss_sum = m.loss_sum
         for reason, n in m.rejected.items():
             rnd.rejected[reason] = rnd.rejected.get(reason, 0) + n
+            self.metrics.reject(reason, n)
         rnd.folded = [(d, rnd.round, u, 0) for d, u in m.counted.items()]
         self.metrics.accepted += m.count
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from fedge.errors import AggregationError, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.mqtt import BrokerURL, publish_packet_size
 from fedge.mux import Mux, Timer
-from fedge.partials import PartialRequest, PartialSum, ShardTopics
+from fedge.partials import PartialRequest, PartialSum, ShardPolicy, ShardTopics
 from fedge.session import Session, SessionOptions
 from fedge.tensors import TensorSpec, spec_of
 from fedge.topics import Topics, validate_device_id
@@ -99,7 +100,15 @@ class ShardWorker:
         self._task: RoundTask | None = None
         self._acc: WeightedSum | None = None
         self._excluded: set[str] = set()
-        self._pending: list[tuple[str, bytes]] = []
+        # Updates that came before their round's task, each with the ack of its message:
+        # unacked, the broker keeps them (and redelivers them if this process dies).
+        self._pending: list[tuple[str, bytes, Callable[[], None]]] = []
+        self._sealed = 0  # the round the reducer sealed: its later updates are refused
+        self.policy = ShardPolicy(
+            signed=keyring is not None,
+            clip_norm=config.clip_norm,
+            max_num_samples=config.max_num_samples,
+        )
         self._deadline: Timer | None = None
         self._assembler = Assembler(limits.max_model_bytes)
         offline = DeviceStatus(self.name, DeviceState.OFFLINE, ts=0.0).to_bytes()
@@ -141,7 +150,8 @@ class ShardWorker:
         if self._deadline is not None:
             self._deadline.cancel()
         self.journal.close()
-        self.session.close()
+        offline = DeviceStatus(self.name, DeviceState.OFFLINE, ts=time.time()).to_bytes()
+        self.session.close(last=(self.topics.status(self.name), offline))
 
     def _on_connected(self) -> None:
         # Announce the worker on its status topic (retained; the will says offline). The
@@ -197,8 +207,8 @@ class ShardWorker:
         self._start_round(task)
         self._schedule_deadline(task)
         pending, self._pending = self._pending, []
-        for device, payload in pending:
-            self._on_update(device, self.topics.update(device), payload)
+        for device, payload, ack in pending:
+            self._on_update(device, self.topics.update(device), payload, ack)
         self.ready.set()
         log.info("%s: round %d open (base v%d)", self.name, task.round, task.base_version)
 
@@ -219,20 +229,31 @@ class ShardWorker:
         delay = max(0.0, task.deadline - time.time())
         self._deadline = self.mux.call_later(delay, lambda: self._publish_partial(0))
 
-    def _on_update(self, device: str, topic: str, payload: bytes) -> None:
+    def _on_update(
+        self, device: str, topic: str, payload: bytes, ack: Callable[[], None] | None = None
+    ) -> None:
+        """``ack``: that of a held update taken up now; None for the message being handled
+        (the session acks it when the handler returns, unless it is held again)."""
         if self.round is None:
-            self._hold(device, payload)
+            self._hold(device, payload, ack)
             return
         self.round.uplink_bytes += publish_packet_size(topic, len(payload))
-        self._fold(device, payload, journal=True)
+        if self._fold(device, payload, journal=True, ack=ack) and ack is not None:
+            ack()
 
-    def _hold(self, device: str, payload: bytes) -> None:
-        if len(self._pending) < self.config.max_pending:
-            self._pending.append((device, payload))
-        else:
+    def _hold(self, device: str, payload: bytes, ack: Callable[[], None] | None) -> None:
+        if len(self._pending) >= self.config.max_pending:
             self._reject("no_round", f"{device}: no round open and {len(self._pending)} held")
+            if ack is not None:
+                ack()
+            return
+        self._pending.append((device, payload, ack or self.session.defer_ack()))
 
-    def _fold(self, device: str, payload: bytes, *, journal: bool) -> None:
+    def _fold(
+        self, device: str, payload: bytes, *, journal: bool, ack: Callable[[], None] | None = None
+    ) -> bool:
+        """Validate, journal, confirm and fold one update; False when it was held again (its
+        ``ack`` then travels with it), True when it is dealt with (counted or refused)."""
         rnd, acc = self.round, self._acc
         assert rnd is not None
         assert acc is not None
@@ -245,12 +266,17 @@ class ShardWorker:
         except ProtocolError as e:
             if e.reason == "wrong_round" and _round_of(payload, self.limits) > rnd.round:
                 # Its task has not reached this worker yet (possible on a broker cluster).
-                self._hold(device, payload)
-                return
+                self._hold(device, payload, ack)
+                return False
             self._reject(e.reason, e.detail)
             if e.reason == "duplicate" and journal:
                 self._receipt_again(device, payload, rnd)
-            return
+            return True
+        if journal and self._sealed == rnd.round:
+            # The reducer closes the round on the sums already sent: no receipt, as for an
+            # update that reaches a single aggregator after its round closed.
+            self._reject("round_closed", f"{device}: round {rnd.round} is closing")
+            return True
         if journal:
             # Durable before counted and before acked; an OSError leaves it unacked. Then the
             # receipt: the device may drop the update from its outbox (docs/protocol.md).
@@ -264,11 +290,11 @@ class ShardWorker:
             acc.add(ok.delta, ok.num_samples, scale=scale)
         except AggregationError as e:
             self._reject("aggregation", f"{device}: {e}")
-            return
+            return True
         rnd.counted[device] = ok.update.update_id
-        rnd.samples += ok.num_samples
-        rnd.train_loss_sum += ok.update.metrics.get("loss", 0.0) * ok.num_samples
+        rnd.account(ok.num_samples, ok.update.metrics, rnd.task.hyper.epochs)
         self.folded += 1
+        return True
 
     def _receipt_again(self, device: str, payload: bytes, rnd: OpenRound) -> None:
         # A resend of an update this worker counted (its receipt was lost): confirm it again.
@@ -301,6 +327,8 @@ class ShardWorker:
             self._start_round(rnd.task)  # fold the journal again without them
             self.round.uplink_bytes, self.round.rejected = uplink, rejected  # type: ignore[union-attr]
             log.info("%s: dropped %s from round %d", self.name, sorted(drop), rnd.round)
+        if req.final:
+            self._sealed = rnd.round
         self._publish_partial(req.request)
 
     def partial(self, request: int) -> PartialSum:
@@ -318,6 +346,7 @@ class ShardWorker:
             sums=acc.sums,
             uplink_bytes=rnd.uplink_bytes,
             loss_sum=rnd.train_loss_sum,
+            policy=self.policy,
             rejected=dict(rnd.rejected),
         )
 

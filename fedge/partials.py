@@ -26,9 +26,10 @@ from fedge.tensors import TensorSpec, decode_records, dense_record, encode_recor
 from fedge.topics import Topics, validate_device_id
 from fedge.wire import Fields, open_envelope, pack
 
-__all__ = ["PARTIALS_SCHEMA_VERSION", "PartialRequest", "PartialSum", "ShardTopics"]
+__all__ = ["PARTIALS_SCHEMA_VERSION", "PartialRequest", "PartialSum", "ShardPolicy", "ShardTopics"]
 
-PARTIALS_SCHEMA_VERSION = 1
+# 2: requests carry ``final`` (the reducer seals the round), partials their worker's policy.
+PARTIALS_SCHEMA_VERSION = 2
 _MAX_ROUND = 2**31
 _MAX_REQUEST = 2**62
 _KIND_SUM = "partial"
@@ -79,18 +80,53 @@ def _ids(f: Fields, key: str, *, optional: bool = False) -> tuple[str, ...] | No
 
 
 @dataclass(frozen=True)
+class ShardPolicy:
+    """What a worker enforces per update; the reducer takes only partials made under its own:
+    signatures required, the norm bound applied per update (0 = none), the clamp of reported
+    sample counts."""
+
+    signed: bool
+    clip_norm: float
+    max_num_samples: int
+
+    def to_map(self) -> dict[str, object]:
+        return {
+            "signed": self.signed,
+            "clip_norm": float(self.clip_norm),
+            "max_num_samples": self.max_num_samples,
+        }
+
+    @classmethod
+    def read(cls, raw: object, limits: Limits) -> ShardPolicy:
+        if not isinstance(raw, dict):
+            raise ProtocolError("schema", "partial.policy must be a map")
+        f = Fields(raw, "partial.policy", limits)
+        policy = cls(
+            signed=f.bool("signed"),
+            clip_norm=f.float("clip_norm", 0.0, 1e30),
+            max_num_samples=f.int("max_num_samples", 1, 2**62),
+        )
+        f.done()
+        return policy
+
+
+@dataclass(frozen=True)
 class PartialRequest:
     """The reducer asks ``workers`` (all when None) for their partial sum of ``round``.
 
     ``drop`` lists devices the answering workers must leave out (and keep out for the rest of
     the round): how the reducer resolves a device counted by two workers. ``request`` grows
-    with every request of a round, so a late answer to an older one is recognised.
+    with every request of a round, so a late answer to an older one is recognised. ``final``
+    seals the round: the worker answers, then refuses (``round_closed``, no receipt) every
+    later update of that round, so the sums the round closes on hold every update a worker
+    confirmed.
     """
 
     round: int
     request: int
     workers: tuple[str, ...] | None = None
     drop: tuple[str, ...] = ()
+    final: bool = False
 
     def asks(self, worker: str) -> bool:
         return self.workers is None or worker in self.workers
@@ -104,6 +140,7 @@ class PartialRequest:
                 "request": self.request,
                 "workers": list(self.workers) if self.workers is not None else None,
                 "drop": list(self.drop),
+                "final": self.final,
             }
         )
 
@@ -115,6 +152,7 @@ class PartialRequest:
             request=f.int("request", 1, _MAX_REQUEST),
             workers=_ids(f, "workers", optional=True),
             drop=_ids(f, "drop") or (),
+            final=f.bool("final"),
         )
         f.done()
         return req
@@ -139,6 +177,7 @@ class PartialSum:
     uplink_bytes: int = 0
     loss_sum: float = 0.0  # sum_i n_i * loss_i, for the round's train loss
     rejected: Mapping[str, int] = field(default_factory=dict)
+    policy: ShardPolicy = ShardPolicy(signed=False, clip_norm=0.0, max_num_samples=100_000)
 
     @property
     def count(self) -> int:
@@ -164,6 +203,7 @@ class PartialSum:
                 "uplink_bytes": self.uplink_bytes,
                 "loss_sum": float(self.loss_sum),
                 "rejected": dict(self.rejected),
+                "policy": self.policy.to_map(),
             }
         )
 
@@ -194,6 +234,14 @@ class PartialSum:
         uplink = f.int("uplink_bytes")
         loss_sum = f.float("loss_sum")
         rejected = {k: _count(k, v) for k, v in f.number_map("rejected").items()}
+        policy = ShardPolicy.read(f.map("policy"), limits)
+        # No update weighs more than the clamp: a larger total is a lie or a misconfiguration.
+        if total > count * policy.max_num_samples:
+            raise ProtocolError(
+                "schema",
+                f"partial of {worker}: total_weight {total} exceeds {count} x "
+                f"{policy.max_num_samples}",
+            )
         f.done()
         return cls(
             rnd,
@@ -206,6 +254,7 @@ class PartialSum:
             uplink,
             loss_sum,
             rejected,
+            policy,
         )
 
 

@@ -81,6 +81,8 @@ class Session:
         self.client.on_publish = self._handle_publish
         self.connected = False
         self.connects = 0
+        self._current: MQTTMessage | None = None  # the message being handled
+        self._deferred = False
         self.last_error = ""
         self._pending: dict[int, PublishDone | None] = {}
         self._link: Link | None = None
@@ -168,7 +170,24 @@ class Session:
         self.connected = False
         self.connects = max(self.connects, 1)
 
+    def defer_ack(self) -> Callable[[], None]:
+        """From inside a message handler (``manual_ack``): leave this message unacked when the
+        handler returns, and get the function that acks it later. Until then the broker keeps
+        it (and redelivers it after a reconnect, when the late ack does nothing)."""
+        msg = self._current
+        if msg is None or not self.options.manual_ack:
+            raise RuntimeError("defer_ack() outside a message handler, or without manual_ack")
+        self._deferred = True
+        client, generation, mid, qos = self.client, self.connects, msg.mid, msg.qos
+
+        def ack() -> None:
+            if qos > 0 and self.connected and self.connects == generation:
+                client.ack(mid, qos)
+
+        return ack
+
     def _handle_message(self, client: Client, _u: Any, msg: MQTTMessage) -> None:
+        self._current, self._deferred = msg, False
         try:
             self._on_message(msg.topic, bytes(msg.payload))
         except Exception:
@@ -176,7 +195,9 @@ class Session:
                 "%s: handler failed on %s; left unacked", self.options.client_id, msg.topic
             )
             return
-        if self.options.manual_ack and msg.qos > 0:
+        finally:
+            self._current = None
+        if self.options.manual_ack and msg.qos > 0 and not self._deferred:
             client.ack(msg.mid, msg.qos)
 
     def _handle_publish(self, _c: Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:

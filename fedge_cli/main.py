@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     agg = sub.add_parser("aggregator", help="run the aggregator service")
     agg_cli.add_arguments(agg)
     agg.set_defaults(func=agg_cli.run)
+    from aggregator import shard_service
+
+    sw = sub.add_parser(
+        "shard-worker", help="run one shard worker of sharded aggregation (docs/scaling.md)"
+    )
+    shard_service.add_arguments(sw)
+    sw.set_defaults(func=shard_service.run)
     ag = sub.add_parser("agent", help="run an edge agent, or 'agent predict' for inference")
     agent_cli.add_arguments(ag)
     ag.set_defaults(func=agent_cli.run)

@@ -19,6 +19,7 @@ import yaml
 from aggregator.config import AggregatorConfig, load_aggregator_config
 from edge_agent.config import AgentConfig, load_agent_config
 from fedge.limits import MAX_PACKET_SIZE
+from fedge_cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -201,6 +202,11 @@ def test_the_sharded_override_fits_its_aggregator_config_and_acl() -> None:
         cmd = svc["command"]
         arg = dict(zip(cmd[1::2], cmd[2::2], strict=False))
         assert cmd[0] == "shard-worker"
+        # The image's entrypoint is `fedge`: the command must parse as the CLI has it.
+        parsed = build_parser().parse_args(
+            [c.replace("${FEDGE_LOG_LEVEL:-INFO}", "INFO") for c in cmd]
+        )
+        assert parsed.worker == arg["--worker"]
         assert arg["--broker"] == agg.broker
         assert arg["--fleet"] == agg.fleet
         assert arg["--state-dir"].startswith("/var/lib/fedge/"), name

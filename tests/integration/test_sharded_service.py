@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +215,68 @@ def test_shard_worker_processes_from_the_cli_serve_the_reducer_service(
         fleet.close()
     assert [p.returncode for p in procs] == [0, 0], outs
     assert all("fedge shard-worker aggregator-" in o for o in outs), outs
+
+
+def test_workers_must_enforce_what_the_aggregator_requires(
+    sharded_broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """An aggregator that requires signed updates takes partials only from workers that
+    check signatures: with plain workers its round waits (and says why); with workers that
+    hold the key registry the signed fleet trains."""
+    from aggregator.keyring import KeyRing
+    from simulation.keys import SimKeys
+
+    keys = SimKeys.make(tmp_path / "keys", 3)
+    for i in range(3):  # the Fleet's devices are dev-0..dev-2, the registry's dev-0000..
+        (keys.registry / "devices" / f"dev-{i:04d}.pub").rename(
+            keys.registry / "devices" / f"dev-{i}.pub"
+        )
+    data = make_federated("digits", 3, "iid", 0, 0.2)
+
+    def run(keyring: KeyRing | None, sub: str) -> tuple[Fleet, Callable[[], None]]:
+        fleet = Fleet(
+            sharded_broker,
+            tmp_path / sub,
+            data,
+            shard_workers=WORKERS,
+            shard_poll=0.2,
+            target_devices=3,
+            min_devices=3,
+            round_timeout=WAIT,
+            rounds=1,
+            device_keys=keys.registry,
+        )
+        fleet.start_aggregator()
+        mux = Mux("shards").start()
+        workers = [
+            ShardWorker(
+                WorkerConfig(str(fleet.url), fleet.topics.fleet, n, tmp_path / sub / n),
+                mux,
+                keyring=keyring,
+            )
+            for n in WORKERS
+        ]
+        for w in workers:
+            w.start()
+        for i in range(3):
+            fleet.add_agent(i, signing_key=keys.device_keys[i])
+        return fleet, lambda: _stop_workers(mux, workers)
+
+    plain, stop = run(None, "plain")
+    try:
+        sharded = plain.aggregator.sharded
+        assert sharded is not None
+        wait_until(lambda: len(sharded.reducer.refused) == 2, WAIT, "partials refused")
+        assert "signed=False" in sharded.reducer.refused["aggregator-0"]
+        assert plain.aggregator.version == 0
+    finally:
+        stop()
+        plain.close()
+
+    checked, stop = run(KeyRing(keys.registry), "checked")
+    try:
+        wait_until(lambda: checked.aggregator.done.is_set(), WAIT, "a signed sharded round")
+        assert len(checked.records[-1]["counted"]) == 3
+    finally:
+        stop()
+        checked.close()

@@ -302,3 +302,105 @@ def test_a_restarted_worker_replays_its_journal_and_gets_its_queued_share(
     assert run.merged.per_worker["aggregator-0"] == 6
     for name, value in run.new.items():
         np.testing.assert_allclose(value, case.expected[name], rtol=RTOL, atol=ATOL)
+
+
+def test_a_sealed_round_refuses_later_updates_without_a_receipt(
+    sharded_broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """After the reducer's final request a worker answers, then refuses the round's later
+    updates (``round_closed``) without confirming them: every update a device holds a
+    receipt for is in the sums the round closes on."""
+    from fedge.mqtt import BrokerURL
+    from tests.integration.fleet_helpers import RawDevice, wait_until
+
+    # Prepare: one worker holds the round; dev-00's update is in and confirmed.
+    case = make_case("fp32")
+    fleet = f"shard{uuid.uuid4().hex[:8]}"
+    topics = Topics(fleet)
+    mux = Mux("seal-test").start()
+    reducer = ReducerSession(mux, sharded_broker.url, fleet, ["aggregator-0"]).start(WAIT)
+    url = BrokerURL.parse(sharded_broker.url)
+    worker = ShardWorker(WorkerConfig(sharded_broker.url, fleet, "aggregator-0", tmp_path), mux)
+    first, late = (RawDevice(url.host, url.port, d, topics.prefix) for d in DEVICES[:2])
+    merges: list[Merged] = []
+    try:
+        reducer.publish(topics.model, case.model.to_bytes(), retain=True, timeout=WAIT)
+        reducer.publish(topics.task, case.task.to_bytes(), retain=True, timeout=WAIT)
+        worker.start()
+        assert worker.ready.wait(WAIT)
+        first.send(case.payloads[DEVICES[0]])
+        wait_until(lambda: len(first.receipts) == 1, WAIT, "dev-00's receipt")
+
+        # Execute: seal, then a late update.
+        mux.call_soon(reducer.reducer.begin, 5, 3, SHAPES, merges.append)
+        mux.call_soon(lambda: reducer.reducer.request(final=True))
+        wait_until(lambda: bool(merges) and merges[-1].final, WAIT, "the final merge")
+        late.send(case.payloads[DEVICES[1]])
+        wait_until(
+            lambda: worker.round is not None and worker.round.rejected.get("round_closed") == 1,
+            WAIT,
+            "the late update refused",
+        )
+
+        # Assert
+        time.sleep(0.3)  # a receipt would have come with the refusal
+        assert late.receipts == []
+        assert merges[-1].counted == {DEVICES[0]: f"{DEVICES[0]}-u"}
+        assert DEVICES[1] not in worker.round.counted
+    finally:
+        first.close()
+        late.close()
+        worker.stop()
+        reducer.close()
+        time.sleep(0.2)
+        mux.stop()
+
+
+def test_an_update_held_before_its_task_stays_with_the_broker_until_journaled(
+    sharded_broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """A worker that has the model but not yet the task holds an update without acking it:
+    stopped in that state, it loses nothing; its successor gets the update again and counts
+    it."""
+    from fedge.mqtt import BrokerURL
+    from tests.integration.fleet_helpers import RawDevice, wait_until
+
+    # Prepare: model, no task; dev-00's update reaches the worker and is held.
+    case = make_case("fp32")
+    fleet = f"shard{uuid.uuid4().hex[:8]}"
+    topics = Topics(fleet)
+    mux = Mux("hold-test").start()
+    reducer = ReducerSession(mux, sharded_broker.url, fleet, ["aggregator-0"]).start(WAIT)
+    url = BrokerURL.parse(sharded_broker.url)
+    cfg = WorkerConfig(sharded_broker.url, fleet, "aggregator-0", tmp_path)
+    worker = ShardWorker(cfg, mux)
+    device = RawDevice(url.host, url.port, DEVICES[0], topics.prefix)
+    again: ShardWorker | None = None
+    try:
+        reducer.publish(topics.model, case.model.to_bytes(), retain=True, timeout=WAIT)
+        worker.start()
+        wait_until(lambda: worker.model_version == 3, WAIT, "the model at the worker")
+        device.send(case.payloads[DEVICES[0]])
+        wait_until(lambda: len(worker._pending) == 1, WAIT, "the update held")
+
+        # Execute: stop the worker, publish the task, start its successor.
+        worker.stop()
+        wait_until(lambda: not worker.session.connected, WAIT, "the worker stopped")
+        reducer.publish(topics.task, case.task.to_bytes(), retain=True, timeout=WAIT)
+        again = ShardWorker(cfg, mux)
+        again.start()
+
+        # Assert: redelivered, journaled, confirmed, counted.
+        wait_until(
+            lambda: again.round is not None and DEVICES[0] in again.round.counted,
+            WAIT,
+            "the held update counted by the successor",
+        )
+        wait_until(lambda: len(device.receipts) == 1, WAIT, "its receipt")
+    finally:
+        device.close()
+        if again is not None:
+            again.stop()
+        reducer.close()
+        time.sleep(0.2)
+        mux.stop()

@@ -11,7 +11,13 @@ import pytest
 
 from aggregator.reducer import Merged, Reducer, merge_partials, overlaps
 from fedge.errors import AggregationError, ProtocolError
-from fedge.partials import PARTIALS_SCHEMA_VERSION, PartialRequest, PartialSum, ShardTopics
+from fedge.partials import (
+    PARTIALS_SCHEMA_VERSION,
+    PartialRequest,
+    PartialSum,
+    ShardPolicy,
+    ShardTopics,
+)
 from fedge.topics import Topics
 
 SPEC = {"w": (3, 2), "b": (3,)}
@@ -354,3 +360,82 @@ def test_reducer_takes_deadline_partials_until_it_asks() -> None:
     assert sent == []
     assert merged[0].counted == {"aggregator-0": "u", "aggregator-1": "u"}
     assert not r.handle("fedge/fleet1/update/dev-a", b"")
+
+
+def test_a_worker_slower_than_the_polling_still_counts() -> None:
+    # Prepare: two polls; aggregator-1 answers each one poll late
+    r, sent, merged = make_reducer()
+    r.request()
+    r.request()
+
+    # Execute
+    answer(r, sent[1], "aggregator-0")
+    answer(r, sent[0], "aggregator-1", counted={"dev-c": "uc"}, total_weight=7.0)
+    late_then = r.outstanding()
+    answer(r, sent[1], "aggregator-1", counted={"dev-c": "uc", "dev-d": "ud"}, total_weight=9.0)
+
+    # Assert: its older answer merged, and its newer one replaced it
+    assert late_then == ["aggregator-1"]
+    assert r.outstanding() == []
+    assert [m.count for m in merged] == [3, 4]
+    assert not any(m.final for m in merged)
+
+
+def test_after_the_seal_only_answers_to_it_count_and_their_merge_is_final() -> None:
+    # Prepare
+    r, sent, merged = make_reducer()
+    r.request()
+    answer(r, sent[0], "aggregator-0")
+
+    # Execute
+    r.request(final=True)
+    answer(r, sent[0], "aggregator-1", counted={"dev-c": "uc"}, total_weight=7.0)  # pre-seal
+    before = len(merged)
+    for w in ("aggregator-0", "aggregator-1"):
+        answer(r, sent[1], w, counted={f"{w}-dev": "u"}, total_weight=3.0)
+
+    # Assert
+    assert sent[1].final
+    assert r.sealing
+    assert before == 0
+    assert len(merged) == 1
+    assert merged[0].final
+    assert merged[0].counted == {"aggregator-0-dev": "u", "aggregator-1-dev": "u"}
+    r.request()  # polling after the seal keeps asking for final partials
+    assert sent[2].final
+
+
+def test_partials_made_under_another_policy_are_refused_with_the_reason() -> None:
+    # Prepare: this aggregator requires signed updates; the workers do not check them
+    merged: list[Merged] = []
+    strict = ShardPolicy(signed=True, clip_norm=0.0, max_num_samples=100_000)
+    r = Reducer(TOPICS, ["aggregator-0"], lambda _t, _p: None, policy=strict)
+    r.begin(4, 2, SPEC, merged.append)
+
+    # Execute
+    consumed = r.handle(TOPICS.partial("aggregator-0"), partial(request=0).to_bytes())
+    matching = partial(request=0, policy=strict)
+    r.handle(TOPICS.partial("aggregator-0"), matching.to_bytes())
+
+    # Assert
+    assert consumed
+    assert len(merged) == 1  # only the partial made under the same policy
+    assert r.refused == {}
+
+
+def test_a_refused_partial_leaves_its_reason() -> None:
+    strict = ShardPolicy(signed=True, clip_norm=1.0, max_num_samples=100_000)
+    r = Reducer(TOPICS, ["aggregator-0"], lambda _t, _p: None, policy=strict)
+    r.begin(4, 2, SPEC, lambda _m: None)
+    r.handle(TOPICS.partial("aggregator-0"), partial(request=0).to_bytes())
+    assert "signed=False" in r.refused["aggregator-0"]
+    assert r.missing() == ["aggregator-0"]
+
+
+def test_policy_and_final_travel_and_an_impossible_total_weight_is_refused() -> None:
+    policy = ShardPolicy(signed=True, clip_norm=2.5, max_num_samples=10)
+    p = PartialSum.from_bytes(partial(policy=policy, total_weight=20.0).to_bytes(), SPEC)
+    assert p.policy == policy
+    assert PartialRequest.from_bytes(PartialRequest(4, 1, final=True).to_bytes()).final
+    with pytest.raises(ProtocolError, match="exceeds"):
+        PartialSum.from_bytes(partial(policy=policy, total_weight=21.0).to_bytes(), SPEC)
