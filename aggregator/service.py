@@ -471,6 +471,10 @@ class Aggregator:
         if round_metrics is not None:
             metrics.update(round_metrics())
         self.adaptive.step(metrics, rnd.task.hyper.lr)
+        if self.adaptive:
+            # The schedules stepped on this version's accuracy, known only after the export:
+            # checkpoint again so a crash now does not forget the step.
+            self._checkpoint(counted=tuple(rnd.counted))
         record = {
             "round": rnd.round,
             "version": self.version,

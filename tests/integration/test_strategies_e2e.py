@@ -92,3 +92,26 @@ def test_adaptive_rates_and_early_stopping_show_in_the_metrics(
     # so from the third version on each is made with half the rates of the one before.
     assert [r["server_lr"] for r in recs] == [1.0, 1.0, 0.5]
     assert [r["client_lr"] for r in recs] == [5.0, 5.0, 2.5]
+
+
+def test_a_learning_rate_step_survives_a_restart(
+    fleet_factory: Any, digits5: FederatedData
+) -> None:
+    """The schedules step on a version's accuracy after its first checkpoint; the service
+    checkpoints again, so a restart right after the version keeps the reduced rate."""
+    from aggregator.config import PlateauSettings
+
+    flat = PlateauSettings(factor=0.5, patience=0, threshold=0.5, min_lr=1e-3)
+    fleet = fleet_factory(
+        digits5, rounds=2, target_devices=5, min_devices=5, round_timeout=30,
+        adaptive_server_lr=flat,
+    )  # fmt: skip
+    fleet.start_aggregator()
+    for i in range(5):
+        fleet.add_agent(i)
+    wait_until(fleet.aggregator.done.is_set, 60, "two versions")
+    assert fleet.aggregator.strategy.server_lr == 0.5  # version 2 was a plateau
+
+    again = fleet.restart_aggregator()
+    assert again.adaptive.server is not None
+    assert (again.adaptive.server.value, again.strategy.server_lr) == (0.5, 0.5)
