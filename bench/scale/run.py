@@ -1,24 +1,37 @@
-"""Scale benchmark (issue 7): ``fedge simulate`` with 10, 100 and 1,000 devices on this machine.
+"""Scale benchmark (issue 7): the aggregator's memory as a process of its own, 10 vs 1,000 devices.
 
-Each device is a real MQTT session on the Mosquitto that ``fedge simulate`` starts itself. The
-command runs as a subprocess; its process tree is polled with psutil (``bench/vs_flower/
-proctree.py``) and, at every poll, the broker's established TCP connections are counted, so
-nothing inside fedge is instrumented:
+Per row, in a fresh directory:
 
-- connect time: from the first connection the broker holds (the aggregator's) to the moment
-  it holds all ``devices + 1``;
-- round time: ``seconds`` of each published round in ``metrics.jsonl`` (task to version);
-- broker RSS: peak of the ``mosquitto`` process;
-- process RSS: peak of the ``fedge simulate`` process (aggregator and all agents: one process).
+- a Mosquitto started here on a free loopback port (``broker_config/scale.conf.template``,
+  ``simulation.broker.MosquittoBroker``);
+- the aggregator as its own OS process, the real service: ``python -m fedge_cli.main
+  aggregator --config OUT/aggregator.yaml`` (what ``fedge aggregator`` runs). With
+  ``--trace`` it is started through ``bench/scale/agg_trace.py`` instead, the same
+  ``aggregator.cli.run`` under tracemalloc, dumping a snapshot after every round;
+- N devices in this process: real ``EdgeAgent`` sessions built by
+  ``simulation.fleet.build_agent`` (what ``fedge simulate`` uses), on one ``Mux`` and one
+  training thread, each signing its updates with its own Ed25519 key.
 
-Task: ``--dataset synthetic`` (FedProx Synthetic(1,1)): naturally federated, every device
-gets its own task with >= 50 samples whatever the fleet size, whereas digits split over 1,000
-devices leaves ~1.4 samples per device. ``--model mlp`` (60-64-64-10, 8,714 parameters, a
-35 KB fp32 delta) rather than synthetic's default logreg (610 parameters), so a buffering
-aggregator (O(devices x model)) would show: 1,000 deltas of 35 KB are 35 MB. 1 local epoch,
-batch 32, 3 rounds.
+Measured from outside, from ``/proc/PID/status``, polled every ``--interval`` s:
 
-    .venv/bin/python bench/scale/run.py [--devices 10,100,1000] [--rounds 3]
+- aggregator peak RSS: ``VmHWM`` at the last poll before the process exits (the kernel's own
+  high-water mark: a peak between polls is not missed, only one in the last ``--interval``);
+- aggregator RSS when idle (connected, model v0 published, no device yet) and right after
+  each round (when its ``round r -> vX`` line reaches stdout);
+- broker peak RSS (``VmHWM``), broker CPU seconds;
+- connect: from starting the first agent to every agent's session being connected;
+- round time: ``seconds`` of each round in ``metrics.jsonl`` (task to version).
+
+Task, the same at every fleet size: FedProx Synthetic(1,1) (>= 50 samples per device at any
+size), model ``mlp`` 60-64-64-10 (8,714 parameters, 35 KB fp32), 1 local epoch, batch 32,
+lr 0.05. The central evaluation set has a fixed size (``--eval-rows``, default 444 rows, a
+seeded sample of the fleet's own hold-out; 444 is all of it at 10 devices): synthetic's test
+split is the union of every device's hold-out, so it would otherwise grow with N (53,891 rows
+at 1,000 devices) and its evaluation would count as aggregator memory that scales with the
+fleet. ``--eval-rows 0`` keeps the whole, growing hold-out, to measure that effect.
+
+    .venv/bin/python bench/scale/run.py [--devices 10,1000] [--rounds 5]
+        [--codecs topk:0.03+int4+zstd,fp32] [--eval-rows 444] [--trace]
         [--out runs/bench/scale]
 
 Writes ``OUT/results.json`` and ``OUT/results.md``.
@@ -27,183 +40,379 @@ Writes ``OUT/results.json`` and ``OUT/results.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import platform
+import shutil
+import signal
+import subprocess
 import sys
+import threading
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
+import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-sys.path.insert(0, str(HERE.parent / "vs_flower"))
+sys.path.insert(0, str(ROOT))
 
-from proctree import run_measured  # noqa: E402
+from edge_agent.model_cache import ModelCache  # noqa: E402
+from fedge.mqtt import BrokerURL  # noqa: E402
+from fedge.mux import Mux  # noqa: E402
+from fedge.topics import Topics  # noqa: E402
+from simulation.broker import CONFIG_DIR, MosquittoBroker  # noqa: E402
+from simulation.datasets import make_federated  # noqa: E402
+from simulation.fleet import build_agent  # noqa: E402
+from simulation.keys import SimKeys  # noqa: E402
 
-
-class BrokerWatch:
-    """Per poll: the broker's RSS and its count of established client connections."""
-
-    def __init__(self) -> None:
-        self.broker: psutil.Process | None = None
-        self.peak_rss = 0
-        self.cpu_seconds = 0.0  # user + system, as of the last poll
-        self.peak_conns = 0
-        self.first_conn_t: float | None = None
-        self.all_conn_t: float | None = None
-        self.target = 0
-
-    def __call__(self, t: float, root: psutil.Process, procs: list[psutil.Process]) -> None:
-        if self.broker is None:
-            self.broker = next((p for p in procs if _is_mosquitto(p)), None)
-            if self.broker is None:
-                return
-        try:
-            self.peak_rss = max(self.peak_rss, self.broker.memory_info().rss)
-            cpu = self.broker.cpu_times()
-            self.cpu_seconds = cpu.user + cpu.system
-            port = _listen_port(self.broker)
-            n = sum(
-                1
-                for c in self.broker.net_connections(kind="tcp")
-                if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port
-            )
-        except psutil.Error:
-            return
-        self.peak_conns = max(self.peak_conns, n)
-        if n >= 1 and self.first_conn_t is None:
-            self.first_conn_t = t
-        if n >= self.target and self.all_conn_t is None:
-            self.all_conn_t = t
+MiB = 2**20
+DATASET, MODEL, SEED = "synthetic", "mlp", 0
+HYPER = {"epochs": 1, "batch_size": 32, "lr": 0.05}
+EVAL_ROWS = 444  # the whole hold-out of the 10-device fleet
 
 
-def _is_mosquitto(p: psutil.Process) -> bool:
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile of ``pid`` in bytes ({} once it is gone)."""
+    out: dict[str, int] = {}
     try:
-        return p.name() == "mosquitto"
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                    out[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        return {}
+    return out
+
+
+class Poller(threading.Thread):
+    """Samples the aggregator's and the broker's /proc status until stopped."""
+
+    def __init__(self, agg_pid: int, broker_pid: int, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.agg_pid, self.broker_pid, self.interval = agg_pid, broker_pid, interval
+        self.last_agg: dict[str, int] = {}
+        self.last_broker: dict[str, int] = {}
+        self.peak_agg_rss = 0
+        self.timeline: list[tuple[float, int, int]] = []  # t, aggregator RSS, broker RSS
+        self._halt = threading.Event()
+        self.t0 = time.perf_counter()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            a, b = proc_status(self.agg_pid), proc_status(self.broker_pid)
+            if a:
+                self.last_agg = a
+                self.peak_agg_rss = max(self.peak_agg_rss, a["VmRSS"])
+            if b:
+                self.last_broker = b
+            self.timeline.append(
+                (round(time.perf_counter() - self.t0, 3), a.get("VmRSS", 0), b.get("VmRSS", 0))
+            )
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+def broker_connections(broker: MosquittoBroker) -> int:
+    try:
+        conns = psutil.Process(broker.pid).net_connections(kind="tcp")
     except psutil.Error:
-        return False
-
-
-def _listen_port(p: psutil.Process) -> int | None:
-    for c in p.net_connections(kind="tcp"):
-        if c.status == psutil.CONN_LISTEN:
-            return int(c.laddr.port)
-    return None
-
-
-def simulate_cmd(out: Path, devices: int, rounds: int, extra: list[str]) -> list[str]:
-    return [
-        str(ROOT / ".venv" / "bin" / "fedge"), "simulate",
-        "--dataset", "synthetic", "--model", "mlp", "--devices", str(devices),
-        "--rounds", str(rounds), "--epochs", "1", "--batch-size", "32", "--lr", "0.05",
-        "--seed", "0", "--round-timeout", "600", "--out", str(out), *extra,
-    ]  # fmt: skip
-
-
-def one(out: Path, devices: int, rounds: int, extra: list[str], interval: float) -> dict[str, Any]:
-    out.mkdir(parents=True, exist_ok=True)
-    watch = BrokerWatch()
-    watch.target = devices + 1  # the aggregator's session and one per device
-    cmd = simulate_cmd(out, devices, rounds, extra)
-    tree = run_measured(
-        cmd, log=out / "stdout.log", interval=interval, timeout=3600, pss=False, on_sample=watch
+        return 0
+    return sum(
+        1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == broker.port
     )
-    rec: dict[str, Any] = {"devices": devices, **tree.as_dict()}
-    summary_path = out / "summary.json"
-    if tree.returncode != 0 or not summary_path.is_file():
-        rec["error"] = (out / "stdout.log").read_text(errors="replace")[-2000:]
-        print(f"{devices:5d} devices: FAILED (exit {tree.returncode}), see {out}/stdout.log")
-        return rec
-    s = json.loads(summary_path.read_text())
+
+
+def eval_set(test: tuple[np.ndarray, np.ndarray], rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded sample of ``rows`` of the fleet's own hold-out (all of it if ``rows`` is 0)."""
+    x, y = test
+    if rows <= 0 or rows >= len(y):
+        return x, y
+    pick = np.sort(np.random.default_rng(SEED).choice(len(y), size=rows, replace=False))
+    return x[pick], y[pick]
+
+
+def agg_config(
+    out: Path,
+    url: str,
+    fleet: str,
+    n: int,
+    codec: str,
+    rounds: int,
+    keys: SimKeys,
+    input_dim: int,
+    num_classes: int,
+) -> dict[str, Any]:
+    return {
+        "broker": url,
+        "fleet": fleet,
+        "state_dir": str(out / "aggregator"),
+        "metrics_file": str(out / "metrics.jsonl"),
+        "model": {"name": MODEL, "input_dim": input_dim, "num_classes": num_classes, "seed": SEED},
+        "hyper": HYPER,
+        "codec": codec,
+        "strategy": "fedavg",
+        "rounds": rounds,
+        "target_devices": n,
+        "min_devices": max(1, n // 2),
+        "round_timeout": 600.0,
+        "device_keys": str(keys.registry),
+        "signing_key": str(keys.aggregator_key),
+        "eval_data": str(out / "eval.npz"),
+    }
+
+
+def one(
+    out: Path, n: int, codec: str, rounds: int, eval_rows: int, interval: float, trace: bool
+) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)  # as fedge simulate: one training thread for all devices
+    shutil.rmtree(out, ignore_errors=True)  # a state dir left over would resume at its version
+    out.mkdir(parents=True)
+    data = make_federated(DATASET, n, "iid", SEED)
+    ex, ey = eval_set(data.test, eval_rows)
+    np.savez(out / "eval.npz", x=ex, y=ey)
+    keys = SimKeys.make(out / "keys", n)
+    broker = MosquittoBroker(out / "broker", template=CONFIG_DIR / "scale.conf.template").start()
+    topics = Topics(f"scale-{uuid.uuid4().hex[:8]}")
+    cfg = agg_config(
+        out, broker.url, topics.fleet, n, codec, rounds, keys, data.input_dim, data.num_classes
+    )
+    (out / "aggregator.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    if trace:
+        cmd = [sys.executable, str(HERE / "agg_trace.py"), "--trace-dir", str(out / "trace")]
+    else:
+        cmd = [sys.executable, "-m", "fedge_cli.main", "aggregator"]
+    cmd += ["--config", str(out / "aggregator.yaml"), "--log-level", "WARNING"]
+    stderr = (out / "aggregator.stderr").open("wb")
+    agg = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    poll = Poller(agg.pid, broker.pid or 0, interval)
+    poll.start()
+    after_round: list[dict[str, int]] = []
+    lines: list[str] = []
+
+    def read_stdout() -> None:
+        assert agg.stdout is not None
+        for line in agg.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("round "):
+                after_round.append(proc_status(agg.pid))
+                if trace and agg.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        agg.send_signal(signal.SIGUSR1)  # agg_trace.py dumps a snapshot
+
+    reader = threading.Thread(target=read_stdout, daemon=True)
+    reader.start()
+    rec: dict[str, Any] = {
+        "devices": n,
+        "codec": codec,
+        "rounds_asked": rounds,
+        "eval_rows": len(ey),
+        "samples": int(sum(data.sizes)),
+    }
+    agents: list[Any] = []
+    mux = Mux("devices").start()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
+    t_start = time.perf_counter()
+    try:
+        # Idle baseline: the aggregator connected with model v0 and round 1 published.
+        while broker_connections(broker) < 1 or not (out / "aggregator" / "journal").is_dir():
+            if agg.poll() is not None or time.perf_counter() - t_start > (900 if trace else 180):
+                raise RuntimeError(f"aggregator did not come up; see {out}/aggregator.stderr")
+            time.sleep(0.05)
+        time.sleep(1.0)
+        rec["agg_ready_seconds"] = round(time.perf_counter() - t_start, 2)
+        rec["agg_idle"] = proc_status(agg.pid)
+        if trace:
+            agg.send_signal(signal.SIGUSR1)
+        cache = ModelCache()
+        t_conn = time.perf_counter()
+        url = BrokerURL.parse(broker.url)
+        for i, (x, y) in enumerate(data.parts):
+            agent = build_agent(
+                i,
+                x,
+                y,
+                mux=mux,
+                url=url,
+                topics=topics,
+                out=out,
+                executor=executor,
+                seed=SEED,
+                keys=keys,
+                model_cache=cache,
+            )
+            agents.append(agent)
+            agent.start()
+        while not all(a.session.connected for a in agents):
+            if time.perf_counter() - t_conn > 300:
+                break
+            time.sleep(0.02)
+        rec["connect_seconds"] = round(time.perf_counter() - t_conn, 2)
+        try:
+            agg.wait(timeout=rounds * 600 + 120)
+        except subprocess.TimeoutExpired:
+            agg.terminate()
+            agg.wait(30)
+            rec["error"] = "timeout"
+        rec["wall_seconds"] = round(time.perf_counter() - t_conn, 1)
+    finally:
+        for a in agents:
+            a.stop()
+        time.sleep(0.3)
+        mux.stop()
+        executor.shutdown(wait=True, cancel_futures=True)
+        if agg.poll() is None:
+            agg.terminate()
+            agg.wait(30)
+        poll.stop()
+        reader.join(5)
+        stderr.close()
+        broker_cpu = _cpu(broker.pid)
+        broker.stop()
+    # VmHWM of the last sample before exit; the reader also took one after every round.
+    peak = max([poll.last_agg.get("VmHWM", 0)] + [s.get("VmHWM", 0) for s in after_round])
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     ok = [r for r in records if "version" in r]
-    connect = (
-        watch.all_conn_t - watch.first_conn_t
-        if watch.all_conn_t is not None and watch.first_conn_t is not None
-        else None
-    )
     rec |= {
-        "connect_seconds": connect,
-        "peak_connections": watch.peak_conns,
-        "round_seconds": [round(r["seconds"], 3) for r in ok],
+        "returncode": agg.returncode,
+        "aggregator_stdout": lines[-20:],
+        "agg_peak_rss_bytes": peak,
+        "agg_peak_rss_polled_bytes": poll.peak_agg_rss,
+        "agg_after_round": after_round,
+        "broker_peak_rss_bytes": poll.last_broker.get("VmHWM", 0),
+        "broker_cpu_seconds": broker_cpu,
+        "round_seconds": [round(r["seconds"], 2) for r in ok],
         "round_devices": [r["devices"] for r in ok],
         "failed_rounds": len(records) - len(ok),
-        "broker_peak_rss_bytes": watch.peak_rss,
-        "broker_cpu_seconds": round(watch.cpu_seconds, 2),
-        "process_peak_rss_bytes": tree.root_peak_rss_bytes,
-        "setup_seconds": s["setup_seconds"],
-        "fleet_seconds": s["wall_seconds"],
-        "final_accuracy": s["final_accuracy"],
-        "uplink_bytes": s["uplink_bytes"],
-        "downlink_bytes": s["downlink_bytes"],
+        "uplink_bytes_per_round": [r["uplink_bytes"] for r in ok],
+        "final_accuracy": ok[-1].get("accuracy") if ok else None,
+        "rejected": [r.get("rejected") for r in records],
+        "timeline": poll.timeline[:: max(1, len(poll.timeline) // 400)],
     }
+    if trace:
+        from agg_trace import report
+
+        (out / "trace-report.txt").write_text(report(out / "trace") + "\n")
+    if len(ok) < rounds:
+        rec["error"] = rec.get("error", f"{len(ok)} of {rounds} rounds; see {out}")
+    after = ", ".join(f"{s.get('VmRSS', 0) / MiB:.0f}" for s in after_round)
     print(
-        f"{devices:5d} devices: connect {_s(connect)} | rounds "
-        f"{', '.join(f'{x:.1f}' for x in rec['round_seconds'])} s | broker "
-        f"{watch.peak_rss / 2**20:.0f} MiB, {watch.cpu_seconds:.1f} s CPU | process "
-        f"{tree.root_peak_rss_bytes / 2**20:.0f} MiB"
-        f" | tree {tree.peak_rss_bytes / 2**20:.0f} MiB | wall {tree.wall_seconds:.0f} s"
-        f" | acc {s['final_accuracy']:.3f}",
+        f"{codec:>20} {n:5d} devices: agg peak {peak / MiB:.0f} MiB (idle "
+        f"{rec['agg_idle'].get('VmRSS', 0) / MiB:.0f}; after rounds {after}) | broker "
+        f"{rec['broker_peak_rss_bytes'] / MiB:.0f} MiB | connect {rec['connect_seconds']} s | "
+        f"rounds {', '.join(f'{x:.1f}' for x in rec['round_seconds'])} s | "
+        f"devices {rec['round_devices']} | acc {rec['final_accuracy']}",
         flush=True,
     )
     return rec
 
 
-def _s(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.2f} s"
+def _cpu(pid: int | None) -> float:
+    try:
+        t = psutil.Process(pid).cpu_times()
+        return round(t.user + t.system, 2)
+    except (psutil.Error, ValueError):
+        return 0.0
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| devices | connect (s) | round times (s) | broker peak RSS (MiB) "
-        "| broker CPU (s) | process peak RSS (MiB) | vs first row | wall (s) | final acc. |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| codec | devices | aggregator peak RSS (MiB) | vs 10 devices | idle RSS (MiB) "
+        "| RSS after each round (MiB) | broker peak RSS (MiB) | connect (s) "
+        "| round times (s) | final acc. |",
+        "|---|---:|---:|---:|---:|---|---:|---:|---|---:|",
     ]
-    base = next((r for r in rows if "error" not in r), None)
     for r in rows:
+        base = next((b for b in rows if b["codec"] == r["codec"] and "error" not in b), None)
         if "error" in r:
-            lines.append(f"| {r['devices']} | failed | | | | | | {r['wall_seconds']:.0f} | |")
+            lines.append(f"| {r['codec']} | {r['devices']} | failed: {r['error']} |" + " |" * 7)
             continue
-        ratio = r["process_peak_rss_bytes"] / base["process_peak_rss_bytes"] if base else 0
+        ratio = r["agg_peak_rss_bytes"] / base["agg_peak_rss_bytes"] if base else 0.0
+        after = ", ".join(f"{s.get('VmRSS', 0) / MiB:.0f}" for s in r["agg_after_round"])
+        acc = "n/a" if r["final_accuracy"] is None else f"{r['final_accuracy']:.3f}"
         lines.append(
-            f"| {r['devices']} | {_s(r['connect_seconds']).removesuffix(' s')} | "
+            f"| `{r['codec']}` | {r['devices']:,} | {r['agg_peak_rss_bytes'] / MiB:.1f} | "
+            f"{ratio:.2f}x | {r['agg_idle'].get('VmRSS', 0) / MiB:.0f} | {after} | "
+            f"{r['broker_peak_rss_bytes'] / MiB:.1f} | {r['connect_seconds']:.2f} | "
             f"{', '.join(f'{x:.1f}' for x in r['round_seconds'])} | "
-            f"{r['broker_peak_rss_bytes'] / 2**20:.1f} | {r['broker_cpu_seconds']:.1f} | "
-            f"{r['process_peak_rss_bytes'] / 2**20:.0f} | {ratio:.2f}x | "
-            f"{r['wall_seconds']:.0f} | {r['final_accuracy']:.3f} |"
+            f"{acc} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--devices", default="10,100,1000")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--devices", default="10,1000")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--codecs", default="topk:0.03+int4+zstd,fp32")
+    p.add_argument(
+        "--eval-rows",
+        type=int,
+        default=EVAL_ROWS,
+        help="central eval set: this many rows of the fleet's hold-out (0 = all of it)",
+    )
+    p.add_argument("--trace", action="store_true", help="tracemalloc in the aggregator")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "scale")
     p.add_argument("--interval", type=float, default=0.05, help="poll period (s)")
-    p.add_argument("extra", nargs="*", help="more fedge simulate arguments, after --")
     args = p.parse_args()
     out: Path = args.out.resolve()
     rows = []
     t0 = time.perf_counter()
-    for n in (int(x) for x in args.devices.split(",")):
-        rows.append(one(out / f"d{n}", n, args.rounds, args.extra, args.interval))
+    for codec in args.codecs.split(","):
+        for n in (int(x) for x in args.devices.split(",")):
+            tag = codec.replace(":", "").replace("+", "-")
+            rows.append(
+                one(
+                    out / f"{tag}-d{n}",
+                    n,
+                    codec,
+                    args.rounds,
+                    args.eval_rows,
+                    args.interval,
+                    args.trace,
+                )
+            )
     md = table(rows)
-    cmd = " ".join(simulate_cmd(Path("OUT"), 0, args.rounds, args.extra)).replace(
-        "--devices 0", "--devices N"
+    cpu = next(
+        (
+            x.split(":", 1)[1].strip()
+            for x in Path("/proc/cpuinfo").read_text().splitlines()
+            if x.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    machine = (
+        f"{platform.node()}: {os.cpu_count()} x {cpu}, Linux {platform.release()}, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}, "
+        f"load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end"
     )
     (out / "results.json").write_text(
         json.dumps(
-            {"command": cmd, "cpus": os.cpu_count(), "rows": rows,
-             "seconds": round(time.perf_counter() - t0, 1)},
+            {
+                "argv": sys.argv,
+                "machine": machine,
+                "rows": rows,
+                "seconds": round(time.perf_counter() - t0, 1),
+            },
             indent=2,
         )
         + "\n"
-    )  # fmt: skip
-    (out / "results.md").write_text(md + "\n")
+    )
+    (out / "results.md").write_text(machine + "\n\n" + md + "\n")
     print()
+    print(machine)
     print(md)
 
 

@@ -12,7 +12,7 @@ do). Two sums are recorded at every sample, and their maxima reported:
 
 A poll can miss a peak shorter than ``interval``; both frameworks are sampled the same way.
 
-Used by ``bench/vs_flower/run.py`` and ``bench/scale/run.py``.
+Used by ``bench/vs_flower/run.py``.
 """
 
 from __future__ import annotations
