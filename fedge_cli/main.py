@@ -72,7 +72,38 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
         "--stragglers",
         type=float,
         default=0.0,
-        help="fraction of devices that run only 1..epochs local epochs",
+        help="probability that a device, each round, is a straggler running 1..epochs epochs",
+    )
+    p.add_argument(
+        "--drop-stragglers",
+        action="store_true",
+        help="stragglers send nothing that round (they missed the deadline)",
+    )
+    p.add_argument(
+        "--device-delay",
+        type=_delay_range,
+        default=None,
+        metavar="LO,HI",
+        help="seconds of simulated compute added per device, log-spaced from LO to HI",
+    )
+    p.add_argument(
+        "--shard-workers",
+        type=int,
+        default=0,
+        help="N (<= 4) shard workers fold the updates (MQTT 5 shared subscription); the "
+        "aggregator reduces their partial sums (docs/scaling.md)",
+    )
+    p.add_argument(
+        "--early-stop-patience",
+        type=int,
+        default=0,
+        help="devices hold out 10 %% of their data and stop local training after this many "
+        "epochs without a better held-out loss (0 = off)",
+    )
+    p.add_argument(
+        "--adaptive-server-lr",
+        action="store_true",
+        help="halve the server learning rate after 3 versions without a better accuracy",
     )
     p.add_argument("--no-sign", action="store_true", help="do not sign updates and models")
     p.add_argument(
@@ -82,6 +113,15 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
         "(local: durable, saves on every change; scale: saves every 60 s)",
     )
     p.add_argument("--log-level", default="WARNING")
+
+
+def _delay_range(text: str) -> tuple[float, float]:
+    lo, sep, hi = text.partition(",")
+    try:
+        return (float(lo), float(hi if sep else lo))
+    except ValueError:
+        msg = f"expected LO,HI seconds, e.g. 0.2,2; got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
 
 
 def _simulate(args: argparse.Namespace) -> None:
@@ -113,9 +153,14 @@ def _simulate(args: argparse.Namespace) -> None:
         qat=args.qat,
         sign=not args.no_sign,
         stragglers=args.stragglers,
+        drop_stragglers=args.drop_stragglers,
+        device_delay=args.device_delay,
         broker_config=args.broker_config,
         mode=args.mode,
         async_buffer=args.async_buffer,
+        shard_workers=args.shard_workers,
+        early_stop_patience=args.early_stop_patience,
+        adaptive_server_lr=args.adaptive_server_lr,
     )
     s = simulate(cfg)
     print(

@@ -3,6 +3,21 @@
 The aggregator and N edge agents run in this process, each agent with its own MQTT
 connection. Agents share one selector loop (``Mux``) and one training thread; the aggregator
 has a loop of its own so that exporting and evaluating never stalls the agents' keepalives.
+
+Two kinds of device heterogeneity can be simulated:
+
+- **Stragglers** (``stragglers=p``), the systems-heterogeneity model of FedProx (Li et al.,
+  MLSys 2020, section 5.1): in every round, each device that trains is a straggler with
+  probability ``p``, drawn from the per-round seed the agent hands its train function
+  (``device seed * 1_000_003 + round``), so a run is reproducible and the draws of different
+  devices and rounds are independent. A straggler runs ``U{1..E}`` local epochs instead of E.
+  With ``drop_stragglers=True`` it sends nothing instead (it missed the deadline: FedAvg in
+  the paper drops such devices), so a sync round counts only the devices that made it.
+- **Slow devices** (``device_delay=(lo, hi)``): device i gets a fixed extra compute time,
+  log-spaced from ``lo`` to ``hi`` seconds over the fleet and assigned to devices by a seeded
+  permutation; its training result is held back that long after its training finishes. The
+  wait is a timer on the devices' mux, not a sleeping thread, so slow devices never hold up
+  the training thread that fast ones share.
 """
 
 from __future__ import annotations
@@ -13,16 +28,17 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from aggregator.config import AggregatorConfig, HyperConfig, ModelConfig
+from aggregator.config import AggregatorConfig, HyperConfig, ModelConfig, PlateauSettings
 from aggregator.evaluation import EvalSet
 from aggregator.service import Aggregator
+from aggregator.sharding import ShardWorker
 from edge_agent.agent import EdgeAgent
 from edge_agent.data import LocalData
 from edge_agent.model_cache import ModelCache
@@ -34,10 +50,11 @@ from fedge.topics import Topics
 from simulation.datasets import make_federated
 from simulation.keys import SimKeys
 
-__all__ = ["SimConfig", "simulate"]
+__all__ = ["SimConfig", "build_agent", "simulate"]
 
 log = logging.getLogger(__name__)
 
+_MAX_SIM_WORKERS = 4
 _DEFAULT_MODEL = {"digits": "mlp", "mnist5k": "mlp", "synthetic": "logreg"}
 
 
@@ -65,16 +82,38 @@ class SimConfig:
     int8: bool = False
     qat: bool = False
     sign: bool = True  # Ed25519-sign updates and models, as a production fleet does
-    stragglers: float = 0.0  # fraction of devices that run 1..epochs local epochs, seeded
+    # Each round, each training device is a straggler with this probability (seeded per
+    # device and round) and runs U{1..epochs} local epochs; see the module docstring.
+    stragglers: float = 0.0
+    drop_stragglers: bool = False  # a straggler sends nothing that round (missed the deadline)
+    # (lo, hi) seconds of simulated compute added to each device's local training, fixed per
+    # device and log-spaced over the fleet; None: every device as fast as this machine.
+    device_delay: tuple[float, float] | None = None
     broker_config: str = "local"  # broker_config/<name>.conf.template
     mode: str = "sync"  # or "async" (FedBuff)
     async_buffer: int = 10
+    shard_workers: int = 0  # > 0: that many shard workers fold the updates, the aggregator reduces
+    early_stop_patience: int = 0  # > 0: devices stop on their held-out loss (10 % held out)
+    adaptive_server_lr: bool = False  # halve server_lr after 3 versions without a better accuracy
 
     def __post_init__(self) -> None:
         if self.devices < 1:
             raise ConfigError(f"--devices must be >= 1, got {self.devices}")
         if self.rounds < 1:
             raise ConfigError(f"--rounds must be >= 1, got {self.rounds}")
+        if not 0.0 <= self.stragglers <= 1.0:
+            raise ConfigError(f"--stragglers is a probability in [0, 1], got {self.stragglers}")
+        if not 0 <= self.shard_workers <= _MAX_SIM_WORKERS:
+            raise ConfigError(
+                f"--shard-workers must be in [0, {_MAX_SIM_WORKERS}] (broker_config/acl.sharded "
+                f"has sections for aggregator-0..{_MAX_SIM_WORKERS - 1}), got {self.shard_workers}"
+            )
+        if self.device_delay is not None:
+            lo, hi = self.device_delay
+            if not 0.0 <= lo <= hi:
+                raise ConfigError(
+                    f"--device-delay LO,HI needs 0 <= LO <= HI seconds, got {lo},{hi}"
+                )
 
 
 def _fmt_bytes(n: float) -> str:
@@ -89,7 +128,7 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
     """Run the fleet until ``cfg.rounds`` versions are published; return the summary."""
     t_start = time.perf_counter()
     out = Path(cfg.out)
-    for sub in ("aggregator", "agents", "broker"):
+    for sub in ("aggregator", "agents", "broker", "shards"):
         shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -109,7 +148,9 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
         template = CONFIG_DIR / f"{cfg.broker_config}.conf.template"
         if not template.is_file():
             raise ConfigError(f"no broker config {template}; see broker_config/")
-        broker = MosquittoBroker(out / "broker", template=template).start()
+        # Shard workers need their own ACL sections (aggregator-0..3): acl.sharded.
+        acl = CONFIG_DIR / ("acl.sharded" if cfg.shard_workers else "acl")
+        broker = MosquittoBroker(out / "broker", template=template, acl=acl).start()
         url = BrokerURL.parse(broker.url)
     else:
         url = BrokerURL.parse(cfg.broker)
@@ -120,6 +161,7 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
     )
 
     agents: list[EdgeAgent] = []
+    workers: list[ShardWorker] = []
     aggregator: Aggregator | None = None
     agg_mux = dev_mux = None
     executor: ThreadPoolExecutor | None = None
@@ -155,6 +197,9 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
             round_timeout=cfg.round_timeout,
             device_keys=keys.registry if keys else None,
             signing_key=keys.aggregator_key if keys else None,
+            shard_workers=tuple(f"aggregator-{k}" for k in range(cfg.shard_workers)),
+            early_stop_patience=cfg.early_stop_patience,
+            adaptive_server_lr=PlateauSettings() if cfg.adaptive_server_lr else None,
         )
         prev = {"down": 0}
 
@@ -169,31 +214,32 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
             )
             prev["down"] = down
 
-        rng = np.random.default_rng(cfg.seed + 104729)
-        n_slow = round(cfg.stragglers * cfg.devices)
-        stragglers = (
-            set(rng.choice(cfg.devices, size=n_slow, replace=False).tolist()) if n_slow else set()
+        train_fn = (
+            straggler_train(cfg.stragglers, drop=cfg.drop_stragglers)
+            if cfg.stragglers > 0
+            else None
         )
+        delays = device_delays(cfg.device_delay, cfg.devices, cfg.seed)
         agg_mux, dev_mux = Mux("aggregator").start(), Mux("devices").start()
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
         model_cache = ModelCache()  # one copy of each version for all simulated devices
         aggregator = Aggregator(agg_cfg, agg_mux, eval_set=EvalSet(*data.test), on_round=on_round)
         aggregator.start()
+        workers = _start_shard_workers(agg_cfg, out, agg_mux)
         for i, (x, y) in enumerate(data.parts):
-            dev = f"dev-{i:04d}"
-            agent = EdgeAgent(
-                device_id=dev,
+            agent = build_agent(
+                i,
+                x,
+                y,
                 mux=dev_mux,
-                broker=url,
+                url=url,
                 topics=topics,
-                data=LocalData(x, y),
-                store=AgentStore(out / "agents" / dev),
-                executor=executor,
-                seed=cfg.seed * 7919 + i,
-                train_fn=straggler_train(cfg.seed * 7919 + i) if i in stragglers else None,
-                signing_key=keys.device_keys[i] if keys else None,
-                aggregator_key=keys.aggregator_key_pub if keys else None,
+                out=out,
+                executor=DelayedExecutor(executor, dev_mux, delays[i]) if delays else executor,
+                seed=cfg.seed,
+                keys=keys,
                 model_cache=model_cache,
+                train_fn=train_fn,
             )
             agents.append(agent)
             agent.start()
@@ -207,6 +253,8 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
     finally:
         for a in agents:
             a.stop()
+        for w in workers:
+            w.stop()
         if aggregator is not None:
             aggregator.stop()
         time.sleep(0.3)
@@ -235,6 +283,7 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
         "model_onnx": str(aggregator.latest_model_path.resolve()),
         "metrics": str((out / "metrics.jsonl").resolve()),
         "rejected": dict(aggregator.metrics.rejected),
+        "shard_workers": {w.name: w.folded for w in workers},  # updates each one folded
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "broker": str(url),
     }
@@ -242,20 +291,132 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
     return summary
 
 
-def straggler_train(seed: int) -> Callable[..., Any]:
-    """Local training that, like a slow device, stops after 1..epochs epochs (FedProx's
-    straggler model): the number is drawn per round from the device's seed."""
+def _start_shard_workers(agg: AggregatorConfig, out: Path, mux: Mux) -> list[ShardWorker]:
+    """The shard workers ``agg.shard_workers`` names, each with its own session and journal,
+    enforcing what the aggregator does (signatures, norm bound, sample clamp)."""
+    from aggregator.keyring import KeyRing
+    from aggregator.sharding import WorkerConfig
+
+    keyring = KeyRing(agg.device_keys) if agg.device_keys is not None else None
+    clip = float(agg.strategy_opts.get("clip_norm", 0.0))
+    workers = []
+    for name in agg.shard_workers:
+        cfg = WorkerConfig(
+            agg.broker,
+            agg.fleet,
+            name,
+            out / "shards" / name,
+            clip_norm=clip,
+            max_num_samples=agg.max_num_samples,
+        )
+        w = ShardWorker(cfg, mux, keyring=keyring)
+        w.start()
+        workers.append(w)
+    return workers
+
+
+def build_agent(
+    i: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    mux: Mux,
+    url: BrokerURL,
+    topics: Topics,
+    out: Path,
+    executor: Executor,
+    seed: int,
+    keys: SimKeys | None,
+    model_cache: ModelCache,
+    train_fn: Callable[..., Any] | None = None,
+) -> EdgeAgent:
+    """Simulated device ``dev-{i:04d}``: its own MQTT session on ``mux``, its store under
+    ``out/agents``. Also used by ``bench/scale/run.py``, which runs the aggregator apart."""
+    dev = f"dev-{i:04d}"
+    return EdgeAgent(
+        device_id=dev,
+        mux=mux,
+        broker=url,
+        topics=topics,
+        data=LocalData(x, y),
+        store=AgentStore(out / "agents" / dev),
+        executor=executor,
+        seed=seed * 7919 + i,
+        train_fn=train_fn,
+        signing_key=keys.device_keys[i] if keys else None,
+        aggregator_key=keys.aggregator_key_pub if keys else None,
+        model_cache=model_cache,
+    )
+
+
+def straggler_draw(p: float, round_seed: int, epochs: int) -> int | None:
+    """The local epochs of a device in a round: None if it is not a straggler (probability
+    ``1 - p``), else ``U{1..epochs}``. Pure in ``round_seed`` (the agent's ``device seed *
+    1_000_003 + round``), so a benchmark can recount afterwards which devices straggled."""
+    rng = np.random.default_rng([round_seed % 2**63, 104729])
+    if rng.random() >= p:
+        return None
+    return int(rng.integers(1, epochs + 1))
+
+
+def straggler_train(p: float, *, drop: bool = False) -> Callable[..., Any]:
+    """A train function for FedProx's straggler model (see :func:`straggler_draw`). With
+    ``drop``, a straggler does no work and returns None: the agent then sends nothing."""
     from dataclasses import replace
 
     from edge_agent.trainer import train_local
 
-    rng = np.random.default_rng(seed)
-
     def train(arch: Any, weights: Any, x: Any, y: Any, hyper: Any, s: int, **kw: Any) -> Any:
-        epochs = int(rng.integers(1, hyper.epochs + 1))
+        epochs = straggler_draw(p, s, hyper.epochs)
+        if epochs is None:
+            return train_local(arch, weights, x, y, hyper, s, **kw)
+        if drop:
+            return None
         return train_local(arch, weights, x, y, replace(hyper, epochs=epochs), s, **kw)
 
     return train
+
+
+def device_delays(spread: tuple[float, float] | None, devices: int, seed: int) -> list[float]:
+    """Per-device extra compute seconds: ``devices`` values log-spaced over ``spread``
+    (exactly ``hi / lo`` between the fastest and the slowest device), shuffled by ``seed``."""
+    if spread is None:
+        return []
+    lo, hi = spread
+    if devices == 1 or lo == hi:
+        grid = np.full(devices, float(lo))
+    elif lo == 0:
+        grid = np.linspace(0.0, hi, devices)
+    else:
+        grid = np.geomspace(lo, hi, devices)
+    return [float(d) for d in np.random.default_rng([seed, 15485863]).permutation(grid)]
+
+
+class DelayedExecutor(Executor):
+    """Run on ``inner`` (the shared training thread), then hold the result ``delay`` seconds
+    on ``mux``'s timers before completing the returned future: a device that computes slower
+    than this machine, without a thread asleep that the other devices would queue behind."""
+
+    def __init__(self, inner: Executor, mux: Mux, delay: float) -> None:
+        self.inner, self.mux, self.delay = inner, mux, delay
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        outer: Future[Any] = Future()
+        outer.set_running_or_notify_cancel()
+
+        def complete(f: Future[Any]) -> None:
+            exc = CancelledError() if f.cancelled() else f.exception()
+            if exc is not None:
+                outer.set_exception(exc)
+            else:
+                outer.set_result(f.result())
+
+        def trained(f: Future[Any]) -> None:
+            # mux.call_later is for the mux thread: hop there first.
+            self.mux.call_soon(lambda: self.mux.call_later(self.delay, lambda: complete(f)))
+
+        self.inner.submit(fn, *args, **kwargs).add_done_callback(trained)
+        return outer
 
 
 def _wait_for_final_model(agents: list[EdgeAgent], version: int, timeout: float) -> None:
