@@ -280,3 +280,17 @@ def test_workers_must_enforce_what_the_aggregator_requires(
     finally:
         stop()
         checked.close()
+
+
+def test_fedge_simulate_with_shard_workers(tmp_path: Path) -> None:
+    """`fedge simulate --shard-workers 2`: the whole loop, signed, through two workers."""
+    from simulation.fleet import SimConfig, simulate
+
+    summary = simulate(
+        SimConfig(out=tmp_path, devices=4, rounds=2, epochs=1, shard_workers=2),
+        say=lambda _s: None,
+    )
+    assert (summary["rounds"], summary["failed_rounds"]) == (2, 0)
+    assert sorted(summary["shard_workers"]) == list(WORKERS)
+    assert sum(summary["shard_workers"].values()) == 8  # 4 devices x 2 rounds, once each
+    assert summary["rejected"] == {}
