@@ -63,16 +63,6 @@ class UpdateIntake:
         msg = Receipt(device, round_id, update_id).to_bytes()
         self.session.publish(self.topics.receipt(device), msg, qos=1)
 
-    def answered_round(
-        self, payload: bytes, recent: dict[int, OpenRound], building: OpenRound
-    ) -> OpenRound | None:
-        """Async: the (possibly stale) round an update answers, if it is still accepted."""
-        try:
-            upd = ModelUpdate.from_bytes(payload, self.limits)
-        except ProtocolError:
-            return building  # validation reports the reason
-        return recent.get(upd.round)
-
     def uncount(self, journaled: list[tuple[str, bytes]], recent: dict[int, OpenRound]) -> None:
         """Async restart: journaled updates are in no version yet, though the checkpoint may
         list them as counted (written while they waited in the buffer): let the replay fold
@@ -91,22 +81,29 @@ class UpdateIntake:
         device: str,
         payload: bytes,
         *,
-        answered: OpenRound | None,
         building: OpenRound,
+        recent: dict[int, OpenRound] | None,
         version: int,
         spec: TensorSpec,
         journal: bool,
     ) -> bool:
         """Take ``payload`` into ``building`` (the round whose version it goes into) as an
-        answer to ``answered`` (the same round in sync mode; None: no longer accepted).
-        ``journal=False`` replays an update already in the journal. True if it counts."""
+        answer to its own round: ``building`` itself in sync mode (``recent`` None), in async
+        mode the still-accepted round of ``recent`` it names. ``journal=False`` replays an
+        update already in the journal. True if it counts."""
+        try:
+            upd = ModelUpdate.from_bytes(payload, self.limits)
+        except ProtocolError as e:
+            self.reject(building, e.reason, e.detail)
+            return False
+        answered = building if recent is None else recent.get(upd.round)
         if answered is None:
             self.reject(building, "too_stale", f"{device}: round no longer accepted")
             return False
         try:
             acc = validate_update(
                 device,
-                payload,
+                upd,
                 answered,
                 spec,
                 self.limits,
@@ -115,8 +112,13 @@ class UpdateIntake:
             )
         except ProtocolError as e:
             self.reject(answered, e.reason, e.detail)
-            if e.reason == "duplicate" and journal:
-                self._receipt_again(device, payload, answered)
+            if (
+                e.reason == "duplicate"
+                and journal
+                and answered.counted.get(device) == upd.update_id
+            ):
+                # A resend of the update we counted (its receipt was lost): confirm it again.
+                self.receipt(device, upd.round, upd.update_id)
             return False
         if journal:
             # Durable before counted and before acked; an OSError propagates, so the session
@@ -145,9 +147,3 @@ class UpdateIntake:
         building.account(acc.num_samples, acc.update.metrics, answered.task.hyper.epochs)
         self.metrics.accepted += 1
         return True
-
-    def _receipt_again(self, device: str, payload: bytes, rnd: OpenRound) -> None:
-        # A resend of the update we counted (its receipt was lost): confirm it again.
-        upd = ModelUpdate.from_bytes(payload, self.limits)
-        if rnd.counted.get(device) == upd.update_id:
-            self.receipt(device, upd.round, upd.update_id)

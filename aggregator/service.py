@@ -594,12 +594,11 @@ class Aggregator:
     def _fold(self, device: str, payload: bytes, *, journal: bool) -> bool:
         rnd = self.round
         assert rnd is not None
-        answered = self.intake.answered_round(payload, self.recent, rnd) if self.is_async else rnd
         return self.intake.fold(
             device,
             payload,
-            answered=answered,
             building=rnd,
+            recent=self.recent if self.is_async else None,
             version=self.version,
             spec=spec_of(self.weights),
             journal=journal,

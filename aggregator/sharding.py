@@ -260,17 +260,19 @@ class ShardWorker:
         assert self.spec is not None
         c = self.config
         try:
-            ok = validate_update(
-                device, payload, rnd, self.spec, self.limits, c.max_num_samples, self.keyring
-            )
-        except ProtocolError as e:
-            if e.reason == "wrong_round" and _round_of(payload, self.limits) > rnd.round:
+            upd = ModelUpdate.from_bytes(payload, self.limits)
+            if upd.round > rnd.round:
                 # Its task has not reached this worker yet (possible on a broker cluster).
                 self._hold(device, payload, ack)
                 return False
+            ok = validate_update(
+                device, upd, rnd, self.spec, self.limits, c.max_num_samples, self.keyring
+            )
+        except ProtocolError as e:
             self._reject(e.reason, e.detail)
-            if e.reason == "duplicate" and journal:
-                self._receipt_again(device, payload, rnd)
+            if e.reason == "duplicate" and journal and rnd.counted.get(device) == upd.update_id:
+                # A resend of an update this worker counted (its receipt was lost).
+                self._receipt(device, upd.round, upd.update_id)
             return True
         if journal and self._sealed == rnd.round:
             # The reducer closes the round on the sums already sent: no receipt, as for an
@@ -295,12 +297,6 @@ class ShardWorker:
         rnd.account(ok.num_samples, ok.update.metrics, rnd.task.hyper.epochs)
         self.folded += 1
         return True
-
-    def _receipt_again(self, device: str, payload: bytes, rnd: OpenRound) -> None:
-        # A resend of an update this worker counted (its receipt was lost): confirm it again.
-        upd = ModelUpdate.from_bytes(payload, self.limits)
-        if rnd.counted.get(device) == upd.update_id:
-            self._receipt(device, upd.round, upd.update_id)
 
     def _receipt(self, device: str, round_id: int, update_id: str) -> None:
         msg = Receipt(device, round_id, update_id).to_bytes()
@@ -358,10 +354,3 @@ class ShardWorker:
             self.session.publish(self.shard_topics.partial(self.name), p.to_bytes())
         except ProtocolError as e:  # larger than one packet: partials are not chunked yet
             log.error("%s: cannot publish partial of round %d: %s", self.name, p.round, e)
-
-
-def _round_of(payload: bytes, limits: Limits) -> int:
-    try:
-        return ModelUpdate.from_bytes(payload, limits).round
-    except ProtocolError:
-        return -1

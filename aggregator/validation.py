@@ -33,14 +33,16 @@ class Accepted:
 
 def validate_update(
     topic_device: str,
-    payload: bytes,
+    payload: bytes | ModelUpdate,
     rnd: OpenRound,
     spec: TensorSpec,
     limits: Limits,
     max_num_samples: int,
     keyring: KeyRing | None = None,
 ) -> Accepted:
-    upd = ModelUpdate.from_bytes(payload, limits)
+    """``payload``: the message bytes, or the update a caller already parsed from them with
+    ``ModelUpdate.from_bytes`` (to pick its round first: one parse per update)."""
+    upd = payload if isinstance(payload, ModelUpdate) else ModelUpdate.from_bytes(payload, limits)
     t = rnd.task
     if upd.device != topic_device:
         raise InvalidUpdate("device_mismatch", f"{topic_device} sent an update signed {upd.device}")

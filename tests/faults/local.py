@@ -194,6 +194,14 @@ class LocalFleet:
     def note(self, kind: str, what: str) -> None:
         self.events.append(Event(time.time(), kind, what))
 
+    def bounce_broker(self, broker: MosquittoBroker, down: float = 1.0) -> None:
+        """SIGKILL ``broker``, restart it after ``down`` seconds, both on the timeline."""
+        self.note("fault", "broker SIGKILL")
+        broker.kill()
+        time.sleep(down)
+        broker.restart()
+        self.note("recover", "broker restarted")
+
     # -- the aggregator -----------------------------------------------------------------------
     def start_aggregator(self, url: str | None = None) -> Aggregator:
         """Start (again) from the state directory; ``url`` overrides the broker address."""

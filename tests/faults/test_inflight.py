@@ -11,7 +11,6 @@ proxy holds the aggregator's traffic for 1 s so that the window is hit every tim
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -45,11 +44,7 @@ def test_broker_sigkill_loses_an_in_flight_update_of_a_device_without_receipts(
     # Execute: the broker acks dev-a's update, then dies before the aggregator has it; dev-b
     # answers once the broker is back.
     a.send(make_update(agg.weights, "dev-a", task))
-    fleet.note("fault", "broker SIGKILL")
-    fresh_broker.kill()
-    time.sleep(1.0)
-    fresh_broker.restart()
-    fleet.note("recover", "broker restarted")
+    fleet.bounce_broker(fresh_broker)
     wait_until(lambda: agg.session.connected, 30, "aggregator back")
     b.send(make_update(agg.weights, "dev-b", task))
     fleet.wait_versions(1, 60)
@@ -81,11 +76,7 @@ def test_agent_resends_until_receipt_after_broker_sigkill_with_update_in_flight(
     # Execute: kill the broker as soon as it has acknowledged the agent's update (the
     # aggregator's copy is still held by the 1 s proxy delay), restart it.
     wait_until(lambda: len(agent.store.acked()) >= 1, 60, "the agent's update acknowledged")
-    fleet.note("fault", "broker SIGKILL")
-    fresh_broker.kill()
-    time.sleep(1.0)
-    fresh_broker.restart()
-    fleet.note("recover", "broker restarted")
+    fleet.bounce_broker(fresh_broker)
     wait_until(lambda: agg.session.connected, 30, "aggregator back")
     b.send(make_update(agg.weights, "dev-b", task))
     fleet.wait_versions(1, 60)

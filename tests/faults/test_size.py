@@ -112,11 +112,7 @@ def test_chunked_model_survives_a_broker_sigkill(
     fleet.wait_versions(1, 60)
 
     # Execute: SIGKILL the broker, back after 1 s; a new device joins once the fleet is done.
-    fleet.note("fault", "broker SIGKILL")
-    fresh_broker.kill()
-    time.sleep(1.0)
-    fresh_broker.restart()
-    fleet.note("recover", "broker restarted")
+    fleet.bounce_broker(fresh_broker)
     fleet.wait_versions(3, 90)
     wait_until(
         lambda: all(a.model is not None and a.model.version == 3 for a in agents),
