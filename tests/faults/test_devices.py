@@ -114,7 +114,13 @@ def test_device_reboot_keeps_residual_and_model(rig_factory: Any) -> None:
     d0 = rig.device_dir(0)
     rig.start_aggregator()
     rig.start_agent(0)
-    _wait(lambda: AgentStore(d0).last_round() == 1, 120, "dev-0 to finish round 1")
+    # Finished = sent and receipted: killed between the broker's PUBACK and the aggregator's
+    # receipt it would (rightly) resend its update on reboot, which is another test.
+    _wait(
+        lambda: AgentStore(d0).last_round() == 1 and not Outbox(d0).pending(),
+        120,
+        "dev-0 to finish round 1 (its update receipted)",
+    )
     rig.kill_agent(0)
     before = _files(d0)
     residual_a = Residual.load(d0).tensors
