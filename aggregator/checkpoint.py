@@ -16,8 +16,8 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from fedge.fsutil import atomic_write
 from fedge.limits import Limits
+from fedge.support.fsutil import atomic_write
 from fedge.tensors import decode_records, dense_record, encode_records, spec_of
 
 __all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]

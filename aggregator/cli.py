@@ -18,8 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     from aggregator.config import load_aggregator_config
     from aggregator.service import Aggregator
-    from fedge.mux import Mux
-    from fedge.runtime import setup_logging, wait_for_signal
+    from fedge.support.runtime import setup_logging, wait_for_signal
+    from fedge.transport.mux import Mux
 
     setup_logging(args.log_level)
     cfg = load_aggregator_config(args.config)

@@ -8,9 +8,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedge.codecs import parse_codec
-from fedge.config_io import TLSConfig, load_yaml_config
 from fedge.envelopes import TrainHyper
-from fedge.mqtt import BrokerURL
+from fedge.support.config_io import TLSConfig, load_yaml_config
+from fedge.transport.mqtt import BrokerURL
 
 __all__ = [
     "AggregatorConfig",

@@ -19,11 +19,11 @@ from aggregator.strategies.base import Strategy
 from aggregator.validation import validate_update
 from fedge.envelopes import ModelUpdate, Receipt
 from fedge.errors import AggregationError, ProtocolError
-from fedge.faults import crash_point
 from fedge.limits import Limits
-from fedge.session import Session
+from fedge.support.faults import crash_point
 from fedge.tensors import TensorSpec
 from fedge.topics import Topics
+from fedge.transport.session import Session
 
 __all__ = ["UpdateIntake"]
 

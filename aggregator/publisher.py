@@ -19,8 +19,8 @@ from fedge.chunks import split_model
 from fedge.envelopes import GlobalModel, ModelArch
 from fedge.errors import ProtocolError
 from fedge.identity import SigningKey
-from fedge.session import Session
 from fedge.topics import Topics
+from fedge.transport.session import Session
 
 __all__ = ["ModelPublisher"]
 
@@ -99,7 +99,7 @@ class ModelPublisher:
         self.int8_message = self._announce(version, build.onnx, metrics).to_bytes()
         path = self.registry.path(version).with_suffix(".int8.onnx")
         if not path.exists():
-            from fedge.fsutil import atomic_write
+            from fedge.support.fsutil import atomic_write
 
             atomic_write(path, build.onnx)
         return metrics

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fedge.fsutil import atomic_write
+from fedge.support.fsutil import atomic_write
 
 __all__ = ["ModelRegistry"]
 

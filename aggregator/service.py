@@ -31,11 +31,12 @@ from aggregator.journal import RoundJournal
 from aggregator.keyring import KeyRing
 from aggregator.metrics import MetricsLog
 from aggregator.publisher import ModelPublisher
-from aggregator.reducer import Merged
 from aggregator.registry import ModelRegistry
 from aggregator.rounds import OpenRound
 from aggregator.selection import select_clients
-from aggregator.sharded_round import ShardedRound
+from aggregator.sharded.partials import ShardPolicy, ShardTopics
+from aggregator.sharded.reducer import Merged
+from aggregator.sharded.rounds import ShardedRound
 from aggregator.strategies import make_strategy
 from aggregator.strategies.streaming import StreamingStrategy
 from fedge.envelopes import (
@@ -47,12 +48,11 @@ from fedge.envelopes import (
 from fedge.errors import AggregationError, ConfigError, ProtocolError
 from fedge.identity import load_signing_key
 from fedge.limits import DEFAULT_LIMITS, Limits
-from fedge.mqtt import BrokerURL, publish_packet_size
-from fedge.mux import Mux, Timer
-from fedge.partials import ShardPolicy, ShardTopics
-from fedge.session import Session, SessionOptions
 from fedge.tensors import spec_of
 from fedge.topics import Topics
+from fedge.transport.mqtt import BrokerURL, publish_packet_size
+from fedge.transport.mux import Mux, Timer
+from fedge.transport.session import Session, SessionOptions
 
 __all__ = ["Aggregator"]
 
@@ -107,7 +107,7 @@ class Aggregator:
         # Async: every round still accepted, by id (the open one included).
         self.recent: dict[int, OpenRound] = {}
         if self.is_async:
-            from aggregator.fedbuff import StalenessWeight
+            from aggregator.strategies.staleness import StalenessWeight
 
             self.strategy.staleness_weight = StalenessWeight.parse(config.staleness_weight)
         self.done = threading.Event()

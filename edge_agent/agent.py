@@ -42,14 +42,14 @@ from fedge.envelopes import (
     RoundTask,
 )
 from fedge.errors import ProtocolError
-from fedge.faults import crash_point
 from fedge.identity import SigningKey, VerifyKey
 from fedge.limits import DEFAULT_LIMITS, Limits
-from fedge.mqtt import BrokerURL, publish_packet_size
-from fedge.mux import Mux
-from fedge.session import Session, SessionOptions
+from fedge.support.faults import crash_point
 from fedge.tensors import spec_of
 from fedge.topics import Topics
+from fedge.transport.mqtt import BrokerURL, publish_packet_size
+from fedge.transport.mux import Mux
+from fedge.transport.session import Session, SessionOptions
 
 __all__ = ["AgentCounters", "AgentState", "EdgeAgent"]
 

@@ -57,10 +57,10 @@ def run_agent(config: Path, log_level: str) -> None:
     from edge_agent.privacy import LocalDP
     from edge_agent.store import AgentStore
     from fedge.identity import load_signing_key, load_verify_key
-    from fedge.mqtt import BrokerURL
-    from fedge.mux import Mux
-    from fedge.runtime import setup_logging, wait_for_signal
+    from fedge.support.runtime import setup_logging, wait_for_signal
     from fedge.topics import Topics
+    from fedge.transport.mqtt import BrokerURL
+    from fedge.transport.mux import Mux
 
     setup_logging(log_level)
     cfg = load_agent_config(config)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fedge.config_io import TLSConfig, load_yaml_config
-from fedge.mqtt import BrokerURL
+from fedge.support.config_io import TLSConfig, load_yaml_config
 from fedge.topics import validate_device_id
+from fedge.transport.mqtt import BrokerURL
 
 __all__ = ["AgentConfig", "load_agent_config"]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from fedge.fsutil import atomic_write
+from fedge.support.fsutil import atomic_write
 
 __all__ = ["Outbox"]
 

@@ -3,7 +3,7 @@
 Nothing that leaves the device is then more than a Gaussian mechanism of its data, whoever
 reads it (broker, aggregator, anyone holding a published model). The price is noise on every
 update instead of once on the sum: for the same epsilon, about sqrt(devices per round) times
-more noise in the average than central DP (``aggregator.privacy``).
+more noise in the average than central DP (``aggregator.strategies.dp_fedavg``).
 
 Apply it to the delta *before* the codec: quantizing or sparsifying noisy values is
 post-processing and costs no privacy; a top-k error-feedback residual must be computed from

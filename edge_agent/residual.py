@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fedge.fsutil import atomic_write
+from fedge.support.fsutil import atomic_write
 from fedge.tensors import TensorSpec, spec_of
 
 __all__ = ["RESIDUAL_FILE", "Residual"]

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fedge.envelopes import GlobalModel, ModelArch
-from fedge.fsutil import atomic_write
+from fedge.support.fsutil import atomic_write
 
 __all__ = ["AgentStore", "HeldModel"]
 

@@ -44,8 +44,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedge.errors import ConfigError
-from fedge.fsutil import atomic_write
 from fedge.identity import SigningKey, load_verify_key, save_signing_key, save_verify_key
+from fedge.support.fsutil import atomic_write
 from fedge.topics import validate_device_id
 
 __all__ = [

@@ -126,7 +126,7 @@ def _delay_range(text: str) -> tuple[float, float]:
 
 def _simulate(args: argparse.Namespace) -> None:
 
-    from fedge.runtime import setup_logging
+    from fedge.support.runtime import setup_logging
     from simulation.fleet import SimConfig, simulate
 
     setup_logging(args.log_level)
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     agg = sub.add_parser("aggregator", help="run the aggregator service")
     agg_cli.add_arguments(agg)
     agg.set_defaults(func=agg_cli.run)
-    from aggregator import shard_service
+    from aggregator.sharded import service as shard_service
 
     sw = sub.add_parser(
         "shard-worker", help="run one shard worker of sharded aggregation (docs/scaling.md)"

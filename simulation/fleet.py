@@ -38,15 +38,15 @@ import numpy as np
 from aggregator.config import AggregatorConfig, HyperConfig, ModelConfig, PlateauSettings
 from aggregator.evaluation import EvalSet
 from aggregator.service import Aggregator
-from aggregator.sharding import ShardWorker
+from aggregator.sharded.worker import ShardWorker
 from edge_agent.agent import EdgeAgent
 from edge_agent.data import LocalData
 from edge_agent.model_cache import ModelCache
 from edge_agent.store import AgentStore
 from fedge.errors import BrokerUnavailable, ConfigError
-from fedge.mqtt import BrokerURL, probe_broker
-from fedge.mux import Mux
 from fedge.topics import Topics
+from fedge.transport.mqtt import BrokerURL, probe_broker
+from fedge.transport.mux import Mux
 from simulation.datasets import make_federated
 from simulation.keys import SimKeys
 
@@ -295,7 +295,7 @@ def _start_shard_workers(agg: AggregatorConfig, out: Path, mux: Mux) -> list[Sha
     """The shard workers ``agg.shard_workers`` names, each with its own session and journal,
     enforcing what the aggregator does (signatures, norm bound, sample clamp)."""
     from aggregator.keyring import KeyRing
-    from aggregator.sharding import WorkerConfig
+    from aggregator.sharded.worker import WorkerConfig
 
     keyring = KeyRing(agg.device_keys) if agg.device_keys is not None else None
     clip = float(agg.strategy_opts.get("clip_norm", 0.0))

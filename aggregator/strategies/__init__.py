@@ -92,8 +92,8 @@ def describe_strategies() -> list[StrategyInfo]:
 
 
 def _register_dp() -> None:
-    # Imported here, not at the top: aggregator.privacy builds on strategies.base.
-    from aggregator.privacy import DPFedAvg
+    # Imported here, not at the top: aggregator.strategies.dp_fedavg builds on strategies.base.
+    from aggregator.strategies.dp_fedavg import DPFedAvg
 
     STRATEGIES[DPFedAvg.name] = DPFedAvg
 

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from aggregator.accumulator import squared_norm
+from aggregator.strategies.accumulator import squared_norm
 from aggregator.strategies.options import StrategyOptions
 from fedge.envelopes import TrainHyper
 from fedge.errors import AggregationError

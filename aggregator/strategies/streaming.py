@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from aggregator.accumulator import WeightedSum
+from aggregator.strategies.accumulator import WeightedSum
 from aggregator.strategies.base import Strategy
 from aggregator.strategies.options import StrategyOptions, opt
 

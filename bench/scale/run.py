@@ -64,9 +64,9 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edge_agent.model_cache import ModelCache  # noqa: E402
-from fedge.mqtt import BrokerURL  # noqa: E402
-from fedge.mux import Mux  # noqa: E402
 from fedge.topics import Topics  # noqa: E402
+from fedge.transport.mqtt import BrokerURL  # noqa: E402
+from fedge.transport.mux import Mux  # noqa: E402
 from simulation.broker import CONFIG_DIR, MosquittoBroker  # noqa: E402
 from simulation.datasets import make_federated  # noqa: E402
 from simulation.fleet import build_agent  # noqa: E402

@@ -1,7 +1,7 @@
 """Sharded aggregation demo (issue 7): K shard-worker processes on one Mosquitto.
 
 For each K, a fresh local Mosquitto with ``broker_config/acl.sharded``; K worker processes
-(``python -m aggregator.shard_service``, what ``fedge shard-worker`` runs); in this process
+(``python -m aggregator.sharded.service``, what ``fedge shard-worker`` runs); in this process
 the reducer (username ``aggregator``) and D hand-driven devices, each its own MQTT session.
 The reducer publishes a model (hand-built ONNX MLP, no torch) and a round task; every device
 publishes one update (fixed seeds, the same bytes for every K); the reducer asks the workers
@@ -34,13 +34,13 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from aggregator.shard_service import ReducerSession  # noqa: E402
+from aggregator.sharded.service import ReducerSession  # noqa: E402
 from fedge.codecs import parse_codec  # noqa: E402
 from fedge.envelopes import GlobalModel, ModelArch, ModelUpdate, RoundTask, TrainHyper  # noqa: E402
 from fedge.limits import DEFAULT_LIMITS  # noqa: E402
-from fedge.mux import Mux  # noqa: E402
-from fedge.session import Session, SessionOptions  # noqa: E402
 from fedge.topics import Topics  # noqa: E402
+from fedge.transport.mux import Mux  # noqa: E402
+from fedge.transport.session import Session, SessionOptions  # noqa: E402
 from simulation.broker import CONFIG_DIR, MosquittoBroker  # noqa: E402
 
 WAIT = 120.0
@@ -112,7 +112,7 @@ def run_k(
     with MosquittoBroker(work / f"broker-{k}", template=template, acl=acl) as broker:
         procs = [
             subprocess.Popen(
-                [sys.executable, "-m", "aggregator.shard_service", "--broker", broker.url,
+                [sys.executable, "-m", "aggregator.sharded.service", "--broker", broker.url,
                  "--fleet", fleet, "--worker", name, "--state-dir", str(state / fleet / name),
                  "--log-level", "WARNING"],
                 cwd=ROOT,

@@ -28,10 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     from edge_agent.config import load_agent_config
     from edge_agent.data import load_local_data
     from edge_agent.store import AgentStore
-    from fedge.mqtt import BrokerURL
-    from fedge.mux import Mux
-    from fedge.runtime import setup_logging, wait_for_signal
+    from fedge.support.runtime import setup_logging, wait_for_signal
     from fedge.topics import Topics
+    from fedge.transport.mqtt import BrokerURL
+    from fedge.transport.mux import Mux
 
     setup_logging(args.log_level)
     torch.set_num_threads(1)

@@ -33,9 +33,9 @@ from edge_agent.data import LocalData
 from edge_agent.store import AgentStore
 from fedge.codecs import parse_codec
 from fedge.envelopes import DeviceState, DeviceStatus, ModelUpdate, RoundTask
-from fedge.mqtt import BrokerURL
-from fedge.mux import Mux
 from fedge.topics import Topics
+from fedge.transport.mqtt import BrokerURL
+from fedge.transport.mux import Mux
 from simulation.broker import MosquittoBroker
 from simulation.datasets import FederatedData
 from tests.faults.audit import Event, Outcome, audit, late_rejections, recovery_seconds

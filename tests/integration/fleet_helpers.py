@@ -20,9 +20,9 @@ from edge_agent.agent import EdgeAgent
 from edge_agent.data import LocalData
 from edge_agent.store import AgentStore
 from fedge.envelopes import Receipt, RoundTask
-from fedge.mqtt import BrokerURL
-from fedge.mux import Mux
 from fedge.topics import Topics
+from fedge.transport.mqtt import BrokerURL
+from fedge.transport.mux import Mux
 from simulation.broker import MosquittoBroker
 from simulation.datasets import FederatedData
 

@@ -483,11 +483,11 @@ def test_enrolled_fleet_trains_over_tls_with_signed_updates_and_models(
     from edge_agent.agent import EdgeAgent
     from edge_agent.data import LocalData
     from edge_agent.store import AgentStore
-    from fedge.config_io import TLSConfig
     from fedge.identity import load_signing_key, load_verify_key
-    from fedge.mqtt import BrokerURL
-    from fedge.mux import Mux
+    from fedge.support.config_io import TLSConfig
     from fedge.topics import Topics
+    from fedge.transport.mqtt import BrokerURL
+    from fedge.transport.mux import Mux
     from simulation.datasets import make_federated
     from tests.integration.fleet_helpers import wait_until
 

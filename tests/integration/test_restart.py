@@ -21,9 +21,9 @@ from aggregator.registry import ModelRegistry
 from edge_agent.agent import EdgeAgent
 from edge_agent.data import LocalData
 from edge_agent.store import AgentStore
-from fedge.mqtt import BrokerURL
-from fedge.mux import Mux
 from fedge.topics import Topics
+from fedge.transport.mqtt import BrokerURL
+from fedge.transport.mux import Mux
 from simulation.broker import MosquittoBroker
 from simulation.datasets import make_federated, write_npz_partitions
 from tests.integration.fleet_helpers import wait_until

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from aggregator.sharding import ShardWorker, WorkerConfig
+from aggregator.sharded.worker import ShardWorker, WorkerConfig
 from fedge.codecs import parse_codec
 from fedge.errors import ConfigError
-from fedge.mux import Mux
+from fedge.transport.mux import Mux
 from simulation.broker import MosquittoBroker
 from simulation.datasets import make_federated
 from tests.integration.fleet_helpers import Fleet, update_for, wait_until

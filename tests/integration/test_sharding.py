@@ -21,15 +21,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from aggregator.reducer import Merged
-from aggregator.shard_service import ReducerSession
-from aggregator.sharding import ShardWorker, WorkerConfig
+from aggregator.sharded.reducer import Merged
+from aggregator.sharded.service import ReducerSession
+from aggregator.sharded.worker import ShardWorker, WorkerConfig
 from fedge.codecs import parse_codec
 from fedge.envelopes import GlobalModel, ModelArch, ModelUpdate, RoundTask, TrainHyper
 from fedge.limits import DEFAULT_LIMITS
-from fedge.mux import Mux
-from fedge.session import Session, SessionOptions
 from fedge.topics import Topics
+from fedge.transport.mux import Mux
+from fedge.transport.session import Session, SessionOptions
 from simulation.broker import MosquittoBroker
 
 pytestmark = pytest.mark.integration
@@ -310,7 +310,7 @@ def test_a_sealed_round_refuses_later_updates_without_a_receipt(
     """After the reducer's final request a worker answers, then refuses the round's later
     updates (``round_closed``) without confirming them: every update a device holds a
     receipt for is in the sums the round closes on."""
-    from fedge.mqtt import BrokerURL
+    from fedge.transport.mqtt import BrokerURL
     from tests.integration.fleet_helpers import RawDevice, wait_until
 
     # Prepare: one worker holds the round; dev-00's update is in and confirmed.
@@ -362,7 +362,7 @@ def test_an_update_held_before_its_task_stays_with_the_broker_until_journaled(
     """A worker that has the model but not yet the task holds an update without acking it:
     stopped in that state, it loses nothing; its successor gets the update again and counts
     it."""
-    from fedge.mqtt import BrokerURL
+    from fedge.transport.mqtt import BrokerURL
     from tests.integration.fleet_helpers import RawDevice, wait_until
 
     # Prepare: model, no task; dev-00's update reaches the worker and is held.

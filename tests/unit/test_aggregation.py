@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aggregator.accumulator import WeightedSum
 from aggregator.strategies import make_strategy
+from aggregator.strategies.accumulator import WeightedSum
 from fedge.errors import AggregationError
 
 SPEC = {"fc1.weight": (4, 3), "fc1.bias": (4,), "empty": (0, 2)}

@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from aggregator.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from aggregator.registry import ModelRegistry
-from fedge.fsutil import atomic_write
+from fedge.support.fsutil import atomic_write
 
 
 def make_checkpoint(seed: int = 0, version: int = 3) -> Checkpoint:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregator.accumulator import WeightedSum
 from aggregator.strategies import make_strategy
+from aggregator.strategies.accumulator import WeightedSum
 from fedge.errors import AggregationError
 
 SPEC = {"w": (3, 4), "b": (3,)}

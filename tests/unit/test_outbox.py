@@ -31,9 +31,9 @@ def test_the_agent_keeps_updates_of_rounds_the_task_still_accepts(tmp_path: Path
     from edge_agent.data import LocalData
     from edge_agent.store import AgentStore
     from fedge.envelopes import RoundTask, TrainHyper
-    from fedge.mqtt import BrokerURL
-    from fedge.mux import Mux
     from fedge.topics import Topics
+    from fedge.transport.mqtt import BrokerURL
+    from fedge.transport.mux import Mux
 
     mux = Mux("unused").start()
     agent = EdgeAgent(

@@ -1,4 +1,4 @@
-"""fedge.partials (the partial-sum envelopes) and the reducer's merge, without a broker."""
+"""aggregator.sharded.partials (partial-sum envelopes) and the reducer's merge, no broker."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import msgpack
 import numpy as np
 import pytest
 
-from aggregator.reducer import Merged, Reducer, merge_partials, overlaps
-from fedge.errors import AggregationError, ProtocolError
-from fedge.partials import (
+from aggregator.sharded.partials import (
     PARTIALS_SCHEMA_VERSION,
     PartialRequest,
     PartialSum,
     ShardPolicy,
     ShardTopics,
 )
+from aggregator.sharded.reducer import Merged, Reducer, merge_partials, overlaps
+from fedge.errors import AggregationError, ProtocolError
 from fedge.topics import Topics
 
 SPEC = {"w": (3, 2), "b": (3,)}

@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import brentq
 from scipy.stats import norm
 
-from aggregator.privacy import (
+from aggregator.strategies.dp_fedavg import (
     DPFedAvg,
     DPFedAvgOptions,
     NoisyClippedSum,
@@ -55,7 +55,7 @@ def test_l2_norm_is_the_norm_of_all_tensors() -> None:
 
 @pytest.mark.parametrize("module", ["aggregator", "edge_agent"])
 def test_clip_scales_down_and_keeps_direction(module: str) -> None:
-    from aggregator.privacy import clip_update as agg_clip
+    from aggregator.strategies.dp_fedavg import clip_update as agg_clip
     from edge_agent.privacy import clip_update as dev_clip
 
     clip = agg_clip if module == "aggregator" else dev_clip

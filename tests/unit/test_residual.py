@@ -17,9 +17,9 @@ from edge_agent.store import AgentStore
 from fedge.codecs import parse_codec
 from fedge.envelopes import RoundTask, TrainHyper
 from fedge.limits import DEFAULT_LIMITS
-from fedge.mqtt import BrokerURL
-from fedge.mux import Mux
 from fedge.topics import Topics
+from fedge.transport.mqtt import BrokerURL
+from fedge.transport.mux import Mux
 
 MODEL = {"fc1.weight": (16, 8), "fc1.bias": (16,), "fc2.weight": (3, 16), "fc2.bias": (3,)}
 LOSSY = [

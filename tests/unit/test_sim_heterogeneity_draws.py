@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from fedge.mux import Mux
+from fedge.transport.mux import Mux
 from simulation.fleet import DelayedExecutor, device_delays, straggler_draw
 
 

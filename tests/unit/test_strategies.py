@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy.stats import trim_mean
 
-from aggregator.accumulator import WeightedSum
 from aggregator.strategies import STRATEGIES, describe_strategies, make_strategy, update_norm
+from aggregator.strategies.accumulator import WeightedSum
 from fedge.envelopes import TrainHyper
 from fedge.errors import AggregationError
 

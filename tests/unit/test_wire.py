@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from fedge.errors import ProtocolError
 from fedge.limits import DEFAULT_LIMITS, MAX_PACKET_SIZE, Limits
-from fedge.mqtt import BrokerURL, publish_packet_size
 from fedge.topics import Topics, validate_device_id
+from fedge.transport.mqtt import BrokerURL, publish_packet_size
 from fedge.wire import Fields, pack, unpack_map
 
 LIMITS = Limits(max_str_len=8, max_map_len=4, max_array_len=16, max_tensors=4)

@@ -3,8 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregator.fedbuff import AsyncBuffer, StalenessWeight
 from aggregator.strategies import make_strategy
+from aggregator.strategies.staleness import AsyncBuffer, StalenessWeight
 from fedge.errors import AggregationError
 
 SPEC = {"w": (3, 2), "b": (3,)}

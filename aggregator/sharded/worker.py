@@ -23,10 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aggregator.accumulator import WeightedSum, squared_norm
 from aggregator.journal import RoundJournal
 from aggregator.keyring import KeyRing
 from aggregator.rounds import OpenRound
+from aggregator.sharded.partials import PartialRequest, PartialSum, ShardPolicy, ShardTopics
+from aggregator.strategies.accumulator import WeightedSum, squared_norm
 from aggregator.validation import validate_update
 from fedge.chunks import Assembler
 from fedge.envelopes import (
@@ -40,12 +41,11 @@ from fedge.envelopes import (
 )
 from fedge.errors import AggregationError, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
-from fedge.mqtt import BrokerURL, publish_packet_size
-from fedge.mux import Mux, Timer
-from fedge.partials import PartialRequest, PartialSum, ShardPolicy, ShardTopics
-from fedge.session import Session, SessionOptions
 from fedge.tensors import TensorSpec, spec_of
 from fedge.topics import Topics, validate_device_id
+from fedge.transport.mqtt import BrokerURL, publish_packet_size
+from fedge.transport.mux import Mux, Timer
+from fedge.transport.session import Session, SessionOptions
 
 __all__ = ["ShardWorker", "WorkerConfig"]
 

@@ -6,7 +6,7 @@ open, :class:`ShardedRound` asks every worker for its partial sum (``PartialRequ
 ``{p}/round/close``) every ``poll`` seconds, but not while an answer is outstanding (unless it
 has been for ``retry`` seconds: a request can be lost): a worker slower than the polling is
 not asked faster than it answers, and its answer still counts. Each complete set is merged
-(``aggregator.reducer``) and handed to ``on_merged``, where the service decides whether the
+(``aggregator.sharded.reducer``) and handed to ``on_merged``, where the service decides whether the
 round should close (target reached, every online device answered, or the deadline passed).
 To close it calls :meth:`seal`: a final request after which workers refuse the round's late
 updates, so the final merge holds every update a worker confirmed with a receipt; the service
@@ -25,14 +25,14 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from aggregator.reducer import Merged, Reducer
+from aggregator.sharded.partials import ShardPolicy, ShardTopics
+from aggregator.sharded.reducer import Merged, Reducer
 from fedge.envelopes import RoundTask
 from fedge.limits import Limits
-from fedge.mux import Mux, Timer
-from fedge.partials import ShardPolicy, ShardTopics
-from fedge.session import Session
 from fedge.tensors import TensorSpec
 from fedge.topics import Topics
+from fedge.transport.mux import Mux, Timer
+from fedge.transport.session import Session
 
 __all__ = ["ShardedRound"]
 

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.sharded.partials import PartialRequest, PartialSum, ShardPolicy, ShardTopics
 from fedge.errors import AggregationError, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
-from fedge.partials import PartialRequest, PartialSum, ShardPolicy, ShardTopics
 from fedge.tensors import TensorSpec
 from fedge.topics import validate_device_id
 

@@ -1,8 +1,8 @@
-"""Sharded aggregation as processes: the shard worker (``python -m aggregator.shard_service``)
+"""Sharded aggregation as processes: the shard worker (``python -m aggregator.sharded.service``)
 and a reducer on its own MQTT session, driven from a plain thread (scripts, tests, the demo in
 ``bench/scale``).
 
-    python -m aggregator.shard_service --broker mqtt://HOST:PORT --fleet NAME \\
+    python -m aggregator.sharded.service --broker mqtt://HOST:PORT --fleet NAME \\
         --worker aggregator-0 --state-dir state/aggregator-0
 
 The worker's username is its name; the broker must give each worker name read access to
@@ -18,16 +18,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from aggregator.reducer import Merged, Reducer
-from aggregator.sharding import ShardWorker, WorkerConfig
+from aggregator.sharded.partials import ShardTopics
+from aggregator.sharded.reducer import Merged, Reducer
+from aggregator.sharded.worker import ShardWorker, WorkerConfig
 from fedge.errors import AggregationError, TransportError
 from fedge.limits import DEFAULT_LIMITS, Limits
-from fedge.mqtt import BrokerURL
-from fedge.mux import Mux
-from fedge.partials import ShardTopics
-from fedge.session import Session, SessionOptions
 from fedge.tensors import TensorSpec
 from fedge.topics import Topics
+from fedge.transport.mqtt import BrokerURL
+from fedge.transport.mux import Mux
+from fedge.transport.session import Session, SessionOptions
 
 __all__ = ["ReducerSession", "add_arguments", "main", "run"]
 
@@ -169,7 +169,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from fedge.runtime import setup_logging, wait_for_signal
+    from fedge.support.runtime import setup_logging, wait_for_signal
 
     setup_logging(args.log_level)
     cfg = WorkerConfig(

@@ -23,8 +23,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fedge.errors import ProtocolError
 from fedge.limits import DEFAULT_LIMITS, MAX_PACKET_SIZE
-from fedge.mqtt import BrokerURL, connect_properties, make_client, publish_packet_size
-from fedge.mux import Link, Mux
+from fedge.transport.mqtt import BrokerURL, connect_properties, make_client, publish_packet_size
+from fedge.transport.mux import Link, Mux
 
 __all__ = ["Session", "SessionOptions"]
 

@@ -1,0 +1,2 @@
+"""Utilities under the roles: YAML config loading, atomic file writes, signal handling,
+fault-injection points."""

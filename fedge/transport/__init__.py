@@ -1,0 +1,2 @@
+"""The MQTT runtime every role shares: broker URLs and packet sizes (``mqtt``), one epoll loop
+driving many paho clients (``mux``), a persistent MQTT 5 session (``session``)."""
