@@ -73,7 +73,7 @@ class AdaptiveLR:
         if self.client is not None and self.client.step(acc):
             log.info("central accuracy plateaued: device lr -> %g", self.client.value)
         if self.server is not None and self.server.step(acc):
-            self.strategy.server_lr = self.server.value
+            self.strategy.set_server_lr(self.server.value)
             log.info("central accuracy plateaued: server lr -> %g", self.server.value)
 
     def state_dict(self) -> dict[str, float | int]:
@@ -90,4 +90,4 @@ class AdaptiveLR:
             if s is not None and part:
                 s.load_state_dict(part)
         if self.server is not None:
-            self.strategy.server_lr = self.server.value
+            self.strategy.set_server_lr(self.server.value)

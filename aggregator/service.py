@@ -37,7 +37,7 @@ from aggregator.selection import select_clients
 from aggregator.sharded.partials import ShardPolicy, ShardTopics
 from aggregator.sharded.reducer import Merged
 from aggregator.sharded.rounds import ShardedRound
-from aggregator.strategies import make_strategy
+from aggregator.strategies import STRATEGIES, make_strategy
 from aggregator.strategies.streaming import StreamingStrategy
 from fedge.envelopes import (
     DeviceState,
@@ -86,20 +86,19 @@ class Aggregator:
         self.journal = RoundJournal(self.state_dir / "journal")
         self.metrics = MetricsLog(config.metrics_path)
         opts = {k: str(v) for k, v in config.strategy_opts.items()}
-        if config.strategy == "dp-fedavg":
-            # The mean's fixed denominator is the round's target unless set explicitly.
-            opts.setdefault("expected_devices", str(config.target_devices))
-        self.strategy = make_strategy(config.strategy, opts, server_lr=config.server_lr)
+        self.strategy = make_strategy(
+            config.strategy, opts, server_lr=config.server_lr, target_devices=config.target_devices
+        )
         if self.strategy.min_updates > config.min_devices:
             raise ConfigError(
                 f"strategy {config.strategy} needs at least {self.strategy.min_updates} updates "
                 f"per round; raise min_devices (now {config.min_devices})"
             )
-        if config.shard_workers and not isinstance(self.strategy, StreamingStrategy):
+        if config.shard_workers and not self.strategy.sums_linearly:
+            linear = ", ".join(n for n, cls in STRATEGIES.items() if cls.sums_linearly)
             raise ConfigError(
                 f"strategy {config.strategy} cannot run sharded: shard workers send sums, so "
-                "only the linear strategies (fedavg, fedavgm, fedprox, fedadam, fedyogi, "
-                "fedadagrad) can"
+                f"only the linear strategies ({linear}) can"
             )
         self.adaptive = AdaptiveLR(config, self.strategy, has_eval=self.eval_set is not None)
         self.known: set[str] = set()
@@ -109,7 +108,7 @@ class Aggregator:
         if self.is_async:
             from aggregator.strategies.staleness import StalenessWeight
 
-            self.strategy.staleness_weight = StalenessWeight.parse(config.staleness_weight)
+            self.strategy.set_staleness_weight(StalenessWeight.parse(config.staleness_weight))
         self.done = threading.Event()
         self.online: set[str] = set()
         self.round: OpenRound | None = None
@@ -302,7 +301,7 @@ class Aggregator:
             base_version=self.version,
             deadline=now + c.round_timeout,
             codec=c.codec,
-            hyper=self.strategy.configure_hyper(hyper),
+            hyper=replace(hyper, **self.strategy.hyper_overrides()),
             nonce=os.urandom(16),
             selected=self._select(),
             issued=now,
@@ -467,9 +466,7 @@ class Aggregator:
         self._publish_model()
         if self.config.keep_versions:
             self.registry.prune(self.config.keep_versions)
-        round_metrics = getattr(self.strategy, "round_metrics", None)
-        if round_metrics is not None:
-            metrics.update(round_metrics())
+        metrics.update(self.strategy.round_metrics())
         self.adaptive.step(metrics, rnd.task.hyper.lr)
         if self.adaptive:
             # The schedules stepped on this version's accuracy, known only after the export:

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from aggregator.strategies.base import StateDict, Strategy, update_norm
+from aggregator.strategies.dp_fedavg import DPFedAvg
 from aggregator.strategies.fedadagrad import FedAdagrad
 from aggregator.strategies.fedadam import FedAdam
 from aggregator.strategies.fedavg import FedAvg
@@ -47,6 +48,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         TrimmedMean,
         Krum,
         MultiKrum,
+        DPFedAvg,
     )
 }
 
@@ -62,11 +64,14 @@ def make_strategy(
     options: Mapping[str, Any] | float | None = None,
     *,
     server_lr: float | None = None,
+    target_devices: int | None = None,
 ) -> Strategy:
     """A strategy by name with typed options from ``KEY=VALUE`` strings (or YAML scalars).
 
     ``server_lr`` is a default that an explicit ``server_lr`` option overrides; ``None`` keeps
     the strategy's own default (1.0, but 1e-2 for the adaptive ones and 0.1 for fedavgm).
+    ``target_devices`` fills the options that follow the round's target
+    (``Strategy.round_defaults``) where not given explicitly.
     A bare number in place of ``options`` is taken as ``server_lr`` (the old signature).
     ``ValueError`` names the valid strategies or options.
     """
@@ -83,19 +88,12 @@ def make_strategy(
     if server_lr is not None and "server_lr" not in raw:
         raw["server_lr"] = server_lr
     cls = STRATEGIES[key]
+    if target_devices is not None:
+        for k, v in cls.round_defaults(target_devices).items():
+            raw.setdefault(k, v)
     return cls(build_options(cls.Options, key, raw))
 
 
 def describe_strategies() -> list[StrategyInfo]:
     """``(name, summary, options)`` for every strategy; options carry defaults and help."""
     return [StrategyInfo(n, c.summary, describe_options(c.Options)) for n, c in STRATEGIES.items()]
-
-
-def _register_dp() -> None:
-    # Imported here, not at the top: aggregator.strategies.dp_fedavg builds on strategies.base.
-    from aggregator.strategies.dp_fedavg import DPFedAvg
-
-    STRATEGIES[DPFedAvg.name] = DPFedAvg
-
-
-_register_dp()

@@ -7,6 +7,14 @@ The service drives one round as::
     strategy.fold(delta, num_samples, staleness=s)  # per accepted update
     strategy.count                                  # updates folded so far
     new = strategy.finish(weights)                  # next global weights (float32)
+    strategy.round_metrics()                        # extra numbers for the version's record
+
+Every other hook the service calls is declared here too: ``hyper_overrides()`` (what the round
+task asks of devices beyond the configured hyper-parameters, as a plain mapping of
+``TrainHyper`` field names), ``set_server_lr`` (the adaptive server rate),
+``set_staleness_weight`` (asynchronous mode), ``round_defaults`` (options that default to
+the round's target) and ``sums_linearly`` (may run sharded on partial sums). Strategies import
+nothing from the service or the wire: arrays, numbers and ``fedge.errors`` / ``fedge.tensors``.
 
 ``fold`` applies, in this order: a finiteness check (a NaN or Inf never passes, whatever
 clipping says), norm bounding (``clip_norm``), and the staleness weight; the subclass then
@@ -30,7 +38,6 @@ import numpy as np
 
 from aggregator.strategies.accumulator import squared_norm
 from aggregator.strategies.options import StrategyOptions
-from fedge.envelopes import TrainHyper
 from fedge.errors import AggregationError
 from fedge.tensors import TensorSpec
 
@@ -68,6 +75,9 @@ class Strategy(ABC):
     summary: ClassVar[str] = ""
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     needs_all_updates: ClassVar[bool] = False
+    sums_linearly: ClassVar[bool] = False
+    """True when the round's aggregate is a weighted sum of the updates, so shard workers may
+    fold partial sums that a reducer adds up (``fold_sum``)."""
     """True when ``finish`` needs every update of the round at once: memory O(updates x model)
     instead of O(model). The service should bound ``target_devices`` (or FedBuff's K) with it."""
 
@@ -149,9 +159,30 @@ class Strategy(ABC):
         """Fewest updates ``finish`` accepts; the service's ``min_devices`` should be >= this."""
         return 1
 
-    def configure_hyper(self, base: TrainHyper) -> TrainHyper:
-        """What the round asks of devices; most strategies ask for ``base`` unchanged."""
-        return base
+    def hyper_overrides(self) -> dict[str, Any]:
+        """``TrainHyper`` fields this strategy sets in every round task (FedProx: ``prox_mu``);
+        most strategies ask for the configured hyper-parameters unchanged."""
+        return {}
+
+    @classmethod
+    def round_defaults(cls, target_devices: int) -> dict[str, str]:
+        """Option defaults that follow the round's target (DP-FedAvg's fixed denominator);
+        an explicit option wins."""
+        return {}
+
+    def round_metrics(self) -> dict[str, float]:
+        """Numbers about the round just finished for the version's metrics line."""
+        return {}
+
+    def set_server_lr(self, lr: float) -> None:
+        """The server learning rate from the next ``finish`` on (adaptive schedules)."""
+        if not (math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"server_lr must be finite and >= 0, got {lr}")
+        self.server_lr = float(lr)
+
+    def set_staleness_weight(self, weight: Callable[[int], float]) -> None:
+        """How ``fold`` discounts an update ``s`` versions old (asynchronous mode)."""
+        self.staleness_weight = weight
 
     # -- cross-round state --------------------------------------------------------------------
     def state_dict(self) -> StateDict:

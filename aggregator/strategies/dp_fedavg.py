@@ -194,6 +194,12 @@ class DPFedAvg(Strategy):
 
     name = "dp-fedavg"
     summary = "DP-FedAvg: clipped, equally weighted mean + Gaussian noise (McMahan et al. 2018)"
+
+    @classmethod
+    def round_defaults(cls, target_devices: int) -> dict[str, str]:
+        # The mean's fixed denominator is the round's target unless set explicitly.
+        return {"expected_devices": str(target_devices)}
+
     Options = DPFedAvgOptions
     options: DPFedAvgOptions
 

@@ -5,10 +5,10 @@ train longer (or on skewed data) from drifting far from the global model."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from aggregator.strategies.options import opt
 from aggregator.strategies.streaming import StreamingOptions, StreamingStrategy
-from fedge.envelopes import TrainHyper
 
 __all__ = ["FedProx", "FedProxOptions"]
 
@@ -29,5 +29,5 @@ class FedProx(StreamingStrategy):
     Options = FedProxOptions
     options: FedProxOptions
 
-    def configure_hyper(self, base: TrainHyper) -> TrainHyper:
-        return dataclasses.replace(base, prox_mu=self.options.mu)
+    def hyper_overrides(self) -> dict[str, Any]:
+        return {"prox_mu": self.options.mu}

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from aggregator.strategies import Strategy
+from aggregator.strategies.base import Strategy
 from fedge.errors import AggregationError
 from fedge.tensors import TensorSpec
 
@@ -98,7 +98,7 @@ class AsyncBuffer:
         self.buffer_size = buffer_size
         self.max_staleness = max_staleness
         self.weight = weight or StalenessWeight()
-        strategy.staleness_weight = self.weight
+        strategy.set_staleness_weight(self.weight)
         strategy.begin_round(self.spec)
         self.dropped_stale = 0
         self.flushes = 0

@@ -39,6 +39,7 @@ class StreamingOptions(StrategyOptions):
 
 class StreamingStrategy(Strategy):
     Options = StreamingOptions
+    sums_linearly = True
     options: StreamingOptions
 
     def __init__(self, options: StreamingOptions | None = None) -> None:

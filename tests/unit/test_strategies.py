@@ -75,10 +75,11 @@ def test_fedavg_and_fedprox_apply_the_weighted_mean(name: str, accumulate: str) 
 def test_fedprox_asks_devices_for_its_mu_and_keeps_the_rest() -> None:
     base = TrainHyper(epochs=3, batch_size=16, lr=0.2, momentum=0.5, weight_decay=1e-4)
 
-    hyper = make_strategy("fedprox", {"mu": "1"}).configure_hyper(base)
+    overrides = make_strategy("fedprox", {"mu": "1"}).hyper_overrides()
+    hyper = dataclasses.replace(base, **overrides)
 
     assert hyper == TrainHyper(3, 16, 0.2, 0.5, 1e-4, prox_mu=1.0)
-    assert make_strategy("fedavg").configure_hyper(base) is base
+    assert make_strategy("fedavg").hyper_overrides() == {}
 
 
 def test_fedavgm_momentum_over_three_rounds() -> None:
@@ -435,7 +436,7 @@ def test_fold_checks_order_and_arguments(name: str) -> None:
 def test_staleness_weight_scales_the_delta_not_the_sample_weight(name: str) -> None:
     deltas, samples, stale = updates(3, seed=12), [4, 2, 6], [0, 3, 8]
     strategy = make_strategy(name)
-    strategy.staleness_weight = lambda s: 1.0 / math.sqrt(1 + s)
+    strategy.set_staleness_weight(lambda s: 1.0 / math.sqrt(1 + s))
     strategy.begin_round(SPEC)
     for d, n, s in zip(deltas, samples, stale, strict=True):
         strategy.fold(d, n, staleness=s)
@@ -573,3 +574,28 @@ def test_describe_strategies_lists_every_strategy_with_its_defaults() -> None:
         rebuilt = make_strategy(name, {o.key: o.default for o in entry.options}).options
         assert rebuilt == STRATEGIES[name].Options()
     assert {o.key: o.default for o in info["fedadam"].options}["tau"] == "0.001"
+
+
+def test_dp_fedavg_denominator_defaults_to_the_round_target_unless_set() -> None:
+    defaulted = make_strategy("dp-fedavg", {}, target_devices=7)
+    explicit = make_strategy("dp-fedavg", {"expected_devices": "3"}, target_devices=7)
+
+    assert defaulted.options.expected_devices == 7  # type: ignore[attr-defined]
+    assert explicit.options.expected_devices == 3  # type: ignore[attr-defined]
+    assert make_strategy("fedavg", {}, target_devices=7).round_metrics() == {}
+
+
+def test_only_linear_strategies_sum_linearly() -> None:
+    linear = {n for n, cls in STRATEGIES.items() if cls.sums_linearly}
+
+    assert linear == {"fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad"}
+
+
+def test_set_server_lr_refuses_a_negative_or_infinite_rate() -> None:
+    strategy = make_strategy("fedavg")
+    strategy.set_server_lr(0.25)
+
+    assert strategy.server_lr == 0.25
+    for bad in (-1.0, math.inf):
+        with pytest.raises(ValueError, match="server_lr"):
+            strategy.set_server_lr(bad)
