@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from fedge.errors import ConfigError
 from fedge.key_registry import KeyRegistry
 from fedge_cli.pki.broker_config import ACL_TEMPLATE
-from fedge_cli.pki.cadir import AGGREGATOR, CaDir, all_records, write_file
+from fedge_cli.pki.cadir import AGGREGATOR, CaDir, revoked_certificates, write_file
 from fedge_cli.pki.certs import (
     cert_pem,
     issue_certificate,
@@ -24,7 +24,7 @@ from fedge_cli.pki.certs import (
     new_key,
     now,
 )
-from fedge_cli.pki.credentials import issue_credentials
+from fedge_cli.pki.credentials import give_aggregator_key, issue_credentials
 from fedge_cli.pki.passwords import PASSWD_MODE
 
 __all__ = ["CRL_DAYS", "DEFAULT_HOSTS", "init_ca", "write_crl"]
@@ -57,7 +57,7 @@ def init_ca(ca_dir: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS) -> CaDir:
     write_file(ca.passwd, b"", PASSWD_MODE)
     write_crl(ca.root)
     issue_credentials(ca, AGGREGATOR, ca.aggregator)
-    shutil.copyfile(ca.aggregator / "signing.pub", ca.aggregator / "aggregator.pub")
+    give_aggregator_key(ca, ca.aggregator)
     return ca
 
 
@@ -73,16 +73,13 @@ def write_crl(ca_dir: Path, days: int = CRL_DAYS) -> Path:
         .next_update(stamp + dt.timedelta(days=days))
         .add_extension(x509.CRLNumber(int(stamp.timestamp())), critical=False)
     )
-    for record in all_records(ca):
-        for c in record["certificates"]:
-            if c.get("revoked"):
-                revoked_at = dt.datetime.fromisoformat(c["revoked"])
-                b = b.add_revoked_certificate(
-                    x509.RevokedCertificateBuilder()
-                    .serial_number(int(c["serial"], 16))
-                    .revocation_date(revoked_at)
-                    .build()
-                )
+    for serial, revoked_at in revoked_certificates(ca):
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(revoked_at)
+            .build()
+        )
     crl = b.sign(ca_key, hashes.SHA256())
     write_file(ca.crl, crl.public_bytes(serialization.Encoding.PEM), 0o644)
     return ca.crl

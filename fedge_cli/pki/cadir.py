@@ -8,11 +8,15 @@ these records (``fedge_cli.pki.ca.write_crl``).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
 
 from fedge.errors import ConfigError
 from fedge.support.fsutil import atomic_write
@@ -22,6 +26,9 @@ __all__ = [
     "CaDir",
     "all_records",
     "load_record",
+    "mark_revoked",
+    "record_certificate",
+    "revoked_certificates",
     "save_record",
     "write_file",
 ]
@@ -83,3 +90,41 @@ def all_records(ca: CaDir) -> list[dict[str, Any]]:
     if not ca.issued.is_dir():
         return []
     return [json.loads(p.read_text()) for p in sorted(ca.issued.glob("*.json"))]
+
+
+def record_certificate(
+    ca: CaDir, identity: str, cert: x509.Certificate, key_fingerprint: str
+) -> dict[str, Any]:
+    """Append ``cert`` (issued with the signing key ``key_fingerprint``) to ``identity``'s
+    record, making the record if it is the first; returns the record as saved."""
+    record = load_record(ca, identity)
+    if record is None:
+        record = {"identity": identity, "certificates": []}
+    record["certificates"].append(
+        {
+            "serial": format(cert.serial_number, "x"),
+            "not_after": cert.not_valid_after_utc.isoformat(),
+            "key_fingerprint": key_fingerprint,
+            "revoked": None,
+        }
+    )
+    save_record(ca, identity, record)
+    return record
+
+
+def mark_revoked(record: dict[str, Any], stamp: str) -> list[str]:
+    """Mark every certificate not yet revoked as revoked at ``stamp``; their serials (hex)."""
+    serials = []
+    for c in record["certificates"]:
+        if not c.get("revoked"):
+            c["revoked"] = stamp
+            serials.append(c["serial"])
+    return serials
+
+
+def revoked_certificates(ca: CaDir) -> Iterator[tuple[int, dt.datetime]]:
+    """(serial, revocation time) of every revoked certificate the CA issued."""
+    for record in all_records(ca):
+        for c in record["certificates"]:
+            if c.get("revoked"):
+                yield int(c["serial"], 16), dt.datetime.fromisoformat(c["revoked"])

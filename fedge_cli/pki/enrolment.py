@@ -8,17 +8,15 @@ password file and CRL on SIGHUP; ``aggregator.keyring`` notices the registry cha
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from fedge.errors import ConfigError
-from fedge.identity import load_verify_key
 from fedge.key_registry import KeyRegistry
 from fedge.topics import validate_device_id
 from fedge_cli.pki.ca import write_crl
-from fedge_cli.pki.cadir import AGGREGATOR, CaDir, load_record, save_record
+from fedge_cli.pki.cadir import AGGREGATOR, CaDir, load_record, mark_revoked, save_record
 from fedge_cli.pki.certs import now
-from fedge_cli.pki.credentials import issue_credentials
+from fedge_cli.pki.credentials import give_aggregator_key, issue_credentials
 from fedge_cli.pki.passwords import remove_password
 
 __all__ = ["check_device", "enroll", "revoke"]
@@ -44,9 +42,9 @@ def enroll(ca_dir: Path, device: str, out: Path, keyring: Path | None = None) ->
     if registry.is_enrolled(device):
         raise ConfigError(f"{device} is already enrolled; revoke it first: fedge revoke {device}")
     out = Path(out)
-    issue_credentials(ca, device, out)
-    shutil.copyfile(ca.aggregator / "signing.pub", out / "aggregator.pub")
-    registry.add(device, load_verify_key(out / "signing.pub"))
+    signing_pub = issue_credentials(ca, device, out)
+    give_aggregator_key(ca, out)
+    registry.add(device, signing_pub)
     return out
 
 
@@ -62,12 +60,7 @@ def revoke(ca_dir: Path, device: str, keyring: Path | None = None) -> list[str]:
     record = load_record(ca, device)
     if record is None:
         raise ConfigError(f"{device} was never enrolled with the CA in {ca.root}")
-    stamp = now().isoformat()
-    serials = []
-    for c in record["certificates"]:
-        if not c.get("revoked"):
-            c["revoked"] = stamp
-            serials.append(c["serial"])
+    serials = mark_revoked(record, now().isoformat())
     save_record(ca, device, record)
     remove_password(ca.passwd, device)
     registry.retire(device)
