@@ -1,7 +1,7 @@
 """The device public keys the aggregator trusts, read from the registry ``fedge enroll`` writes.
 
-    REGISTRY/devices/<device>.pub          one Ed25519 public key per enrolled device
-    REGISTRY/revoked/<device>-<fp>.pub     keys retired by ``fedge revoke``
+The layout (``devices/<device>.pub``, ``revoked/<device>-<fp>.pub``) belongs to
+``fedge.key_registry``; this module holds the aggregator's policy over it.
 
 A key is trusted when it is under ``devices/`` and its bytes appear nowhere under ``revoked/``
 (so copying a revoked key back does not revive it). The registry is re-read when either
@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fedge.errors import ConfigError, InvalidUpdate
 from fedge.identity import VerifyKey, load_verify_key
+from fedge.key_registry import KeyFile, KeyRegistry
 from fedge.topics import validate_device_id
 
 __all__ = ["KeyRing"]
@@ -28,11 +29,7 @@ log = logging.getLogger(__name__)
 class KeyRing:
     def __init__(self, registry: Path, *, max_age: float = 10.0) -> None:
         self.registry = Path(registry)
-        if not (self.registry / "devices").is_dir():
-            raise ConfigError(
-                f"{self.registry} is not a key registry (no devices/ in it); it is made by "
-                f"`fedge ca init` (CA/keys) and filled by `fedge enroll`"
-            )
+        self._store = KeyRegistry(self.registry).require()
         self.max_age = max_age
         self._keys: dict[str, VerifyKey] = {}
         self._revoked_devices: set[str] = set()
@@ -41,52 +38,42 @@ class KeyRing:
         self.reload()
 
     # -- loading -------------------------------------------------------------------------------
-    def _dir_stamp(self) -> tuple[int, ...]:
-        stamp = []
-        for name in ("devices", "revoked"):
+    @staticmethod
+    def _load(files: list[KeyFile]) -> dict[KeyFile, VerifyKey]:
+        found: dict[KeyFile, VerifyKey] = {}
+        for entry in files:
             try:
-                st = (self.registry / name).stat()
-            except OSError:
-                stamp += [0, 0]
-            else:
-                stamp += [st.st_mtime_ns, st.st_ino]
-        return tuple(stamp)
-
-    def _read_dir(self, name: str) -> dict[Path, VerifyKey]:
-        found: dict[Path, VerifyKey] = {}
-        folder = self.registry / name
-        if not folder.is_dir():
-            return found
-        for path in sorted(folder.glob("*.pub")):
-            try:
-                found[path] = load_verify_key(path)
+                found[entry] = load_verify_key(entry.path)
             except (ConfigError, ValueError) as e:
-                log.warning("key registry: skipped %s: %s", path, e)
+                log.warning("key registry: skipped %s: %s", entry.path, e)
         return found
 
     def reload(self) -> None:
         """Read the registry now."""
-        stamp = self._dir_stamp()
-        revoked = self._read_dir("revoked")
+        stamp = self._store.change_stamp()
+        revoked = self._load(self._store.revoked())
         revoked_bytes = {k.to_bytes() for k in revoked.values()}
         keys: dict[str, VerifyKey] = {}
-        for path, key in self._read_dir("devices").items():
+        for entry, key in self._load(self._store.enrolled()).items():
             try:
-                device = validate_device_id(path.stem)
+                device = validate_device_id(entry.device)
             except ValueError:
-                log.warning("key registry: %s is not named after a valid device id", path)
+                log.warning("key registry: %s is not named after a valid device id", entry.path)
                 continue
             if key.to_bytes() in revoked_bytes:
-                log.warning("key registry: %s holds a revoked key; refused", path)
+                log.warning("key registry: %s holds a revoked key; refused", entry.path)
                 continue
             keys[device] = key
         self._keys = keys
-        self._revoked_devices = {p.stem.rsplit("-", 1)[0] for p in revoked} - set(keys)
+        self._revoked_devices = {entry.device for entry in revoked} - set(keys)
         self._stamp = stamp
         self._loaded_at = time.monotonic()
 
     def _fresh(self) -> None:
-        if self._dir_stamp() != self._stamp or time.monotonic() - self._loaded_at > self.max_age:
+        if (
+            self._store.change_stamp() != self._stamp
+            or time.monotonic() - self._loaded_at > self.max_age
+        ):
             self.reload()
 
     # -- queries -------------------------------------------------------------------------------

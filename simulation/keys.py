@@ -1,12 +1,14 @@
 """Signing identities for a simulated fleet: one Ed25519 key per device and one for the
-aggregator, laid out as the key registry `fedge enroll` writes (aggregator/keyring.py)."""
+aggregator, laid out as the key registry `fedge enroll` writes (fedge.key_registry); the
+aggregator's private key sits beside it as ``aggregator.key``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedge.identity import SigningKey, VerifyKey, save_signing_key, save_verify_key
+from fedge.identity import SigningKey, VerifyKey, save_signing_key
+from fedge.key_registry import KeyRegistry
 
 __all__ = ["SimKeys"]
 
@@ -20,11 +22,10 @@ class SimKeys:
 
     @classmethod
     def make(cls, directory: Path, devices: int) -> SimKeys:
-        (directory / "devices").mkdir(parents=True, exist_ok=True)
-        (directory / "revoked").mkdir(exist_ok=True)
+        registry = KeyRegistry(directory).create()
         keys = tuple(SigningKey.generate() for _ in range(devices))
         for i, k in enumerate(keys):
-            save_verify_key(directory / "devices" / f"dev-{i:04d}.pub", k.verify_key)
+            registry.add(f"dev-{i:04d}", k.verify_key)
         agg = SigningKey.generate()
         save_signing_key(directory / "aggregator.key", agg)
         return cls(directory, directory / "aggregator.key", agg.verify_key, keys)

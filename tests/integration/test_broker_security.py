@@ -1,6 +1,6 @@
 """broker_config/production.conf against a real Mosquitto: TLS, passwords, mutual TLS, CRL, ACL.
 
-The suite makes a CA with ``fedge_cli.admin`` (as ``fedge ca init`` / ``fedge enroll`` do),
+The suite makes a CA with ``fedge_cli.pki`` (as ``fedge ca init`` / ``fedge enroll`` do),
 renders the production config with the CA's files and a second loopback port for the mutual-TLS
 listener, and lets ``simulation.broker.MosquittoBroker`` fill ``{port}``, ``{data_dir}`` and
 ``{log_file}`` and run it. Every client is paho-mqtt 2 over MQTT 5 with TLS to 127.0.0.1.
@@ -28,7 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fedge_cli import admin
+from fedge_cli import pki
 from simulation.broker import MosquittoBroker, MosquittoNotFound, find_mosquitto
 
 pytestmark = pytest.mark.integration
@@ -40,13 +40,13 @@ ACCEPTED = (0x00, 0x10)  # 0x10: no matching subscribers, still a success
 
 @dataclass(frozen=True)
 class Fleet:
-    ca: admin.CaDir
+    ca: pki.CaDir
     broker: MosquittoBroker
     mtls_port: int
     root: Path
 
     def identity(self, name: str) -> Path:
-        return self.ca.aggregator if name == admin.AGGREGATOR else self.root / name
+        return self.ca.aggregator if name == pki.AGGREGATOR else self.root / name
 
     def password(self, name: str) -> str:
         return (self.identity(name) / "password").read_text()
@@ -75,12 +75,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     except MosquittoNotFound as exc:
         pytest.skip(str(exc))
     root = tmp_path_factory.mktemp("secure")
-    ca = admin.init_ca(root / "ca")
+    ca = pki.init_ca(root / "ca")
     for device in ("dev1", "dev2", "dev3"):
-        admin.enroll(ca.root, device, root / device)
+        pki.enroll(ca.root, device, root / device)
     mtls_port = _free_port()
     template = root / "production.conf"
-    template.write_text(admin.render_broker_config(ca.root, mtls_port=mtls_port, bind="127.0.0.1"))
+    template.write_text(pki.render_broker_config(ca.root, mtls_port=mtls_port, bind="127.0.0.1"))
     with MosquittoBroker(root / "broker", template=template, acl=ca.acl) as broker:
         yield Fleet(ca, broker, mtls_port, root)
 
@@ -271,7 +271,7 @@ def test_device_cannot_publish_a_retained_global_model(
 ) -> None:
     # Prepare: the aggregator holds the retained model
     topic = f"{prefix}/model/global"
-    aggregator = device(clients, fleet, admin.AGGREGATOR)
+    aggregator = device(clients, fleet, pki.AGGREGATOR)
     assert aggregator.publish(topic, b"model v1", retain=True) in ACCEPTED
     dev1 = device(clients, fleet, "dev1")
     dev2_mtls = open_client(clients, fleet, cert=fleet.identity("dev2"))
@@ -296,8 +296,8 @@ def test_certificate_identity_overrides_the_claimed_username(
         clients,
         fleet,
         cert=fleet.identity("dev1"),
-        username=admin.AGGREGATOR,
-        password=fleet.password(admin.AGGREGATOR),
+        username=pki.AGGREGATOR,
+        password=fleet.password(pki.AGGREGATOR),
     )
     assert c.connected, c.error
     assert c.publish(f"{prefix}/model/global", b"FORGED") == NOT_AUTHORIZED
@@ -354,8 +354,8 @@ def test_client_certificate_from_an_unknown_ca_is_refused(
     fleet: Fleet, clients: list[Client], tmp_path: Path
 ) -> None:
     # Prepare: a rogue CA issues its own "dev1" certificate
-    rogue = admin.init_ca(tmp_path / "rogue")
-    admin.enroll(rogue.root, "dev1", tmp_path / "rogue-dev1")
+    rogue = pki.init_ca(tmp_path / "rogue")
+    pki.enroll(rogue.root, "dev1", tmp_path / "rogue-dev1")
     # Execute
     genuine = open_client(clients, fleet, cert=fleet.identity("dev1"))
     assert genuine.connected, genuine.error
@@ -379,7 +379,7 @@ def test_device_refuses_a_broker_certificate_from_another_ca(fleet: Fleet, tmp_p
     # A device that trusts only its own CA will not talk to an impostor broker (here: the
     # real broker seen through a CA the device does not know). Plain ssl: the same check
     # paho's tls_set makes, without paho's habit of leaking the socket when it fails.
-    other = admin.init_ca(tmp_path / "other")
+    other = pki.init_ca(tmp_path / "other")
     ctx = ssl.create_default_context(cafile=str(other.ca_crt))
     genuine = ssl.create_default_context(cafile=str(fleet.ca.ca_crt))
     address = ("127.0.0.1", fleet.broker.port)
@@ -399,7 +399,7 @@ def test_revoked_devices_are_refused(fleet: Fleet, clients: list[Client], prefix
     # Prepare: two devices enrolled while the broker runs, online on either listener
     tls_name, pw_name = (f"rev-{uuid.uuid4().hex[:6]}" for _ in range(2))
     for name in (tls_name, pw_name):
-        admin.enroll(fleet.ca.root, name, fleet.root / name)
+        pki.enroll(fleet.ca.root, name, fleet.root / name)
     fleet.reload()
     password = fleet.password(pw_name)
     online_tls = open_client(clients, fleet, cert=fleet.identity(tls_name))
@@ -408,7 +408,7 @@ def test_revoked_devices_are_refused(fleet: Fleet, clients: list[Client], prefix
     assert online_pw.connected, online_pw.error
     # Execute
     for name in (tls_name, pw_name):
-        admin.revoke(fleet.ca.root, name)
+        pki.revoke(fleet.ca.root, name)
     fleet.reload()
     log_offset = fleet.broker.log_path.stat().st_size
     online_pw.lost.wait(WAIT)
@@ -494,12 +494,12 @@ def test_enrolled_fleet_trains_over_tls_with_signed_updates_and_models(
     data = make_federated("digits", 3, "iid", seed=0)
     url = f"mqtts://localhost:{fleet.broker.port}"
     topics = Topics(f"s{uuid.uuid4().hex[:8]}")
-    agg_id = fleet.identity(admin.AGGREGATOR)
+    agg_id = fleet.identity(pki.AGGREGATOR)
     cfg = AggregatorConfig(
         broker=url,
         fleet=topics.fleet,
-        username=admin.AGGREGATOR,
-        password=fleet.password(admin.AGGREGATOR),
+        username=pki.AGGREGATOR,
+        password=fleet.password(pki.AGGREGATOR),
         state_dir=tmp_path / "agg",
         model=ModelConfig(),
         hyper=HyperConfig(epochs=1),

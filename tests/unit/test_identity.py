@@ -31,7 +31,7 @@ from fedge.identity import (
     save_verify_key,
     update_digest,
 )
-from fedge_cli import admin
+from fedge_cli import pki
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -283,9 +283,9 @@ def test_hash_password_matches_mosquitto_passwd(tmp_path: Path) -> None:
     entry = passwd.read_text().strip().split(":", 1)[1]
     salt = base64.b64decode(entry.split("$")[3])
     # Execute / Assert
-    assert admin.hash_password("s3cret", salt, 101) == entry
-    assert admin.verify_password(entry, "s3cret")
-    assert not admin.verify_password(entry, "s3cret!")
+    assert pki.hash_password("s3cret", salt, 101) == entry
+    assert pki.verify_password(entry, "s3cret")
+    assert not pki.verify_password(entry, "s3cret!")
 
 
 def test_password_file_without_mosquitto_passwd(
@@ -295,15 +295,15 @@ def test_password_file_without_mosquitto_passwd(
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     passwd = tmp_path / "passwd"
     # Execute
-    admin.set_password(passwd, "a", "pw-a")
-    admin.set_password(passwd, "b", "pw-b")
-    admin.set_password(passwd, "a", "pw-a2")
-    removed = admin.remove_password(passwd, "b")
-    removed_again = admin.remove_password(passwd, "b")
+    pki.set_password(passwd, "a", "pw-a")
+    pki.set_password(passwd, "b", "pw-b")
+    pki.set_password(passwd, "a", "pw-a2")
+    removed = pki.remove_password(passwd, "b")
+    removed_again = pki.remove_password(passwd, "b")
     # Assert
     entries = dict(line.split(":", 1) for line in passwd.read_text().splitlines())
     assert set(entries) == {"a"}
-    assert admin.verify_password(entries["a"], "pw-a2")
+    assert pki.verify_password(entries["a"], "pw-a2")
     assert (removed, removed_again) == (True, False)
     assert _mode(passwd) == 0o640
 
@@ -312,17 +312,17 @@ def test_password_file_without_mosquitto_passwd(
 
 
 @pytest.fixture
-def ca(tmp_path: Path) -> admin.CaDir:
-    return admin.init_ca(tmp_path / "ca")
+def ca(tmp_path: Path) -> pki.CaDir:
+    return pki.init_ca(tmp_path / "ca")
 
 
-def _ca_cert(ca: admin.CaDir) -> x509.Certificate:
+def _ca_cert(ca: pki.CaDir) -> x509.Certificate:
     return x509.load_pem_x509_certificate(ca.ca_crt.read_bytes())
 
 
-def test_enroll_writes_a_complete_identity(ca: admin.CaDir, tmp_path: Path) -> None:
+def test_enroll_writes_a_complete_identity(ca: pki.CaDir, tmp_path: Path) -> None:
     # Execute
-    out = admin.enroll(ca.root, "dev1", tmp_path / "dev1")
+    out = pki.enroll(ca.root, "dev1", tmp_path / "dev1")
     # Assert: files and modes
     for name in ("password", "client.key", "signing.key"):
         assert _mode(out / name) == 0o600, name
@@ -335,11 +335,11 @@ def test_enroll_writes_a_complete_identity(ca: admin.CaDir, tmp_path: Path) -> N
     assert load_verify_key(ca.keys / "devices" / "dev1.pub") == load_verify_key(out / "signing.pub")
     assert (out / "aggregator.pub").read_bytes() == (ca.aggregator / "signing.pub").read_bytes()
     entries = dict(line.split(":", 1) for line in ca.passwd.read_text().splitlines())
-    assert admin.verify_password(entries["dev1"], (out / "password").read_text())
+    assert pki.verify_password(entries["dev1"], (out / "password").read_text())
     assert json.loads((out / "identity.json").read_text())["username"] == "dev1"
 
 
-def test_server_certificate_names_the_broker(ca: admin.CaDir) -> None:
+def test_server_certificate_names_the_broker(ca: pki.CaDir) -> None:
     cert = x509.load_pem_x509_certificate(ca.server_crt.read_bytes())
     cert.verify_directly_issued_by(_ca_cert(ca))
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -348,23 +348,21 @@ def test_server_certificate_names_the_broker(ca: admin.CaDir) -> None:
 
 
 @pytest.mark.parametrize("name", ["aggregator", "a/b", "+", ""])
-def test_enroll_refuses_reserved_or_invalid_names(
-    ca: admin.CaDir, tmp_path: Path, name: str
-) -> None:
+def test_enroll_refuses_reserved_or_invalid_names(ca: pki.CaDir, tmp_path: Path, name: str) -> None:
     with pytest.raises((ConfigError, ValueError)):
-        admin.enroll(ca.root, name, tmp_path / "out")
+        pki.enroll(ca.root, name, tmp_path / "out")
 
 
-def test_enroll_twice_is_refused(ca: admin.CaDir, tmp_path: Path) -> None:
-    admin.enroll(ca.root, "dev1", tmp_path / "a")
+def test_enroll_twice_is_refused(ca: pki.CaDir, tmp_path: Path) -> None:
+    pki.enroll(ca.root, "dev1", tmp_path / "a")
     with pytest.raises(ConfigError, match="already enrolled"):
-        admin.enroll(ca.root, "dev1", tmp_path / "b")
+        pki.enroll(ca.root, "dev1", tmp_path / "b")
 
 
-def test_keyring_verifies_enrolled_devices_only(ca: admin.CaDir, tmp_path: Path) -> None:
+def test_keyring_verifies_enrolled_devices_only(ca: pki.CaDir, tmp_path: Path) -> None:
     # Prepare
-    d1 = load_signing_key(admin.enroll(ca.root, "dev1", tmp_path / "dev1") / "signing.key")
-    d2 = load_signing_key(admin.enroll(ca.root, "dev2", tmp_path / "dev2") / "signing.key")
+    d1 = load_signing_key(pki.enroll(ca.root, "dev1", tmp_path / "dev1") / "signing.key")
+    d2 = load_signing_key(pki.enroll(ca.root, "dev2", tmp_path / "dev2") / "signing.key")
     ring = KeyRing(ca.keys)
     digest = update_digest(
         "dev1", 3, b"n" * 16, bytes(32), base_version=2, num_samples=5, codec="fp32"
@@ -382,16 +380,16 @@ def test_keyring_verifies_enrolled_devices_only(ca: admin.CaDir, tmp_path: Path)
     assert (bad.value.reason, unknown.value.reason) == ("bad_signature", "unknown_device")
 
 
-def test_revoke_takes_effect_everywhere(ca: admin.CaDir, tmp_path: Path) -> None:
+def test_revoke_takes_effect_everywhere(ca: pki.CaDir, tmp_path: Path) -> None:
     # Prepare
-    out = admin.enroll(ca.root, "dev1", tmp_path / "dev1")
+    out = pki.enroll(ca.root, "dev1", tmp_path / "dev1")
     key = load_signing_key(out / "signing.key")
     cert = x509.load_pem_x509_certificate((out / "client.crt").read_bytes())
     ring = KeyRing(ca.keys, max_age=3600)  # change noticed through the directory, not a timer
     digest = model_digest(1, bytes(32))
     assert ring.verify_update("dev1", digest, key.sign(digest))
     # Execute
-    serials = admin.revoke(ca.root, "dev1")
+    serials = pki.revoke(ca.root, "dev1")
     # Assert: the key, the password and the certificate are all gone
     assert serials == [format(cert.serial_number, "x")]
     assert not ring.verify_update("dev1", digest, key.sign(digest))
@@ -405,19 +403,19 @@ def test_revoke_takes_effect_everywhere(ca: admin.CaDir, tmp_path: Path) -> None
     assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
 
 
-def test_revoked_key_copied_back_stays_refused(ca: admin.CaDir, tmp_path: Path) -> None:
-    out = admin.enroll(ca.root, "dev1", tmp_path / "dev1")
+def test_revoked_key_copied_back_stays_refused(ca: pki.CaDir, tmp_path: Path) -> None:
+    out = pki.enroll(ca.root, "dev1", tmp_path / "dev1")
     key = load_signing_key(out / "signing.key")
-    admin.revoke(ca.root, "dev1")
+    pki.revoke(ca.root, "dev1")
     shutil.copyfile(out / "signing.pub", ca.keys / "devices" / "dev1.pub")
     digest = model_digest(1, bytes(32))
     assert not KeyRing(ca.keys).verify_update("dev1", digest, key.sign(digest))
 
 
-def test_reenrolled_device_gets_a_new_trusted_key(ca: admin.CaDir, tmp_path: Path) -> None:
-    old = load_signing_key(admin.enroll(ca.root, "dev1", tmp_path / "a") / "signing.key")
-    admin.revoke(ca.root, "dev1")
-    new = load_signing_key(admin.enroll(ca.root, "dev1", tmp_path / "b") / "signing.key")
+def test_reenrolled_device_gets_a_new_trusted_key(ca: pki.CaDir, tmp_path: Path) -> None:
+    old = load_signing_key(pki.enroll(ca.root, "dev1", tmp_path / "a") / "signing.key")
+    pki.revoke(ca.root, "dev1")
+    new = load_signing_key(pki.enroll(ca.root, "dev1", tmp_path / "b") / "signing.key")
     ring = KeyRing(ca.keys)
     digest = model_digest(1, bytes(32))
     assert ring.verify_update("dev1", digest, new.sign(digest))
@@ -425,8 +423,8 @@ def test_reenrolled_device_gets_a_new_trusted_key(ca: admin.CaDir, tmp_path: Pat
     assert not ring.is_revoked("dev1")
 
 
-def test_keyring_skips_a_corrupt_file(ca: admin.CaDir, tmp_path: Path) -> None:
-    key = load_signing_key(admin.enroll(ca.root, "dev1", tmp_path / "dev1") / "signing.key")
+def test_keyring_skips_a_corrupt_file(ca: pki.CaDir, tmp_path: Path) -> None:
+    key = load_signing_key(pki.enroll(ca.root, "dev1", tmp_path / "dev1") / "signing.key")
     (ca.keys / "devices" / "broken.pub").write_bytes(b"garbage")
     ring = KeyRing(ca.keys)
     digest = model_digest(1, bytes(32))
@@ -439,10 +437,10 @@ def test_keyring_needs_a_registry(tmp_path: Path) -> None:
         KeyRing(tmp_path)
 
 
-def test_render_broker_config_leaves_only_runtime_placeholders(ca: admin.CaDir) -> None:
+def test_render_broker_config_leaves_only_runtime_placeholders(ca: pki.CaDir) -> None:
     import re
 
-    text = admin.render_broker_config(ca.root, mtls_port=8884, bind="127.0.0.1")
+    text = pki.render_broker_config(ca.root, mtls_port=8884, bind="127.0.0.1")
     left = set(re.findall(r"\{(\w+)\}", text))
     assert left == {"port", "data_dir", "log_file"}
     assert f"crlfile {ca.crl}" in text

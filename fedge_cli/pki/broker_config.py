@@ -1,0 +1,109 @@
+"""The production Mosquitto config, rendered from ``broker_config/production.conf`` for a CA.
+
+Before writing it, ``write_broker_config`` checks that the broker (started as root, it drops to
+``--user``) can write its data directory and read its key, password file and CRL: otherwise
+Mosquitto would start, log "Permission denied" once, and lose every session and retained model
+on restart (persistence), or refuse every TLS client (key, CRL).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from fedge.errors import ConfigError
+from fedge.support.fsutil import atomic_write
+from fedge_cli.pki.cadir import CaDir
+
+__all__ = [
+    "ACL_TEMPLATE",
+    "PRODUCTION_TEMPLATE",
+    "access_problem",
+    "render_broker_config",
+    "write_broker_config",
+]
+
+PRODUCTION_TEMPLATE = Path(__file__).resolve().parents[2] / "broker_config" / "production.conf"
+ACL_TEMPLATE = PRODUCTION_TEMPLATE.parent / "acl"
+
+
+def render_broker_config(
+    ca_dir: Path, template: Path = PRODUCTION_TEMPLATE, **values: object
+) -> str:
+    """``production.conf`` with the CA's files filled in, and ``values`` for the rest.
+
+    Placeholders not given stay as ``{name}``, so a caller (the test suite, through
+    ``simulation.broker.MosquittoBroker``) can fill ``{port}``, ``{data_dir}``, ``{acl_file}``
+    and ``{log_file}`` itself.
+    """
+    ca = CaDir(Path(ca_dir)).require()
+    filled: dict[str, object] = {
+        "password_file": ca.passwd,
+        "cafile": ca.ca_crt,
+        "certfile": ca.server_crt,
+        "keyfile": ca.server_key,
+        "crlfile": ca.crl,
+        "acl_file": ca.acl,
+        **values,
+    }
+    text = Path(template).read_text()
+    for name, value in filled.items():
+        text = text.replace("{" + name + "}", str(value))
+    return text
+
+
+def write_broker_config(
+    ca_dir: Path,
+    out: Path,
+    *,
+    data_dir: Path,
+    log_file: Path,
+    port: int,
+    mtls_port: int,
+    bind: str,
+    user: str,
+) -> CaDir:
+    """Check the broker user's access (module docstring), render the config, write ``out``."""
+    ca = CaDir(Path(ca_dir)).require()
+    if not data_dir.is_dir():
+        raise ConfigError(
+            f"data directory {data_dir} does not exist; create it for the broker user"
+        )
+    problem = access_problem(data_dir, user, write=True)
+    problem = problem or next(
+        (p for f in (ca.server_key, ca.passwd, ca.crl) if (p := access_problem(f, user))),
+        None,
+    )
+    if problem:
+        raise ConfigError(problem)
+    text = render_broker_config(
+        ca.root, port=port, mtls_port=mtls_port, bind=bind, data_dir=data_dir, log_file=log_file
+    )
+    left = sorted(set(re.findall(r"\{(\w+)\}", text)))
+    if left:
+        raise ConfigError(f"unfilled placeholders in the template: {', '.join(left)}")
+    atomic_write(out, text.encode())
+    return ca
+
+
+def access_problem(path: Path, user: str, write: bool = False) -> str | None:
+    """Why the broker, started as root and dropping to ``user``, could not use ``path``."""
+    import grp
+    import pwd
+
+    want = "writable" if write else "readable"
+    if os.geteuid() != 0:  # Mosquitto runs as whoever starts it: our access is its access
+        ok = os.access(path, (os.W_OK | os.X_OK) if write else os.R_OK)
+        return None if ok else f"{path} is not {want} by this user"
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        return f"no user {user!r} on this machine: the broker drops to it when started as root"
+    st = path.stat()
+    gids = {pw.pw_gid} | {g.gr_gid for g in grp.getgrall() if user in g.gr_mem}
+    shift = 6 if st.st_uid == pw.pw_uid else 3 if st.st_gid in gids else 0
+    need = 0o3 if write else 0o4
+    if (st.st_mode >> shift) & need != need:
+        return f"{path} is not {want} by the broker user {user!r}; run: chown {user}: {path}"
+    return None

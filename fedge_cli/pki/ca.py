@@ -1,0 +1,85 @@
+"""The fleet CA: ``fedge ca init`` (CA, broker files, key registry, aggregator identity) and
+``fedge ca crl`` (the revocation list the broker reads on start and SIGHUP)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+
+from fedge.errors import ConfigError
+from fedge.key_registry import KeyRegistry
+from fedge_cli.pki.broker_config import ACL_TEMPLATE
+from fedge_cli.pki.cadir import AGGREGATOR, CaDir, revoked_certificates, write_file
+from fedge_cli.pki.certs import (
+    cert_pem,
+    issue_certificate,
+    key_pem,
+    load_ca,
+    new_ca_certificate,
+    new_key,
+    now,
+)
+from fedge_cli.pki.credentials import give_aggregator_key, issue_credentials
+from fedge_cli.pki.passwords import PASSWD_MODE
+
+__all__ = ["CRL_DAYS", "DEFAULT_HOSTS", "init_ca", "write_crl"]
+
+CRL_DAYS = 365
+DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+
+
+def init_ca(ca_dir: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS) -> CaDir:
+    """A new CA, the broker's server certificate, an empty CRL, and the aggregator identity."""
+    ca = CaDir(Path(ca_dir))
+    if ca.ca_crt.exists():
+        raise ConfigError(f"{ca.root} already holds a CA; choose another --dir")
+    if not hosts:
+        raise ConfigError("the broker certificate needs at least one --host")
+    ca.root.mkdir(parents=True, exist_ok=True)
+    for d in (ca.ca_key.parent, ca.broker, ca.issued):
+        d.mkdir(parents=True, exist_ok=True)
+    KeyRegistry(ca.keys).create()
+    os.chmod(ca.ca_key.parent, 0o700)
+    key = new_key()
+    write_file(ca.ca_key, key_pem(key), 0o600)
+    write_file(ca.ca_crt, cert_pem(new_ca_certificate(key)), 0o644)
+    shutil.copyfile(ca.ca_crt, ca.broker / "ca.crt")
+    server_key = new_key()
+    server = issue_certificate(ca, hosts[0], server_key, server_names=hosts)
+    write_file(ca.server_key, key_pem(server_key), 0o640)
+    write_file(ca.server_crt, cert_pem(server), 0o644)
+    write_file(ca.acl, ACL_TEMPLATE.read_bytes(), 0o644)
+    write_file(ca.passwd, b"", PASSWD_MODE)
+    write_crl(ca.root)
+    issue_credentials(ca, AGGREGATOR, ca.aggregator)
+    give_aggregator_key(ca, ca.aggregator)
+    return ca
+
+
+def write_crl(ca_dir: Path, days: int = CRL_DAYS) -> Path:
+    """(Re-)sign the CRL with every revoked serial; the broker reads it on start and SIGHUP."""
+    ca = CaDir(Path(ca_dir)).require()
+    ca_cert, ca_key = load_ca(ca)
+    stamp = now()
+    b = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(stamp)
+        .next_update(stamp + dt.timedelta(days=days))
+        .add_extension(x509.CRLNumber(int(stamp.timestamp())), critical=False)
+    )
+    for serial, revoked_at in revoked_certificates(ca):
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(serial)
+            .revocation_date(revoked_at)
+            .build()
+        )
+    crl = b.sign(ca_key, hashes.SHA256())
+    write_file(ca.crl, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    return ca.crl

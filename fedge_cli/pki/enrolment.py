@@ -1,0 +1,68 @@
+"""``fedge enroll`` and ``fedge revoke``: a device's credentials in, and every one of them out.
+
+Enrolling registers the device's public key in the key registry (``fedge.key_registry``;
+``CA/keys`` unless ``--aggregator-keys`` names another). Revoking removes the broker password,
+retires the key to ``revoked/`` and puts every certificate on the CRL. The broker applies the
+password file and CRL on SIGHUP; ``aggregator.keyring`` notices the registry change by itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fedge.errors import ConfigError
+from fedge.key_registry import KeyRegistry
+from fedge.topics import validate_device_id
+from fedge_cli.pki.ca import write_crl
+from fedge_cli.pki.cadir import AGGREGATOR, CaDir, load_record, mark_revoked, save_record
+from fedge_cli.pki.certs import now
+from fedge_cli.pki.credentials import give_aggregator_key, issue_credentials
+from fedge_cli.pki.passwords import remove_password
+
+__all__ = ["check_device", "enroll", "revoke"]
+
+
+def check_device(device: str) -> str:
+    """``device`` if it is a valid device id and not the aggregator's reserved name."""
+    validate_device_id(device)
+    if device == AGGREGATOR:
+        raise ConfigError(f"{AGGREGATOR!r} is the aggregator's identity, not a device name")
+    return device
+
+
+def _registry(ca: CaDir, keyring: Path | None) -> KeyRegistry:
+    return KeyRegistry(ca.keys if keyring is None else Path(keyring))
+
+
+def enroll(ca_dir: Path, device: str, out: Path, keyring: Path | None = None) -> Path:
+    """Make ``device``'s credentials in ``out`` and register its public key; returns ``out``."""
+    ca = CaDir(Path(ca_dir)).require()
+    check_device(device)
+    registry = _registry(ca, keyring)
+    if registry.is_enrolled(device):
+        raise ConfigError(f"{device} is already enrolled; revoke it first: fedge revoke {device}")
+    out = Path(out)
+    signing_pub = issue_credentials(ca, device, out)
+    give_aggregator_key(ca, out)
+    registry.add(device, signing_pub)
+    return out
+
+
+def revoke(ca_dir: Path, device: str, keyring: Path | None = None) -> list[str]:
+    """Remove the password, retire the public key, put every certificate on the CRL.
+
+    Returns the revoked serials (hex). The broker applies the new password file and CRL on
+    SIGHUP; ``aggregator.keyring`` notices the key registry change by itself.
+    """
+    ca = CaDir(Path(ca_dir)).require()
+    check_device(device)
+    registry = _registry(ca, keyring)
+    record = load_record(ca, device)
+    if record is None:
+        raise ConfigError(f"{device} was never enrolled with the CA in {ca.root}")
+    serials = mark_revoked(record, now().isoformat())
+    save_record(ca, device, record)
+    remove_password(ca.passwd, device)
+    registry.retire(device)
+    write_crl(ca.root)
+    return serials
