@@ -71,7 +71,7 @@ def write_crl(ca_dir: Path, days: int = CRL_DAYS) -> Path:
         .issuer_name(ca_cert.subject)
         .last_update(stamp)
         .next_update(stamp + dt.timedelta(days=days))
-        .add_extension(x509.CRLNumber(int(stamp.timestamp())), critical=False)
+        .add_extension(x509.CRLNumber(_next_crl_number(ca.crl, stamp)), critical=False)
     )
     for serial, revoked_at in revoked_certificates(ca):
         b = b.add_revoked_certificate(
@@ -83,3 +83,17 @@ def write_crl(ca_dir: Path, days: int = CRL_DAYS) -> Path:
     crl = b.sign(ca_key, hashes.SHA256())
     write_file(ca.crl, crl.public_bytes(serialization.Encoding.PEM), 0o644)
     return ca.crl
+
+
+def _next_crl_number(path: Path, stamp: dt.datetime) -> int:
+    """The time in seconds, but always above the current CRL's number (RFC 5280 §5.2.3:
+    it increases; two CRLs signed in one second would otherwise share it)."""
+    number = int(stamp.timestamp())
+    if path.exists():
+        try:
+            old = x509.load_pem_x509_crl(path.read_bytes())
+            ext = old.extensions.get_extension_for_class(x509.CRLNumber)
+            number = max(number, ext.value.crl_number + 1)
+        except (ValueError, x509.ExtensionNotFound):
+            pass  # an unreadable CRL is replaced; its number cannot be honoured
+    return number

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,9 +65,10 @@ class CaDir:
 
 
 def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` atomically with ``data``, then set ``mode``."""
-    atomic_write(path, data)
-    os.chmod(path, mode)
+    """Replace ``path`` atomically with ``data`` and ``mode``, keeping the owner and group of
+    the file it replaces: an operator who gave the broker's group the password file or the
+    server key (``chgrp mosquitto``) keeps it so across ``fedge enroll`` and ``revoke``."""
+    atomic_write(path, data, mode=mode, keep_owner=True)
 
 
 def load_record(ca: CaDir, identity: str) -> dict[str, Any] | None:

@@ -52,9 +52,8 @@ def issue_credentials(ca: CaDir, name: str, out: Path) -> VerifyKey:
     save_verify_key(out / SIGNING_PUB, signing.verify_key)
     set_password(ca.passwd, name, password)
     record_certificate(ca, name, cert, signing.verify_key.fingerprint)
-    (out / "identity.json").write_text(
-        json.dumps({"identity": name, "username": name, **IDENTITY_FILES}, indent=2)
-    )
+    identity = {"identity": name, "username": name, **IDENTITY_FILES}
+    write_file(out / "identity.json", json.dumps(identity, indent=2).encode(), 0o644)
     return signing.verify_key
 
 

@@ -62,7 +62,9 @@ def revoke(ca_dir: Path, device: str, keyring: Path | None = None) -> list[str]:
         raise ConfigError(f"{device} was never enrolled with the CA in {ca.root}")
     serials = mark_revoked(record, now().isoformat())
     save_record(ca, device, record)
+    # The CRL first: a step that fails later (a damaged key file) must not leave the
+    # certificates valid on the mutual-TLS listener.
+    write_crl(ca.root)
     remove_password(ca.passwd, device)
     registry.retire(device)
-    write_crl(ca.root)
     return serials

@@ -2,7 +2,9 @@
 
 Entries are written by ``mosquitto_passwd`` where it is installed (the password fed on stdin,
 so it never shows in a process list) or, where it is not, in its ``$7$`` format directly. The
-file is mode 0640: the broker's group reads it, nobody else.
+file is mode 0640: the broker's group reads it, nobody else. Every rewrite keeps the file's
+owner and group: Mosquitto re-reads it on SIGHUP as the ``mosquitto`` user, and a file that
+went back to root:root 0640 locked every client out, the aggregator included.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import subprocess
 from pathlib import Path
 
 from fedge.errors import ConfigError
-from fedge.support.fsutil import atomic_write
 from fedge_cli.pki.cadir import write_file
 
 __all__ = [
@@ -66,6 +67,7 @@ def set_password(passwd: Path, username: str, password: str) -> None:
     if not passwd.exists():
         write_file(passwd, b"", PASSWD_MODE)
     tool = shutil.which("mosquitto_passwd")
+    owner = os.stat(passwd)
     if tool is not None:
         run = subprocess.run(
             [tool, str(passwd), username],
@@ -80,7 +82,10 @@ def set_password(passwd: Path, username: str, password: str) -> None:
     else:
         keep = [ln for ln in _passwd_lines(passwd) if ln.split(":", 1)[0] != username]
         keep.append(f"{username}:{hash_password(password)}")
-        atomic_write(passwd, ("\n".join(keep) + "\n").encode())
+        write_file(passwd, ("\n".join(keep) + "\n").encode(), PASSWD_MODE)
+    # mosquitto_passwd may replace the file too: give it back its owner and group.
+    if (os.stat(passwd).st_uid, os.stat(passwd).st_gid) != (owner.st_uid, owner.st_gid):
+        os.chown(passwd, owner.st_uid, owner.st_gid)
     os.chmod(passwd, PASSWD_MODE)
 
 
@@ -90,6 +95,5 @@ def remove_password(passwd: Path, username: str) -> bool:
     keep = [ln for ln in lines if ln.split(":", 1)[0] != username]
     if len(keep) == len(lines):
         return False
-    atomic_write(Path(passwd), ("\n".join(keep) + "\n" if keep else "").encode())
-    os.chmod(passwd, PASSWD_MODE)
+    write_file(Path(passwd), ("\n".join(keep) + "\n" if keep else "").encode(), PASSWD_MODE)
     return True
