@@ -12,6 +12,7 @@ from scipy.stats import trim_mean
 
 from aggregator.strategies import STRATEGIES, describe_strategies, make_strategy, update_norm
 from aggregator.strategies.accumulator import WeightedSum
+from fedge.clipping import clip_scale
 from fedge.envelopes import TrainHyper
 from fedge.errors import AggregationError
 
@@ -365,6 +366,22 @@ def test_update_norm_of_huge_finite_values_is_finite() -> None:
     d = {"a": np.full(4, 1e30, np.float32)}
 
     assert update_norm(d) == pytest.approx(2e30, rel=1e-6)
+
+
+def test_clip_scale_bounds_the_norm_and_leaves_short_updates_alone() -> None:
+    d = {"a": np.array([3.0], np.float32), "b": np.array([[4.0, 12.0]], np.float32)}
+
+    assert clip_scale(d, 6.5) == pytest.approx(0.5)
+    assert clip_scale(d, 13.0) == 1.0
+    assert clip_scale(d, 100.0) == 1.0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_clip_scale_refuses_non_finite_updates(bad: float) -> None:
+    d = {"a": np.array([1.0, bad], np.float32)}
+
+    with pytest.raises(AggregationError, match="NaN or Inf"):
+        clip_scale(d, 1.0)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
