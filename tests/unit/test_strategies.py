@@ -616,3 +616,31 @@ def test_set_server_lr_refuses_a_negative_or_infinite_rate() -> None:
     for bad in (-1.0, math.inf):
         with pytest.raises(ValueError, match="server_lr"):
             strategy.set_server_lr(bad)
+
+
+def test_strategies_import_only_numpy_the_stdlib_and_the_contracts_pure_helpers() -> None:
+    import ast
+    import sys
+    from pathlib import Path
+
+    import aggregator.strategies
+
+    allowed = ("aggregator.strategies", "fedge.errors", "fedge.tensors", "fedge.clipping")
+    allowed += ("numpy", "dp_accounting")  # the DP accountant, imported lazily by dp_fedavg
+    folder = Path(aggregator.strategies.__file__).parent
+    found = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {(path.name, a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                found.add((path.name, node.module or ""))
+
+    outside = {
+        (file, name)
+        for file, name in found
+        if name.split(".")[0] not in sys.stdlib_module_names
+        and not any(name == a or name.startswith(a + ".") for a in allowed)
+    }
+
+    assert outside == set()
