@@ -3,7 +3,8 @@
     FedgeError
      ├── ConfigError          a config file or command-line value is wrong (one line for the user)
      ├── InvalidValue         a value fedge parses is not valid (also a ValueError, see below):
-     │                        codec name, device id or fleet name, TrainHyper, ONNX model bytes
+     │                        codec name, device id or fleet name, TrainHyper, ONNX model bytes,
+     │                        strategy name and options, staleness weight
      ├── ProtocolError        a message breaks the wire contract (size, msgpack, schema, tensors)
      │    └── InvalidUpdate   a well-formed update the round cannot accept (round, nonce, duplicate)
      ├── TransportError       the broker cannot be reached or refuses us
@@ -46,8 +47,9 @@ class InvalidValue(FedgeError, ValueError):
     """A value is not one fedge accepts: the message says what is wrong and what to write.
 
     Raised by the parsers of the contract (``parse_codec``, ``validate_device_id``,
-    ``Topics``, ``TrainHyper``, ``RoundTask``) and of models (``models.onnx_weights``). A
-    ``ValueError`` too, for pydantic validators and dataclass ``__post_init__``: catch it as
+    ``Topics``, ``TrainHyper``, ``RoundTask``), of models (``models.onnx_weights``) and of
+    strategies (``make_strategy``, strategy options, ``StalenessWeight``). A ``ValueError``
+    too, for pydantic validators and dataclass ``__post_init__``: catch it as
     ``InvalidValue`` (or ``FedgeError``), not as ``ValueError``.
     """
 

@@ -14,7 +14,7 @@ from aggregator.strategies import STRATEGIES, describe_strategies, make_strategy
 from aggregator.strategies.accumulator import WeightedSum
 from fedge.clipping import clip_scale
 from fedge.envelopes import TrainHyper
-from fedge.errors import AggregationError
+from fedge.errors import AggregationError, InvalidValue
 
 SPEC = {"fc1.weight": (4, 3), "fc1.bias": (4,), "empty": (0, 2)}
 # dp-fedavg adds noise and clips by design: tests/unit/test_privacy.py covers it.
@@ -574,7 +574,7 @@ def test_server_lr_keyword_is_a_default_that_an_option_overrides() -> None:
 def test_make_strategy_errors_say_what_to_write(
     name: str, options: dict | None, match: str
 ) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(InvalidValue, match=match):
         make_strategy(name, options)
 
 
