@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedge.codecs import parse_codec
-from fedge.envelopes import TrainHyper
+from fedge.envelopes import HYPER_BOUNDS, TrainHyper
 from fedge.support.config_io import TLSConfig, load_yaml_config
 from fedge.transport.mqtt import BrokerURL
 
@@ -23,6 +23,19 @@ __all__ = [
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
 
+def _hyper_field(name: str, default: float, **kw: Any) -> Any:
+    """A ``Field`` bounded like ``TrainHyper.<name>``: the contract's ``HYPER_BOUNDS``."""
+    b = HYPER_BOUNDS[name]
+    return Field(
+        default=default,
+        gt=b.lo if b.lo_open else None,
+        ge=None if b.lo_open else b.lo,
+        lt=b.hi if b.hi_open else None,
+        le=None if b.hi_open else b.hi,
+        **kw,
+    )
+
+
 class ModelConfig(BaseModel):
     model_config = _STRICT
     name: str = "mlp"
@@ -35,12 +48,12 @@ class HyperConfig(BaseModel):
     """Local training asked of devices each round."""
 
     model_config = _STRICT
-    epochs: int = Field(default=5, ge=1, le=1000)
-    batch_size: int = Field(default=32, ge=1, le=65536)
-    lr: float = Field(default=0.1, gt=0, le=100)
-    momentum: float = Field(default=0.0, ge=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    prox_mu: float = Field(default=0.0, ge=0)
+    epochs: int = _hyper_field("epochs", 5)
+    batch_size: int = _hyper_field("batch_size", 32)
+    lr: float = _hyper_field("lr", 0.1)
+    momentum: float = _hyper_field("momentum", 0.0)
+    weight_decay: float = _hyper_field("weight_decay", 0.0)
+    prox_mu: float = _hyper_field("prox_mu", 0.0)
 
     def to_hyper(self) -> TrainHyper:
         return TrainHyper(**self.model_dump())
@@ -85,15 +98,14 @@ class AggregatorConfig(BaseModel):
         default=None,
         description="reduce the strategy's server_lr when central accuracy plateaus",
     )
-    early_stop_patience: int = Field(
-        default=0,
-        ge=0,
-        le=1000,
+    early_stop_patience: int = _hyper_field(
+        "early_stop_patience",
+        0,
         description="devices stop local training after this many epochs without a better "
         "validation loss; 0 = off",
     )
-    val_fraction: float = Field(
-        default=0.1, ge=0, le=0.5, description="share of local data devices hold out for it"
+    val_fraction: float = _hyper_field(
+        "val_fraction", 0.1, description="share of local data devices hold out for it"
     )
     shard_workers: tuple[str, ...] = Field(
         default=(),

@@ -7,17 +7,21 @@ codec blob as ``bin``. ``docs/protocol.md`` is the normative description.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any, Self
 
-from fedge.errors import ProtocolError
+from fedge.errors import InvalidValue, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.topics import validate_device_id
 from fedge.wire import Fields, open_envelope, pack
 
 __all__ = [
+    "HYPER_BOUNDS",
     "SCHEMA_VERSION",
+    "Bounds",
     "DeviceState",
     "DeviceStatus",
     "GlobalModel",
@@ -59,13 +63,48 @@ def _device(f: Fields, key: str = "device") -> str:
     d = f.str(key)
     try:
         return validate_device_id(d)
-    except ValueError as e:
+    except InvalidValue as e:
         raise ProtocolError("schema", str(e)) from None
 
 
 @dataclass(frozen=True)
+class Bounds:
+    """Where a number may lie: from ``lo`` to ``hi``, an end excluded when it is ``*_open``."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = self.lo < value if self.lo_open else self.lo <= value
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+    def __str__(self) -> str:
+        return f"{'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+
+
+HYPER_BOUNDS: Mapping[str, Bounds] = MappingProxyType(
+    {
+        "epochs": Bounds(1, 1000),
+        "batch_size": Bounds(1, 65536),
+        "lr": Bounds(0, 100, lo_open=True),
+        "momentum": Bounds(0, 10**6, hi_open=True),
+        "weight_decay": Bounds(0, 10**6, hi_open=True),
+        "prox_mu": Bounds(0, 10**6, hi_open=True),
+        "early_stop_patience": Bounds(0, 1000),
+        "val_fraction": Bounds(0, 0.5),
+    }
+)
+"""The range of every numeric ``TrainHyper`` field: the one table that the dataclass, the
+task envelope's reader and the aggregator's config (``aggregator.config``) all check."""
+
+
+@dataclass(frozen=True)
 class TrainHyper:
-    """Local training settings a round asks of devices."""
+    """Local training settings a round asks of devices; ``InvalidValue`` outside
+    ``HYPER_BOUNDS``."""
 
     epochs: int = 1
     batch_size: int = 32
@@ -81,23 +120,12 @@ class TrainHyper:
     val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 1 <= self.epochs <= 1000:
-            raise ValueError(f"epochs must be in [1, 1000], got {self.epochs}")
-        if not 1 <= self.batch_size <= 65536:
-            raise ValueError(f"batch_size must be in [1, 65536], got {self.batch_size}")
-        if not 0.0 < self.lr <= 100.0:
-            raise ValueError(f"lr must be in (0, 100], got {self.lr}")
-        for name in ("momentum", "weight_decay", "prox_mu"):
-            if not 0.0 <= getattr(self, name) < 1e6:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.early_stop_patience <= 1000:
-            raise ValueError(
-                f"early_stop_patience must be in [0, 1000], got {self.early_stop_patience}"
-            )
-        if not 0.0 <= self.val_fraction <= 0.5:
-            raise ValueError(f"val_fraction must be in [0, 0.5], got {self.val_fraction}")
+        for name, bounds in HYPER_BOUNDS.items():
+            value = getattr(self, name)
+            if value not in bounds:
+                raise InvalidValue(f"{name} must be in {bounds}, got {value}")
         if self.early_stop_patience and not self.val_fraction:
-            raise ValueError("early_stop_patience needs val_fraction > 0")
+            raise InvalidValue("early_stop_patience needs val_fraction > 0")
 
     def to_map(self) -> dict[str, Any]:
         """The wire map; the early-stopping keys only when it is on (optional on the wire)."""
@@ -111,22 +139,32 @@ class TrainHyper:
         if not isinstance(raw, dict):
             raise ProtocolError("schema", "task.hyper must be a map")
         f = Fields(raw, "task.hyper", limits)
+
+        # Fields checks the closed range; the dataclass then refuses an open end (lr = 0).
+        def whole(key: str, *, optional: bool = False) -> Any:
+            b = HYPER_BOUNDS[key]
+            return f.int(key, int(b.lo), int(b.hi), optional=optional)
+
+        def real(key: str, *, optional: bool = False) -> Any:
+            b = HYPER_BOUNDS[key]
+            return f.float(key, b.lo, b.hi, optional=optional)
+
         vals = {
-            "epochs": f.int("epochs", 1, 1000),
-            "batch_size": f.int("batch_size", 1, 65536),
-            "lr": f.float("lr", 0.0, 100.0),
-            "momentum": f.float("momentum", 0.0, 1e6),
-            "weight_decay": f.float("weight_decay", 0.0, 1e6),
-            "prox_mu": f.float("prox_mu", 0.0, 1e6),
+            "epochs": whole("epochs"),
+            "batch_size": whole("batch_size"),
+            "lr": real("lr"),
+            "momentum": real("momentum"),
+            "weight_decay": real("weight_decay"),
+            "prox_mu": real("prox_mu"),
             "qat": f.bool("qat", optional=True) or False,
             "calibrate": f.bool("calibrate", optional=True) or False,
-            "early_stop_patience": f.int("early_stop_patience", 0, 1000, optional=True) or 0,
-            "val_fraction": f.float("val_fraction", 0.0, 0.5, optional=True) or 0.0,
+            "early_stop_patience": whole("early_stop_patience", optional=True) or 0,
+            "val_fraction": real("val_fraction", optional=True) or 0.0,
         }
         f.done()
         try:
             return cls(**vals)
-        except ValueError as e:
+        except InvalidValue as e:
             raise ProtocolError("schema", f"task.hyper: {e}") from None
 
 
@@ -157,7 +195,7 @@ class RoundTask:
 
     def __post_init__(self) -> None:
         if self.accepts_from is not None and not 1 <= self.accepts_from <= self.round:
-            raise ValueError(f"accepts_from must be in [1, round], got {self.accepts_from}")
+            raise InvalidValue(f"accepts_from must be in [1, round], got {self.accepts_from}")
 
     def asks(self, device: str) -> bool:
         return self.selected is None or device in self.selected

@@ -2,6 +2,9 @@
 
     FedgeError
      ├── ConfigError          a config file or command-line value is wrong (one line for the user)
+     ├── InvalidValue         a value fedge parses is not valid (also a ValueError, see below):
+     │                        codec name, device id or fleet name, TrainHyper, ONNX model bytes,
+     │                        strategy name and options, staleness weight
      ├── ProtocolError        a message breaks the wire contract (size, msgpack, schema, tensors)
      │    └── InvalidUpdate   a well-formed update the round cannot accept (round, nonce, duplicate)
      ├── TransportError       the broker cannot be reached or refuses us
@@ -9,8 +12,13 @@
      └── AggregationError     a round cannot produce a model
 
 Third-party errors (paho, msgpack, zstandard, onnx, pydantic) are translated where they are
-caught, so callers handle only these. ``ProtocolError.reason`` is a short stable code used as the
-label of the rejection counters in metrics.
+caught, so callers handle only these. ``InvalidValue`` is raised where a value is parsed,
+whatever it came from; it also subclasses ``ValueError`` so that a pydantic validator or a
+dataclass ``__post_init__`` that calls a parser reports it as pydantic and Python expect. Where
+the value came off the wire, the envelope translates it into ``ProtocolError('schema')``.
+
+``ProtocolError.reason`` is a short stable code used as the label of the rejection counters in
+metrics.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ __all__ = [
     "ConfigError",
     "FedgeError",
     "InvalidUpdate",
+    "InvalidValue",
     "ProtocolError",
     "TransportError",
 ]
@@ -32,6 +41,17 @@ class FedgeError(Exception):
 
 class ConfigError(FedgeError):
     """A configuration value is missing or wrong; the message says what to write instead."""
+
+
+class InvalidValue(FedgeError, ValueError):
+    """A value is not one fedge accepts: the message says what is wrong and what to write.
+
+    Raised by the parsers of the contract (``parse_codec``, ``validate_device_id``,
+    ``Topics``, ``TrainHyper``, ``RoundTask``), of models (``models.onnx_weights``) and of
+    strategies (``make_strategy``, strategy options, ``StalenessWeight``). A ``ValueError``
+    too, for pydantic validators and dataclass ``__post_init__``: catch it as
+    ``InvalidValue`` (or ``FedgeError``), not as ``ValueError``.
+    """
 
 
 class ProtocolError(FedgeError):

@@ -17,7 +17,7 @@ import numpy as np
 
 from fedge.errors import ProtocolError
 from fedge.limits import Limits
-from fedge.wire import _no_ext
+from fedge.wire import unpack_bounded
 
 __all__ = [
     "TensorSpec",
@@ -49,22 +49,14 @@ def dense_record(name: str, arr: np.ndarray, dtype: str) -> list[Any]:
 
 def unpack_records(blob: bytes, spec: TensorSpec, limits: Limits) -> list[list[Any]]:
     """Decode the outer array of records, bounded by the spec's tensor count."""
-    try:
-        obj = msgpack.unpackb(
-            blob,
-            raw=False,
-            use_list=True,
-            ext_hook=_no_ext,
-            max_array_len=max(len(spec), limits.max_rank, 8),
-            max_map_len=0,
-            max_str_len=limits.max_str_len,
-            max_bin_len=len(blob),
-            max_ext_len=0,
-        )
-    except ProtocolError:
-        raise
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        raise ProtocolError("bad_msgpack", f"delta is not a valid tensor array: {e}") from None
+    obj = unpack_bounded(
+        blob,
+        "delta is not a valid tensor array",
+        max_array_len=max(len(spec), limits.max_rank, 8),
+        max_map_len=0,
+        max_str_len=limits.max_str_len,
+        max_bin_len=len(blob),
+    )
     if not isinstance(obj, list):
         raise ProtocolError("schema", "delta must be an array of tensor records")
     names = [r[0] if isinstance(r, list) and r else None for r in obj]

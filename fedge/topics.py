@@ -16,15 +16,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from fedge.errors import InvalidValue
+
 __all__ = ["Topics", "validate_device_id"]
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def validate_device_id(device_id: str) -> str:
-    """Device ids become topic levels and client ids: no wildcards, slashes or spaces."""
+    """Device ids become topic levels and client ids: no wildcards, slashes or spaces.
+
+    ``InvalidValue`` (a ``ValueError`` too, for pydantic validators) says what to write.
+    """
     if not isinstance(device_id, str) or not _ID.fullmatch(device_id):
-        raise ValueError(
+        raise InvalidValue(
             f"invalid device id {device_id!r}: use 1-64 characters of letters, digits, '_', '.', "
             "'-', starting with a letter or digit"
         )
@@ -40,8 +45,8 @@ class Topics:
     def __post_init__(self) -> None:
         try:
             validate_device_id(self.fleet)
-        except ValueError:
-            raise ValueError(
+        except InvalidValue:
+            raise InvalidValue(
                 f"invalid fleet name {self.fleet!r}: use letters, digits, '_', '.', '-'"
             ) from None
 

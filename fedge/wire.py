@@ -1,7 +1,9 @@
 """Safe msgpack at the boundary, and typed reading of an untrusted map.
 
-``unpack_map`` bounds every declared length before msgpack allocates, refuses ExtType and
-non-string keys, and turns every msgpack failure into ``ProtocolError('bad_msgpack')``.
+``unpack_bounded`` (the one msgpack decoder of untrusted bytes; ``unpack_map`` for envelopes,
+``fedge.tensors`` for tensor records) bounds every declared length before msgpack allocates,
+refuses ExtType and non-string keys, and turns every msgpack failure into
+``ProtocolError('bad_msgpack')``.
 ``Fields`` reads a decoded map with type and range checks and refuses unknown keys, so an
 envelope's ``from_bytes`` is a list of one-line field reads.
 """
@@ -17,7 +19,7 @@ import msgpack
 from fedge.errors import ProtocolError
 from fedge.limits import Limits
 
-__all__ = ["Fields", "open_envelope", "pack", "unpack_map"]
+__all__ = ["Fields", "open_envelope", "pack", "unpack_bounded", "unpack_map"]
 
 
 def pack(obj: Mapping[str, Any]) -> bytes:
@@ -29,6 +31,47 @@ def _no_ext(code: int, data: bytes) -> NoReturn:
     raise ProtocolError("bad_msgpack", f"ExtType {code} is not allowed")
 
 
+# UnpackValueError (truncated data) subclasses ValueError.
+_MSGPACK_ERRORS = (
+    ValueError,
+    TypeError,
+    msgpack.ExtraData,
+    msgpack.FormatError,
+    msgpack.StackError,
+)
+
+
+def unpack_bounded(
+    blob: bytes,
+    error: str,
+    *,
+    max_array_len: int,
+    max_map_len: int,
+    max_str_len: int,
+    max_bin_len: int,
+) -> Any:
+    """Decode one untrusted msgpack object, every declared length bounded before msgpack
+    allocates; ExtType and non-string map keys are refused. Any failure is
+    ``ProtocolError('bad_msgpack', f"{error}: ...")``."""
+    try:
+        return msgpack.unpackb(
+            blob,
+            raw=False,
+            strict_map_key=True,
+            use_list=True,
+            ext_hook=_no_ext,
+            max_bin_len=max_bin_len,
+            max_str_len=max_str_len,
+            max_array_len=max_array_len,
+            max_map_len=max_map_len,
+            max_ext_len=0,
+        )
+    except ProtocolError:
+        raise
+    except _MSGPACK_ERRORS as e:
+        raise ProtocolError("bad_msgpack", f"{error}: {e}") from None
+
+
 def unpack_map(payload: bytes, limits: Limits, *, what: str = "message") -> dict[str, Any]:
     """Decode one msgpack map from an untrusted payload, within ``limits``."""
     if not isinstance(payload, bytes | bytearray | memoryview):
@@ -37,24 +80,14 @@ def unpack_map(payload: bytes, limits: Limits, *, what: str = "message") -> dict
         raise ProtocolError(
             "too_large", f"{what} is {len(payload)} bytes, limit {limits.max_payload_bytes}"
         )
-    try:
-        obj = msgpack.unpackb(
-            payload,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            ext_hook=_no_ext,
-            max_bin_len=limits.max_payload_bytes,
-            max_str_len=limits.max_str_len * 64,
-            max_array_len=limits.max_array_len,
-            max_map_len=max(limits.max_map_len, limits.max_tensors),
-            max_ext_len=0,
-        )
-    except ProtocolError:
-        raise
-    except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        # UnpackValueError (truncated data) subclasses ValueError.
-        raise ProtocolError("bad_msgpack", f"{what} is not valid msgpack: {e}") from None
+    obj = unpack_bounded(
+        payload,
+        f"{what} is not valid msgpack",
+        max_bin_len=limits.max_payload_bytes,
+        max_str_len=limits.max_str_len * 64,
+        max_array_len=limits.max_array_len,
+        max_map_len=max(limits.max_map_len, limits.max_tensors),
+    )
     if not isinstance(obj, dict):
         raise ProtocolError("schema", f"{what} must be a msgpack map, got {type(obj).__name__}")
     return obj

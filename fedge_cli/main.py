@@ -9,10 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["DEFAULT_SIM_CODEC", "main"]
+from simulation import DEFAULT_SIM_CODEC
 
-# The best codec within 1 pp of fp32's final accuracy on digits (bench/compression).
-DEFAULT_SIM_CODEC = "topk:0.03+int4+zstd"
+__all__ = ["DEFAULT_SIM_CODEC", "main"]
 
 
 def _simulate_args(p: argparse.ArgumentParser) -> None:

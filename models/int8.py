@@ -25,13 +25,13 @@ from typing import Literal
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
-from onnx.external_data_helper import uses_external_data
 from onnxruntime.quantization import QuantType
 from onnxruntime.quantization.calibrate import CalibrationMethod, TensorData, TensorsData
 from onnxruntime.quantization.qdq_quantizer import QDQQuantizer
 from onnxruntime.quantization.quant_utils import add_infer_metadata, update_opset_version
 from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+from models.onnx_weights import parse_model
 
 __all__ = [
     "ActivationType",
@@ -61,14 +61,7 @@ def load_fp32_model(fp32_onnx: bytes) -> onnx.ModelProto:
 
     Refuses bytes that are not a model, models with external data and already-quantized models.
     """
-    try:
-        model = onnx.load_model_from_string(fp32_onnx)
-    except DecodeError as exc:
-        raise ValueError(f"not a serialized ONNX model: {exc}") from None
-    if not model.HasField("graph"):
-        raise ValueError("not a serialized ONNX model: it has no graph")
-    if any(uses_external_data(t) for t in model.graph.initializer):
-        raise ValueError("only single-file models (all weights embedded) can be quantized")
+    model = parse_model(fp32_onnx)
     quantized = sorted({n.op_type for n in model.graph.node} & _QUANT_OPS)
     if quantized:
         raise ValueError(f"model is already quantized (has {quantized}); pass the fp32 model")

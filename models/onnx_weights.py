@@ -9,6 +9,10 @@ publish a new round without re-running the (slow) torch exporter.
 Models whose tensors live in external data files are refused: a device receives
 exactly one payload per version and must never resolve paths named by a model
 it was sent.
+
+Every refusal (not ONNX, external data, a name, shape or dtype that does not match) is
+``fedge.errors.InvalidValue``, a ``ValueError`` too; ``parse_model`` is the one parser of
+model bytes, ``models.int8`` included.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 
-__all__ = ["onnx_sha256", "read_initializers", "replace_initializers"]
+from fedge.errors import InvalidValue
+
+__all__ = ["onnx_sha256", "parse_model", "read_initializers", "replace_initializers"]
 
 
 def onnx_sha256(b: bytes) -> str:
@@ -37,7 +43,7 @@ def read_initializers(onnx_bytes: bytes) -> dict[str, np.ndarray]:
     are not weights and are skipped. Arrays are writable copies (numpy_helper
     returns read-only views of the protobuf buffer).
     """
-    model = _parse(onnx_bytes)
+    model = parse_model(onnx_bytes)
     return {
         tensor.name: numpy_helper.to_array(tensor).copy()
         for tensor in model.graph.initializer
@@ -52,22 +58,22 @@ def replace_initializers(onnx_bytes: bytes, state: Mapping[str, np.ndarray]) -> 
     with the same shape and dtype: casting or reshaping here would hide a
     mismatch between the architecture a device trains and the one it runs.
     """
-    model = _parse(onnx_bytes)
+    model = parse_model(onnx_bytes)
     by_name = {tensor.name: tensor for tensor in model.graph.initializer}
     missing = sorted(name for name in state if name not in by_name)
     if missing:
-        raise ValueError(f"model has no initializer(s) named {missing}; has {sorted(by_name)}")
+        raise InvalidValue(f"model has no initializer(s) named {missing}; has {sorted(by_name)}")
     for name, value in state.items():
         tensor = by_name[name]
         array = np.asarray(value)
         expected_dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
         if array.dtype != expected_dtype:
-            raise ValueError(
+            raise InvalidValue(
                 f"dtype mismatch for {name!r}: model has {expected_dtype}, got {array.dtype}"
             )
         expected_shape = tuple(tensor.dims)
         if array.shape != expected_shape:
-            raise ValueError(
+            raise InvalidValue(
                 f"shape mismatch for {name!r}: model has {expected_shape}, got {array.shape}"
             )
         tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name=name))
@@ -75,18 +81,18 @@ def replace_initializers(onnx_bytes: bytes, state: Mapping[str, np.ndarray]) -> 
     return model.SerializeToString(deterministic=True)
 
 
-def _parse(onnx_bytes: bytes) -> onnx.ModelProto:
-    """Parse and refuse anything that is not a self-contained model."""
+def parse_model(onnx_bytes: bytes) -> onnx.ModelProto:
+    """Parse and refuse anything that is not a self-contained model (``InvalidValue``)."""
     try:
         model = onnx.load_model_from_string(onnx_bytes)
     except DecodeError as exc:
-        raise ValueError(f"not a serialized ONNX model: {exc}") from None
+        raise InvalidValue(f"not a serialized ONNX model: {exc}") from None
     # Protobuf happily parses many byte strings (b"" included) as an empty message.
     if not model.HasField("graph"):
-        raise ValueError("not a serialized ONNX model: it has no graph")
+        raise InvalidValue("not a serialized ONNX model: it has no graph")
     external = sorted(tensor.name for tensor in _tensors(model.graph) if uses_external_data(tensor))
     if external:
-        raise ValueError(
+        raise InvalidValue(
             f"model stores tensors {external} as external data; "
             "only single-file models (all weights embedded) are accepted"
         )

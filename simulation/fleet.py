@@ -47,6 +47,7 @@ from fedge.errors import BrokerUnavailable, ConfigError
 from fedge.topics import Topics
 from fedge.transport.mqtt import BrokerURL, probe_broker
 from fedge.transport.mux import Mux
+from simulation import DEFAULT_SIM_CODEC
 from simulation.datasets import make_federated
 from simulation.keys import SimKeys
 
@@ -67,7 +68,7 @@ class SimConfig:
     partition: str = "dirichlet:0.5"
     seed: int = 0
     broker: str | None = None
-    codec: str = "topk:0.03+int4+zstd"  # see fedge_cli.main.DEFAULT_SIM_CODEC
+    codec: str = DEFAULT_SIM_CODEC
     model: str | None = None
     epochs: int = 5
     batch_size: int = 32

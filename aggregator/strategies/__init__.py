@@ -22,6 +22,7 @@ from aggregator.strategies.median import Median
 from aggregator.strategies.options import OptionInfo, build_options, describe_options
 from aggregator.strategies.options import parse_option_pairs as parse_option_pairs
 from aggregator.strategies.trimmed_mean import TrimmedMean
+from fedge.errors import InvalidValue
 
 __all__ = [
     "STRATEGIES",
@@ -73,11 +74,11 @@ def make_strategy(
     ``target_devices`` fills the options that follow the round's target
     (``Strategy.round_defaults``) where not given explicitly.
     A bare number in place of ``options`` is taken as ``server_lr`` (the old signature).
-    ``ValueError`` names the valid strategies or options.
+    ``InvalidValue`` names the valid strategies or options.
     """
     key = name.strip().lower() if isinstance(name, str) else name
     if key not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+        raise InvalidValue(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
     raw: dict[str, Any] = {}
     if isinstance(options, int | float) and not isinstance(options, bool):
         server_lr = float(options)

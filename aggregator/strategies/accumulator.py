@@ -22,9 +22,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fedge.clipping import squared_norm
 from fedge.errors import AggregationError
 from fedge.tensors import TensorSpec
 
+# squared_norm lives in fedge.clipping; re-exported here for the code that imports it from here.
 __all__ = ["FULL_SCRATCH_MAX", "WeightedSum", "squared_norm"]
 
 
@@ -41,27 +43,6 @@ def _views(flat: np.ndarray, spec: dict[str, tuple[int, ...]]) -> dict[str, np.n
         out[k] = flat[off : off + n].reshape(s)
         off += n
     return out
-
-
-def squared_norm(delta: Mapping[str, np.ndarray]) -> float:
-    """``sum(delta**2)`` over all tensors; ``AggregationError`` if any value is NaN or Inf.
-
-    One float32 BLAS dot per tensor (NaN and Inf propagate through it); a non-finite result
-    from finite values (the squares overflow float32) is recomputed in float64.
-    """
-    sq = 0.0
-    with np.errstate(over="ignore", invalid="ignore"):
-        for a in delta.values():
-            flat = np.asarray(a).reshape(-1)
-            sq += float(np.dot(flat, flat))
-    if math.isfinite(sq):
-        return sq
-    for name, a in delta.items():
-        if not np.isfinite(a).all():
-            raise AggregationError(f"update tensor {name} contains NaN or Inf")
-    return sum(
-        float(np.dot(x, x)) for x in (np.asarray(a, np.float64).ravel() for a in delta.values())
-    )
 
 
 class WeightedSum:

@@ -14,7 +14,8 @@ task asks of devices beyond the configured hyper-parameters, as a plain mapping 
 ``TrainHyper`` field names), ``set_server_lr`` (the adaptive server rate),
 ``set_staleness_weight`` (asynchronous mode), ``round_defaults`` (options that default to
 the round's target) and ``sums_linearly`` (may run sharded on partial sums). Strategies import
-nothing from the service or the wire: arrays, numbers and ``fedge.errors`` / ``fedge.tensors``.
+nothing from the service or the wire: arrays, numbers and ``fedge.errors`` / ``fedge.tensors`` /
+``fedge.clipping`` (the one definition of an update's norm and of norm bounding).
 
 ``fold`` applies, in this order: a finiteness check (a NaN or Inf never passes, whatever
 clipping says), norm bounding (``clip_norm``), and the staleness weight; the subclass then
@@ -36,8 +37,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from aggregator.strategies.accumulator import squared_norm
 from aggregator.strategies.options import StrategyOptions
+from fedge.clipping import scale_to_norm, squared_norm, update_norm
 from fedge.errors import AggregationError
 from fedge.tensors import TensorSpec
 
@@ -45,15 +46,6 @@ __all__ = ["StateDict", "Strategy", "update_norm"]
 
 StateDict = dict[str, "np.ndarray | float | int"]
 Weights = dict[str, np.ndarray]
-
-
-def update_norm(delta: Mapping[str, np.ndarray]) -> float:
-    """L2 norm of a whole update (all tensors); ``AggregationError`` if any value is not finite.
-
-    A huge but finite update (its squares overflow float32) gets a float64 norm, so it is
-    clipped, never refused.
-    """
-    return math.sqrt(squared_norm(delta))
 
 
 def _arrays(state: Mapping[str, Any]) -> list[np.ndarray]:
@@ -118,9 +110,7 @@ class Strategy(ABC):
         sq = None
         if self.options.clip_norm > 0:
             sq = squared_norm(delta)  # finiteness first: a NaN norm never passes
-            norm = math.sqrt(sq)
-            if norm > self.options.clip_norm:
-                scale *= self.options.clip_norm / norm
+            scale *= scale_to_norm(math.sqrt(sq), self.options.clip_norm)
         self.fold_sq_norm = sq
         self._fold(delta, float(num_samples), scale)
 

@@ -30,7 +30,7 @@ import numpy as np
 from aggregator.strategies.base import StateDict, Strategy
 from aggregator.strategies.options import StrategyOptions, opt
 from fedge.clipping import clip_update, l2_norm
-from fedge.errors import AggregationError
+from fedge.errors import AggregationError, InvalidValue
 from fedge.tensors import TensorSpec
 
 __all__ = [
@@ -49,11 +49,11 @@ ACCOUNTANTS = ("rdp", "pld")
 
 def _check(delta: float, sampling_rate: float, accountant: str) -> None:
     if not 0.0 < delta < 1.0:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
+        raise InvalidValue(f"delta must be in (0, 1), got {delta}")
     if not 0.0 < sampling_rate <= 1.0:
-        raise ValueError(f"sampling_rate must be in (0, 1], got {sampling_rate}")
+        raise InvalidValue(f"sampling_rate must be in (0, 1], got {sampling_rate}")
     if accountant not in ACCOUNTANTS:
-        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+        raise InvalidValue(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
 
 
 def _event(noise_multiplier: float, sampling_rate: float, rounds: int):  # type: ignore[no-untyped-def]
@@ -170,15 +170,15 @@ class DPFedAvgOptions(StrategyOptions):
         super().__post_init__()
         _check(self.delta, self.sampling_rate, self.accountant)
         if not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0 for DP, got {self.clip_norm}")
+            raise InvalidValue(f"clip_norm must be > 0 for DP, got {self.clip_norm}")
         if self.noise_multiplier < 0 or self.target_epsilon < 0 or self.rounds < 0:
-            raise ValueError("noise_multiplier, target_epsilon and rounds must be >= 0")
+            raise InvalidValue("noise_multiplier, target_epsilon and rounds must be >= 0")
         if self.target_epsilon > 0 and self.rounds == 0:
-            raise ValueError("target_epsilon needs rounds > 0 (the rounds it must last)")
+            raise InvalidValue("target_epsilon needs rounds > 0 (the rounds it must last)")
         if self.target_epsilon == 0 and self.noise_multiplier == 0:
-            raise ValueError("noise_multiplier 0 gives no privacy; set it or target_epsilon")
+            raise InvalidValue("noise_multiplier 0 gives no privacy; set it or target_epsilon")
         if self.expected_devices < 1:
-            raise ValueError(f"expected_devices must be >= 1, got {self.expected_devices}")
+            raise InvalidValue(f"expected_devices must be >= 1, got {self.expected_devices}")
 
 
 class DPFedAvg(Strategy):

@@ -8,6 +8,7 @@ import numpy as np
 
 from aggregator.strategies.fedopt import FedOpt, FedOptOptions
 from aggregator.strategies.options import opt
+from fedge.errors import InvalidValue
 
 __all__ = ["FedAdam", "FedAdamOptions"]
 
@@ -19,7 +20,7 @@ class FedAdamOptions(FedOptOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.beta2 < 1:
-            raise ValueError(f"beta2 must be in [0, 1), got {self.beta2}")
+            raise InvalidValue(f"beta2 must be in [0, 1), got {self.beta2}")
 
 
 class FedAdam(FedOpt):

@@ -16,7 +16,7 @@ import numpy as np
 from aggregator.strategies.base import StateDict, check_state_arrays, state_spec
 from aggregator.strategies.options import opt
 from aggregator.strategies.streaming import StreamingOptions, StreamingStrategy
-from fedge.errors import AggregationError
+from fedge.errors import AggregationError, InvalidValue
 
 __all__ = ["FedAvgM", "FedAvgMOptions"]
 
@@ -29,7 +29,7 @@ class FedAvgMOptions(StreamingOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+            raise InvalidValue(f"momentum must be in [0, 1), got {self.momentum}")
 
 
 class FedAvgM(StreamingStrategy):

@@ -23,7 +23,7 @@ import numpy as np
 from aggregator.strategies.base import StateDict, check_state_arrays, state_spec
 from aggregator.strategies.options import opt
 from aggregator.strategies.streaming import StreamingOptions, StreamingStrategy
-from fedge.errors import AggregationError
+from fedge.errors import AggregationError, InvalidValue
 
 __all__ = ["FedOpt", "FedOptOptions"]
 
@@ -37,9 +37,9 @@ class FedOptOptions(StreamingOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.tau > 0:
-            raise ValueError(f"tau must be > 0, got {self.tau}")
+            raise InvalidValue(f"tau must be > 0, got {self.tau}")
         if not 0 <= self.beta1 < 1:
-            raise ValueError(f"beta1 must be in [0, 1), got {self.beta1}")
+            raise InvalidValue(f"beta1 must be in [0, 1), got {self.beta1}")
 
 
 class FedOpt(StreamingStrategy):

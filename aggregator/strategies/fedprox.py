@@ -9,6 +9,7 @@ from typing import Any
 
 from aggregator.strategies.options import opt
 from aggregator.strategies.streaming import StreamingOptions, StreamingStrategy
+from fedge.errors import InvalidValue
 
 __all__ = ["FedProx", "FedProxOptions"]
 
@@ -20,7 +21,7 @@ class FedProxOptions(StreamingOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.mu < 1e6:
-            raise ValueError(f"mu must be in [0, 1e6), got {self.mu}")
+            raise InvalidValue(f"mu must be in [0, 1e6), got {self.mu}")
 
 
 class FedProx(StreamingStrategy):

@@ -16,6 +16,7 @@ import numpy as np
 
 from aggregator.strategies.buffered import BufferedStrategy
 from aggregator.strategies.options import StrategyOptions, opt
+from fedge.errors import InvalidValue
 
 __all__ = ["Krum", "KrumOptions", "MultiKrum", "MultiKrumOptions", "krum_scores"]
 
@@ -27,7 +28,7 @@ class KrumOptions(StrategyOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.f < 0:
-            raise ValueError(f"f must be >= 0, got {self.f}")
+            raise InvalidValue(f"f must be >= 0, got {self.f}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +38,7 @@ class MultiKrumOptions(KrumOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.m < 0:
-            raise ValueError(f"m must be >= 0 (0 = n - f), got {self.m}")
+            raise InvalidValue(f"m must be >= 0 (0 = n - f), got {self.m}")
 
 
 def krum_scores(sq_dist: np.ndarray, f: int) -> np.ndarray:

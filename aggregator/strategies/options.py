@@ -2,7 +2,8 @@
 
 Each strategy declares a frozen dataclass of options; every field has a default and a
 ``help`` in its metadata. :func:`build_options` converts and validates raw values and raises
-``ValueError`` messages that name the strategy, the option and the valid choices.
+``InvalidValue`` (``fedge.errors``, a ``ValueError`` too) with messages that name the strategy,
+the option and the valid choices.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import math
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple, TypeVar
+
+from fedge.errors import InvalidValue
 
 __all__ = [
     "OptionInfo",
@@ -44,11 +47,11 @@ class StrategyOptions:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"{f.name} must be a finite number, got {v}")
+                raise InvalidValue(f"{f.name} must be a finite number, got {v}")
         if self.server_lr < 0:
-            raise ValueError(f"server_lr must be >= 0, got {self.server_lr}")
+            raise InvalidValue(f"server_lr must be >= 0, got {self.server_lr}")
         if self.clip_norm < 0:
-            raise ValueError(f"clip_norm must be >= 0 (0 = off), got {self.clip_norm}")
+            raise InvalidValue(f"clip_norm must be >= 0 (0 = off), got {self.clip_norm}")
 
 
 class OptionInfo(NamedTuple):
@@ -78,28 +81,28 @@ def _convert(strategy: str, key: str, typ: Any, raw: Any) -> Any:
         s = str(raw).strip().lower()
         if s in _TRUE | _FALSE:
             return s in _TRUE
-        raise ValueError(f"{what} must be true or false, got {raw!r}")
+        raise InvalidValue(f"{what} must be true or false, got {raw!r}")
     if typ is int:
         if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
-            raise ValueError(f"{what} must be an integer, got {raw!r}")
+            raise InvalidValue(f"{what} must be an integer, got {raw!r}")
         try:
             return int(raw) if not isinstance(raw, str) else int(raw.strip())
         except ValueError:
-            raise ValueError(f"{what} must be an integer, got {raw!r}") from None
+            raise InvalidValue(f"{what} must be an integer, got {raw!r}") from None
     if typ is float:
         if isinstance(raw, bool):
-            raise ValueError(f"{what} must be a number, got {raw!r}")
+            raise InvalidValue(f"{what} must be a number, got {raw!r}")
         try:
             return float(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"{what} must be a number, got {raw!r}") from None
+            raise InvalidValue(f"{what} must be a number, got {raw!r}") from None
     if typ is str:
         return str(raw).strip()
     raise TypeError(f"unsupported option type {typ!r} for {key}")  # a bug in a strategy
 
 
 def build_options(cls: type[OptionsT], strategy: str, raw: Mapping[str, Any] | None) -> OptionsT:
-    """Convert ``{"tau": "1e-3"}`` to ``cls(tau=0.001)``; ``ValueError`` says what to write."""
+    """Convert ``{"tau": "1e-3"}`` to ``cls(tau=0.001)``; ``InvalidValue`` says what to write."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
     valid = ", ".join(f"{i.key}={i.default}" for i in describe_options(cls))
@@ -107,14 +110,14 @@ def build_options(cls: type[OptionsT], strategy: str, raw: Mapping[str, Any] | N
     for key, value in (raw or {}).items():
         k = str(key).strip().replace("-", "_")
         if k not in fields:
-            raise ValueError(
+            raise InvalidValue(
                 f"strategy {strategy!r} has no option {key!r}; valid options (defaults): {valid}"
             )
         values[k] = _convert(strategy, k, fields[k], value)
     try:
         return cls(**values)
     except ValueError as e:
-        raise ValueError(f"strategy {strategy!r}: {e}") from None
+        raise InvalidValue(f"strategy {strategy!r}: {e}") from None
 
 
 def parse_option_pairs(pairs: Iterable[str]) -> dict[str, str]:
@@ -123,8 +126,8 @@ def parse_option_pairs(pairs: Iterable[str]) -> dict[str, str]:
     for p in pairs:
         key, sep, value = p.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"strategy option {p!r} must look like KEY=VALUE, e.g. tau=0.001")
+            raise InvalidValue(f"strategy option {p!r} must look like KEY=VALUE, e.g. tau=0.001")
         if key.strip() in out:
-            raise ValueError(f"strategy option {key.strip()!r} given twice")
+            raise InvalidValue(f"strategy option {key.strip()!r} given twice")
         out[key.strip()] = value.strip()
     return out

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.strategies.base import Strategy
-from fedge.errors import AggregationError
+from fedge.errors import AggregationError, InvalidValue
 from fedge.tensors import TensorSpec
 
 __all__ = ["AsyncBuffer", "StalenessWeight"]
@@ -44,17 +44,17 @@ class StalenessWeight:
 
     def __post_init__(self) -> None:
         if self.kind not in _KINDS:
-            raise ValueError(
+            raise InvalidValue(
                 f"staleness weight must be one of {', '.join(_KINDS)}, got {self.kind!r}"
             )
         if not 0 <= self.a < math.inf or self.b < 0:
-            raise ValueError(
+            raise InvalidValue(
                 f"staleness weight parameters must be >= 0, got a={self.a}, b={self.b}"
             )
 
     @classmethod
     def parse(cls, spec: str) -> StalenessWeight:
-        """``"poly:0.5"``, ``"const"``, ``"hinge:10,4"``; ``ValueError`` shows the forms."""
+        """``"poly:0.5"``, ``"const"``, ``"hinge:10,4"``; ``InvalidValue`` shows the forms."""
         kind, _, args = spec.strip().lower().partition(":")
         try:
             vals = [float(x) for x in args.split(",")] if args else []
@@ -66,7 +66,7 @@ class StalenessWeight:
                 return cls("hinge", vals[0], int(vals[1]))
         except ValueError:
             pass
-        raise ValueError(
+        raise InvalidValue(
             f"bad staleness weight {spec!r}: write poly:A (e.g. poly:0.5), const or hinge:A,B"
         )
 

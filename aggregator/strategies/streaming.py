@@ -14,6 +14,7 @@ import numpy as np
 from aggregator.strategies.accumulator import WeightedSum
 from aggregator.strategies.base import Strategy
 from aggregator.strategies.options import StrategyOptions, opt
+from fedge.errors import InvalidValue
 
 __all__ = ["StreamingOptions", "StreamingStrategy"]
 
@@ -32,7 +33,7 @@ class StreamingOptions(StrategyOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.accumulate not in _ACCUMULATE:
-            raise ValueError(
+            raise InvalidValue(
                 f"accumulate must be one of {', '.join(_ACCUMULATE)}, got {self.accumulate!r}"
             )
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from aggregator.strategies.buffered import BufferedStrategy
 from aggregator.strategies.options import StrategyOptions, opt
-from fedge.errors import AggregationError
+from fedge.errors import AggregationError, InvalidValue
 
 __all__ = ["TrimmedMean", "TrimmedMeanOptions"]
 
@@ -23,7 +23,7 @@ class TrimmedMeanOptions(StrategyOptions):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.beta < 0.5:
-            raise ValueError(f"beta must be in [0, 0.5), got {self.beta}")
+            raise InvalidValue(f"beta must be in [0, 0.5), got {self.beta}")
 
 
 class TrimmedMean(BufferedStrategy):

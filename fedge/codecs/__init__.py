@@ -34,6 +34,7 @@ from fedge.codecs.quant import QuantCodec
 from fedge.codecs.sparse import TopKCodec
 from fedge.codecs.values import VALUES, QuantValues
 from fedge.codecs.zstd_frame import compress, decompress_capped
+from fedge.errors import InvalidValue
 from fedge.limits import Limits
 from fedge.tensors import TensorSpec
 
@@ -85,15 +86,15 @@ class _Zstd:
         )
 
 
-def _unknown(spec: object, why: str = "") -> ValueError:
-    return ValueError(
+def _unknown(spec: object, why: str = "") -> InvalidValue:
+    return InvalidValue(
         f"unknown codec {spec!r}{why}; use [topk:FRACTION+]VALUE[+zstd] with VALUE one of "
         f"{', '.join(VALUE_CODECS)} (e.g. fp16+zstd, int8+zstd, topk:0.05+int8+zstd)"
     )
 
 
 def parse_codec(spec: str) -> Codec:
-    """``"topk:0.05+int8+zstd"`` -> codec; ``ValueError`` naming the valid choices otherwise."""
+    """``"topk:0.05+int8+zstd"`` -> codec; ``InvalidValue`` naming the valid choices otherwise."""
     if not isinstance(spec, str):
         raise _unknown(spec)
     parts = spec.strip().lower().split("+")

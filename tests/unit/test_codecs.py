@@ -14,7 +14,7 @@ from hypothesis.extra import numpy as hnp
 
 from fedge.codecs import parse_codec
 from fedge.codecs.zstd_frame import decompress_capped
-from fedge.errors import ProtocolError
+from fedge.errors import InvalidValue, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
 
 SPECS = ["fp32", "fp16", "fp16+zstd", "fp32+zstd"]
@@ -97,7 +97,7 @@ def test_parse_codec_ignores_case_and_spaces(text: str, name: str) -> None:
     "text", ["", "fp8", "int3", "zstd", "fp16+zstd+zstd", "zstd+fp16", "fp16+gzip", "fp16+", None]
 )
 def test_parse_codec_unknown_lists_choices(text: Any) -> None:
-    with pytest.raises(ValueError, match="unknown codec") as info:
+    with pytest.raises(InvalidValue, match="unknown codec") as info:
         parse_codec(text)
 
     message = str(info.value)

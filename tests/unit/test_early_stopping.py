@@ -12,7 +12,7 @@ from torch import nn
 
 from edge_agent.trainer import train_local
 from fedge.envelopes import ModelArch, RoundTask, TrainHyper
-from fedge.errors import ProtocolError
+from fedge.errors import InvalidValue, ProtocolError
 from models.torch_state import load_numpy_state, to_numpy_state
 from models.zoo import build_model
 
@@ -104,7 +104,7 @@ def test_the_early_stopping_keys_travel_only_when_it_is_on() -> None:
     "kw", [{"early_stop_patience": 2}, {"val_fraction": 0.6}, {"early_stop_patience": -1}]
 )
 def test_bad_early_stopping_settings_are_refused(kw: dict) -> None:
-    with pytest.raises(ValueError, match=r"early_stop_patience|val_fraction"):
+    with pytest.raises(InvalidValue, match=r"early_stop_patience|val_fraction"):
         TrainHyper(**kw)
 
 

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedge.envelopes import (
+    HYPER_BOUNDS,
     SCHEMA_VERSION,
     DeviceState,
     DeviceStatus,
@@ -20,7 +21,7 @@ from fedge.envelopes import (
     RoundTask,
     TrainHyper,
 )
-from fedge.errors import ProtocolError
+from fedge.errors import FedgeError, InvalidValue, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
 
 ENVELOPES = [RoundTask, ModelUpdate, GlobalModel, DeviceStatus]
@@ -395,6 +396,54 @@ def test_hyper_out_of_range(key: str, value: Any) -> None:
     raw["hyper"][key] = value
 
     assert_rejected(RoundTask, packed(raw), "schema")
+
+
+def _hyper_edges() -> list[tuple[str, float, bool]]:
+    """(field, value, allowed) just inside and just outside both ends of every bound."""
+    out = []
+    for name, b in HYPER_BOUNDS.items():
+        step = 1 if isinstance(getattr(TrainHyper(), name), int) else 1e-6
+        out += [
+            (name, b.lo + step if b.lo_open else b.lo, True),
+            (name, b.lo if b.lo_open else b.lo - step, False),
+            (name, b.hi - step if b.hi_open else b.hi, True),
+            (name, b.hi if b.hi_open else b.hi + step, False),
+        ]
+    return out
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), _hyper_edges())
+def test_hyper_bounds_are_one_table_for_dataclass_wire_and_config(
+    name: str, value: float, allowed: bool
+) -> None:
+    from pydantic import ValidationError
+
+    from aggregator.config import AggregatorConfig, HyperConfig
+
+    # Prepare
+    early = {"val_fraction": 0.1} if name == "early_stop_patience" else {}
+    raw = raw_of(RoundTask)
+    raw["hyper"].update({name: value, **early})
+    config = HyperConfig if name in HyperConfig.model_fields else AggregatorConfig
+
+    # Execute / Assert
+    if allowed:
+        assert getattr(TrainHyper(**{name: value, **early}), name) == value
+        assert getattr(RoundTask.from_bytes(packed(raw)).hyper, name) == value
+        assert getattr(config(**{name: value}), name) == value
+    else:
+        with pytest.raises(InvalidValue, match=name):
+            TrainHyper(**{name: value, **early})
+        assert_rejected(RoundTask, packed(raw), "schema")
+        with pytest.raises(ValidationError, match=name):
+            config(**{name: value})
+
+
+def test_invalid_value_is_a_fedge_error_and_a_value_error() -> None:
+    with pytest.raises(FedgeError):
+        TrainHyper(epochs=0)
+    with pytest.raises(ValueError, match="epochs"):
+        TrainHyper(epochs=0)
 
 
 @pytest.mark.parametrize(("key", "value"), [("input_dim", 0), ("num_classes", 2**24 + 1)])

@@ -10,6 +10,7 @@ import torch
 from onnx import numpy_helper
 
 from edge_agent.calibration import compute_ranges
+from fedge.errors import InvalidValue
 from models.int8 import MissingRanges, calibration_tensor_names, quantize_int8
 from models.onnx_export import OnnxTemplate
 from models.qat import activation_qparams
@@ -178,5 +179,5 @@ def test_only_fp32_models_are_quantized(trained: Trained) -> None:
     # Execute / Assert
     with pytest.raises(ValueError, match="already quantized"):
         quantize_int8(int8, ranges)
-    with pytest.raises(ValueError, match="not a serialized ONNX model"):
+    with pytest.raises(InvalidValue, match="not a serialized ONNX model"):
         quantize_int8(b"\x00garbage", ranges)

@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from fedge.errors import InvalidValue
 from models.onnx_weights import onnx_sha256, read_initializers, replace_initializers
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -98,19 +99,19 @@ def test_replace_initializers_is_deterministic(model_bytes: bytes) -> None:
 
 
 def test_replace_initializers_rejects_a_missing_name(model_bytes: bytes) -> None:
-    with pytest.raises(ValueError, match=r"no initializer\(s\) named \['fc9.weight'\]"):
+    with pytest.raises(InvalidValue, match=r"no initializer\(s\) named \['fc9.weight'\]"):
         replace_initializers(model_bytes, {"fc9.weight": W})
 
 
 def test_replace_initializers_rejects_a_wrong_shape(model_bytes: bytes) -> None:
     with pytest.raises(
-        ValueError, match=r"shape mismatch for 'W': model has \(3, 4\), got \(4, 3\)"
+        InvalidValue, match=r"shape mismatch for 'W': model has \(3, 4\), got \(4, 3\)"
     ):
         replace_initializers(model_bytes, {"W": W.T})
 
 
 def test_replace_initializers_rejects_a_wrong_dtype(model_bytes: bytes) -> None:
-    with pytest.raises(ValueError, match="dtype mismatch for 'W'"):
+    with pytest.raises(InvalidValue, match="dtype mismatch for 'W'"):
         replace_initializers(model_bytes, {"W": W.astype(np.float64)})
 
 
@@ -128,15 +129,15 @@ def test_models_with_external_data_are_refused(tmp_path: Path) -> None:
     onnx_bytes = path.read_bytes()
 
     # Execute / Assert
-    with pytest.raises(ValueError, match="external data"):
+    with pytest.raises(InvalidValue, match="external data"):
         read_initializers(onnx_bytes)
-    with pytest.raises(ValueError, match="external data"):
+    with pytest.raises(InvalidValue, match="external data"):
         replace_initializers(onnx_bytes, {"b": B})
 
 
 @pytest.mark.parametrize("garbage", [b"", b"\xff\xff\xff\xff", b"not an onnx model"])
 def test_non_onnx_bytes_are_refused(garbage: bytes) -> None:
-    with pytest.raises(ValueError, match="not a serialized ONNX model"):
+    with pytest.raises(InvalidValue, match="not a serialized ONNX model"):
         read_initializers(garbage)
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from aggregator.strategies import make_strategy
 from aggregator.strategies.staleness import AsyncBuffer, StalenessWeight
-from fedge.errors import AggregationError
+from fedge.errors import AggregationError, InvalidValue
 
 SPEC = {"w": (3, 2), "b": (3,)}
 
@@ -45,7 +45,7 @@ def test_default_staleness_weight_is_inverse_sqrt() -> None:
     "spec", ["poly:a", "exp:2", "hinge:1", "hinge:1,2.5", "const:3", "poly:-1"]
 )
 def test_bad_staleness_weight_spec(spec: str) -> None:
-    with pytest.raises(ValueError, match="bad staleness weight"):
+    with pytest.raises(InvalidValue, match="bad staleness weight"):
         StalenessWeight.parse(spec)
 
 

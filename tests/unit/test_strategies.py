@@ -12,8 +12,9 @@ from scipy.stats import trim_mean
 
 from aggregator.strategies import STRATEGIES, describe_strategies, make_strategy, update_norm
 from aggregator.strategies.accumulator import WeightedSum
+from fedge.clipping import clip_scale
 from fedge.envelopes import TrainHyper
-from fedge.errors import AggregationError
+from fedge.errors import AggregationError, InvalidValue
 
 SPEC = {"fc1.weight": (4, 3), "fc1.bias": (4,), "empty": (0, 2)}
 # dp-fedavg adds noise and clips by design: tests/unit/test_privacy.py covers it.
@@ -367,6 +368,22 @@ def test_update_norm_of_huge_finite_values_is_finite() -> None:
     assert update_norm(d) == pytest.approx(2e30, rel=1e-6)
 
 
+def test_clip_scale_bounds_the_norm_and_leaves_short_updates_alone() -> None:
+    d = {"a": np.array([3.0], np.float32), "b": np.array([[4.0, 12.0]], np.float32)}
+
+    assert clip_scale(d, 6.5) == pytest.approx(0.5)
+    assert clip_scale(d, 13.0) == 1.0
+    assert clip_scale(d, 100.0) == 1.0
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_clip_scale_refuses_non_finite_updates(bad: float) -> None:
+    d = {"a": np.array([1.0, bad], np.float32)}
+
+    with pytest.raises(AggregationError, match="NaN or Inf"):
+        clip_scale(d, 1.0)
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("clip", ["0", "1.0"])
 @pytest.mark.parametrize("name", ALL)
@@ -557,7 +574,7 @@ def test_server_lr_keyword_is_a_default_that_an_option_overrides() -> None:
 def test_make_strategy_errors_say_what_to_write(
     name: str, options: dict | None, match: str
 ) -> None:
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(InvalidValue, match=match):
         make_strategy(name, options)
 
 
@@ -599,3 +616,31 @@ def test_set_server_lr_refuses_a_negative_or_infinite_rate() -> None:
     for bad in (-1.0, math.inf):
         with pytest.raises(ValueError, match="server_lr"):
             strategy.set_server_lr(bad)
+
+
+def test_strategies_import_only_numpy_the_stdlib_and_the_contracts_pure_helpers() -> None:
+    import ast
+    import sys
+    from pathlib import Path
+
+    import aggregator.strategies
+
+    allowed = ("aggregator.strategies", "fedge.errors", "fedge.tensors", "fedge.clipping")
+    allowed += ("numpy", "dp_accounting")  # the DP accountant, imported lazily by dp_fedavg
+    folder = Path(aggregator.strategies.__file__).parent
+    found = set()
+    for path in folder.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found |= {(path.name, a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                found.add((path.name, node.module or ""))
+
+    outside = {
+        (file, name)
+        for file, name in found
+        if name.split(".")[0] not in sys.stdlib_module_names
+        and not any(name == a or name.startswith(a + ".") for a in allowed)
+    }
+
+    assert outside == set()

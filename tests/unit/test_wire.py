@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedge.errors import ProtocolError
+from fedge.errors import InvalidValue, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, MAX_PACKET_SIZE, Limits
 from fedge.topics import Topics, validate_device_id
 from fedge.transport.mqtt import BrokerURL, publish_packet_size
@@ -298,7 +298,7 @@ def test_device_of_rejects(topic: str, kind: str) -> None:
 
 @pytest.mark.parametrize("fleet", BAD_IDS)
 def test_invalid_fleet(fleet: str) -> None:
-    with pytest.raises(ValueError, match="invalid fleet name"):
+    with pytest.raises(InvalidValue, match="invalid fleet name"):
         Topics(fleet)
 
 
@@ -306,19 +306,19 @@ def test_invalid_fleet(fleet: str) -> None:
 def test_invalid_device(device: Any) -> None:
     t = Topics("f")
 
-    with pytest.raises(ValueError, match="invalid device id"):
+    with pytest.raises(InvalidValue, match="invalid device id"):
         validate_device_id(device)
-    with pytest.raises(ValueError, match="invalid device id"):
+    with pytest.raises(InvalidValue, match="invalid device id"):
         t.update(device)
-    with pytest.raises(ValueError, match="invalid device id"):
+    with pytest.raises(InvalidValue, match="invalid device id"):
         t.status(device)
 
 
 def test_trailing_newline_is_not_an_id() -> None:
     # Regression: the id regex once used '$', which also matches before a final newline.
-    with pytest.raises(ValueError, match="invalid device id"):
+    with pytest.raises(InvalidValue, match="invalid device id"):
         validate_device_id("dev\n")
-    with pytest.raises(ValueError, match="invalid fleet name"):
+    with pytest.raises(InvalidValue, match="invalid fleet name"):
         Topics("f\n")
     assert Topics("f").device_of("fedge/f/update/dev\n", "update") is None
 
