@@ -1,13 +1,9 @@
-"""The edge agent: an explicit state machine over one MQTT session.
+"""The edge agent: an explicit state machine (`edge_agent.states`) over one MQTT session.
 
-    CONNECTING -> WAITING_MODEL -> WAITING_TASK -> TRAINING -> UPLOADING -> IDLE
-                        ^               ^                                   |
-                        +---------------+--------- next model / task -------+
-
-Retained messages make the order of arrival free: a device that connects late (or reboots)
-gets the current model and task at once and joins the round if it is asked. Training runs on
-an executor so the MQTT loop keeps serving keepalives; its result comes back to the loop
-thread through ``Mux.call_soon``.
+Models arrive through a `ModelReceiver`; updates are built by `edge_agent.uplink`; the agent
+keeps what is left: the session, what goes to disk and in which order, and the state. Training
+runs on an executor so the MQTT loop keeps serving keepalives; its result comes back to the
+loop thread through ``Mux.call_soon``.
 """
 
 from __future__ import annotations
@@ -16,8 +12,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -27,18 +21,12 @@ from edge_agent.model_cache import ModelCache
 from edge_agent.outbox import Outbox
 from edge_agent.privacy import LocalDP
 from edge_agent.residual import Residual
+from edge_agent.states import AgentCounters, AgentState, next_state
 from edge_agent.store import AgentStore, HeldModel
 from edge_agent.uplink import TrainOutcome, Uplink, build_upload, calibration
 from fedge.chunks import ModelReceiver
 from fedge.codecs import Codec, parse_codec
-from fedge.envelopes import (
-    DeviceState,
-    DeviceStatus,
-    GlobalModel,
-    ModelArch,
-    Receipt,
-    RoundTask,
-)
+from fedge.envelopes import DeviceState, DeviceStatus, GlobalModel, ModelArch, Receipt, RoundTask
 from fedge.errors import ProtocolError
 from fedge.identity import SigningKey, VerifyKey
 from fedge.limits import DEFAULT_LIMITS, Limits
@@ -53,24 +41,6 @@ __all__ = ["AgentCounters", "AgentState", "EdgeAgent"]
 log = logging.getLogger(__name__)
 
 TrainFn = Callable[..., Any]
-
-
-class AgentState(StrEnum):
-    CONNECTING = "connecting"
-    WAITING_MODEL = "waiting_model"
-    WAITING_TASK = "waiting_task"
-    TRAINING = "training"
-    UPLOADING = "uploading"
-    IDLE = "idle"
-
-
-@dataclass
-class AgentCounters:
-    rx_bytes: int = 0  # MQTT PUBLISH packets received (model, task)
-    tx_bytes: int = 0  # MQTT PUBLISH packets of updates sent
-    updates_sent: int = 0
-    rounds_skipped: int = 0
-    models_rejected: int = 0
 
 
 class EdgeAgent:
@@ -175,10 +145,9 @@ class EdgeAgent:
         # already counted is refused as a duplicate and receipted again.
         first = not self._resent_outbox
         self._resent_outbox = True
+        if self.task is not None:
+            self.outbox.drop_before(self.task.oldest_accepted)  # closed: nothing can count them
         for round_id, uid, payload in self.outbox.pending():
-            if self.task is not None and round_id < self.task.oldest_accepted:
-                self.outbox.remove(round_id, uid)  # its round is closed: nothing can count it
-                continue
             log.info("%s: resending update %s of round %d", self.device_id, uid, round_id)
             self._send(round_id, uid, payload, on_done=None)
             if first and round_id > self.last_round:
@@ -245,20 +214,11 @@ class EdgeAgent:
         if self.state in (AgentState.CONNECTING, AgentState.TRAINING, AgentState.UPLOADING):
             return
         t, m = self.task, self.model
-        if m is None:
-            self.state = AgentState.WAITING_MODEL
-            return
-        if t is None:
-            self.state = AgentState.WAITING_TASK
-            return
-        if t.round <= self.last_round or not t.asks(self.device_id):
-            self.state = AgentState.IDLE
-            return
-        if m.version < t.base_version:
-            self.state = AgentState.WAITING_MODEL
-            return
-        if m.version > t.base_version or time.time() > t.deadline:
-            self.state = AgentState.IDLE
+        state = next_state(
+            m, t, last_round=self.last_round, device_id=self.device_id, now=time.time()
+        )
+        if state != AgentState.TRAINING or t is None or m is None:
+            self.state = state
             return
         try:
             codec = parse_codec(t.codec)
