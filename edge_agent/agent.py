@@ -1,24 +1,17 @@
-"""The edge agent: an explicit state machine over one MQTT session.
+"""The edge agent: an explicit state machine (`edge_agent.states`) over one MQTT session.
 
-    CONNECTING -> WAITING_MODEL -> WAITING_TASK -> TRAINING -> UPLOADING -> IDLE
-                        ^               ^                                   |
-                        +---------------+--------- next model / task -------+
-
-Retained messages make the order of arrival free: a device that connects late (or reboots)
-gets the current model and task at once and joins the round if it is asked. Training runs on
-an executor so the MQTT loop keeps serving keepalives; its result comes back to the loop
-thread through ``Mux.call_soon``.
+Models arrive through a `ModelReceiver`; updates are built by `edge_agent.uplink`; the agent
+keeps what is left: the session, what goes to disk and in which order, and the state. Training
+runs on an executor so the MQTT loop keeps serving keepalives; its result comes back to the
+loop thread through ``Mux.call_soon``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, replace
-from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -28,24 +21,16 @@ from edge_agent.model_cache import ModelCache
 from edge_agent.outbox import Outbox
 from edge_agent.privacy import LocalDP
 from edge_agent.residual import Residual
+from edge_agent.states import AgentCounters, AgentState, next_state
 from edge_agent.store import AgentStore, HeldModel
-from fedge.chunks import Assembler
-from fedge.codecs import parse_codec
-from fedge.envelopes import (
-    DeviceState,
-    DeviceStatus,
-    GlobalModel,
-    ModelArch,
-    ModelChunk,
-    ModelUpdate,
-    Receipt,
-    RoundTask,
-)
+from edge_agent.uplink import TrainOutcome, Uplink, build_upload, calibration
+from fedge.chunks import ModelReceiver
+from fedge.codecs import Codec, parse_codec
+from fedge.envelopes import DeviceState, DeviceStatus, GlobalModel, ModelArch, Receipt, RoundTask
 from fedge.errors import ProtocolError
 from fedge.identity import SigningKey, VerifyKey
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.support.faults import crash_point
-from fedge.tensors import spec_of
 from fedge.topics import Topics
 from fedge.transport.mqtt import BrokerURL, publish_packet_size
 from fedge.transport.mux import Mux
@@ -56,24 +41,6 @@ __all__ = ["AgentCounters", "AgentState", "EdgeAgent"]
 log = logging.getLogger(__name__)
 
 TrainFn = Callable[..., Any]
-
-
-class AgentState(StrEnum):
-    CONNECTING = "connecting"
-    WAITING_MODEL = "waiting_model"
-    WAITING_TASK = "waiting_task"
-    TRAINING = "training"
-    UPLOADING = "uploading"
-    IDLE = "idle"
-
-
-@dataclass
-class AgentCounters:
-    rx_bytes: int = 0  # MQTT PUBLISH packets received (model, task)
-    tx_bytes: int = 0  # MQTT PUBLISH packets of updates sent
-    updates_sent: int = 0
-    rounds_skipped: int = 0
-    models_rejected: int = 0
 
 
 class EdgeAgent:
@@ -114,14 +81,17 @@ class EdgeAgent:
         self._weights: dict[str, np.ndarray] | None = None
         self.task: RoundTask | None = None
         self.last_round = store.last_round()
-        self._assembler = Assembler(limits.max_model_bytes)
+        self.models = ModelReceiver(
+            topics,
+            limits,
+            verify_key=aggregator_key,
+            held=(self.model.version, self.model.sha256) if self.model else None,
+        )
         self.residual = Residual.load(store.dir)
         self.outbox = Outbox(store.dir)
-        self.signing_key = signing_key
-        self.local_dp = local_dp
+        self.uplink = Uplink(device_id, seed, limits, local_dp, signing_key)
         self._cache = model_cache or ModelCache()
         self._entry: Any = None  # keeps the shared model version alive while we hold it
-        self.aggregator_key = aggregator_key
         self._resent_outbox = False
         offline = DeviceStatus(device_id, DeviceState.OFFLINE, ts=0.0).to_bytes()
         self.session = Session(
@@ -175,10 +145,9 @@ class EdgeAgent:
         # already counted is refused as a duplicate and receipted again.
         first = not self._resent_outbox
         self._resent_outbox = True
+        if self.task is not None:
+            self.outbox.drop_before(self.task.oldest_accepted)  # closed: nothing can count them
         for round_id, uid, payload in self.outbox.pending():
-            if self.task is not None and round_id < self.task.oldest_accepted:
-                self.outbox.remove(round_id, uid)  # its round is closed: nothing can count it
-                continue
             log.info("%s: resending update %s of round %d", self.device_id, uid, round_id)
             self._send(round_id, uid, payload, on_done=None)
             if first and round_id > self.last_round:
@@ -193,9 +162,8 @@ class EdgeAgent:
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.counters.rx_bytes += publish_packet_size(topic, len(payload))
         try:
-            if topic == self.topics.model:
-                m = GlobalModel.from_bytes(payload, self.limits)
-                full = self._assembler.offer_manifest(m) if m.is_manifest else m
+            if self.models.wants(topic):
+                full = self.models.offer(topic, payload)
                 if full is not None:
                     self._on_model(full)
             elif topic == self.topics.task:
@@ -203,32 +171,12 @@ class EdgeAgent:
             elif topic == self.topics.receipt(self.device_id):
                 r = Receipt.from_bytes(payload, self.limits)
                 self.outbox.remove(r.round, r.update_id)
-            elif payload and self.topics.device_of(topic, "model/chunk") is not None:
-                full = self._assembler.offer_chunk(ModelChunk.from_bytes(payload, self.limits))
-                if full is not None:
-                    self._on_model(full)
         except ProtocolError as e:
             self.counters.models_rejected += topic != self.topics.task
             log.warning("%s: ignored message on %s: %s", self.device_id, topic, e)
 
     def _on_model(self, m: GlobalModel) -> None:
-        held = self.model
-        if held is not None and m.version < held.version:
-            log.warning(
-                "%s: refused model v%d older than held v%d", self.device_id, m.version, held.version
-            )
-            self.counters.models_rejected += 1
-            return
-        if held is not None and m.version == held.version and m.sha256 == held.sha256:
-            return
-        if self.aggregator_key is not None and not (
-            m.signature and self.aggregator_key.verify(m.digest(), m.signature)
-        ):
-            log.warning(
-                "%s: refused model v%d: missing or bad signature", self.device_id, m.version
-            )
-            self.counters.models_rejected += 1
-            return
+        """Keep a complete, verified model (``self.models`` checked version and signature)."""
         from models.onnx_weights import read_initializers
 
         try:
@@ -239,6 +187,7 @@ class EdgeAgent:
             self.counters.models_rejected += 1
             return
         self.store.save_model(m)
+        self.models.hold(m.version, m.sha256)
         self._entry = entry
         self.model = HeldModel(m.version, m.arch, m.sha256, entry.onnx)
         self._weights = entry.weights
@@ -248,9 +197,7 @@ class EdgeAgent:
         if self.task is not None and t.round < self.task.round:
             return  # a stale retained/redelivered task; the newer one stands
         self.task = t
-        for round_id, uid, _ in self.outbox.pending():
-            if round_id < t.oldest_accepted:
-                self.outbox.remove(round_id, uid)  # its round closed: no receipt will come
+        self.outbox.drop_before(t.oldest_accepted)  # those rounds closed: no receipt will come
         self._advance()
 
     def _skip_round(self, t: RoundTask, why: str, level: int = logging.ERROR) -> None:
@@ -267,20 +214,11 @@ class EdgeAgent:
         if self.state in (AgentState.CONNECTING, AgentState.TRAINING, AgentState.UPLOADING):
             return
         t, m = self.task, self.model
-        if m is None:
-            self.state = AgentState.WAITING_MODEL
-            return
-        if t is None:
-            self.state = AgentState.WAITING_TASK
-            return
-        if t.round <= self.last_round or not t.asks(self.device_id):
-            self.state = AgentState.IDLE
-            return
-        if m.version < t.base_version:
-            self.state = AgentState.WAITING_MODEL
-            return
-        if m.version > t.base_version or time.time() > t.deadline:
-            self.state = AgentState.IDLE
+        state = next_state(
+            m, t, last_round=self.last_round, device_id=self.device_id, now=time.time()
+        )
+        if state != AgentState.TRAINING or t is None or m is None:
+            self.state = state
             return
         try:
             codec = parse_codec(t.codec)
@@ -316,8 +254,8 @@ class EdgeAgent:
         t: RoundTask,
         m: HeldModel,
         base: Mapping[str, np.ndarray],
-        codec: Any,
-        fut: Future[Any],
+        codec: Codec,
+        fut: Future[TrainOutcome | None],
     ) -> None:
         try:
             result = fut.result()
@@ -332,40 +270,24 @@ class EdgeAgent:
             self._skip_round(t, "local training returned no result", logging.INFO)
             self._advance()
             return
-        delta = {k: result.weights[k] - base[k] for k in base}
-        if self.local_dp is not None:
-            # Before the codec: error feedback then works on what privacy allows to leave.
-            delta = self.local_dp.privatize(delta)
+        calib = calibration(self.uplink, m.onnx, self.data.x, t)
         try:
-            blob, residual = self._encode_with_feedback(delta, codec, t)
+            up = build_upload(self.uplink, base, result, t, codec, self.residual, calib=calib)
         except (ValueError, ProtocolError) as e:
             self._skip_round(t, f"cannot encode with {codec.name}: {e}")
             self._advance()
             return
-        update = ModelUpdate(
-            device=self.device_id,
-            round=t.round,
-            base_version=t.base_version,
-            update_id=uuid.uuid4().hex,
-            nonce=t.nonce,
-            num_samples=result.num_samples,
-            codec=t.codec,
-            delta=blob,
-            metrics=_train_metrics(result),
-            calib=self._calibration(m, t),
-        )
-        if self.signing_key is not None:
-            update = replace(update, signature=self.signing_key.sign(update.digest()))
-        payload = update.to_bytes()
+        uid = up.update.update_id
         # Outbox first, then the residual: a crash in between resends the update and re-adds
         # a residual that was in fact sent (bounded, harmless); the reverse order would lose
         # both the update and the residual's mass.
-        self.outbox.put(t.round, update.update_id, payload)
+        self.outbox.put(t.round, uid, up.payload)
         crash_point("after_outbox")
-        if residual is not None:
-            residual.save(self.store.dir)
+        self.residual = up.residual
+        if up.save_residual:
+            up.residual.save(self.store.dir)
         self.state = AgentState.UPLOADING
-        self._send(t.round, update.update_id, payload, on_done=lambda ok: self._uploaded(t, ok))
+        self._send(t.round, uid, up.payload, on_done=lambda ok: self._uploaded(t, ok))
 
     def _send(
         self, round_id: int, uid: str, payload: bytes, on_done: Callable[[bool], None] | None
@@ -393,38 +315,6 @@ class EdgeAgent:
             return
         self.counters.tx_bytes += size
 
-    def _calibration(self, m: HeldModel, t: RoundTask) -> dict[str, tuple[float, float]]:
-        if not t.hyper.calibrate:
-            return {}
-        from edge_agent.calibration import compute_ranges
-
-        try:
-            return compute_ranges(m.onnx, self.data.x, seed=self.seed)
-        except ValueError as e:
-            log.warning("%s: no calibration ranges for round %d: %s", self.device_id, t.round, e)
-            return {}
-
-    def _encode_with_feedback(
-        self, delta: Mapping[str, np.ndarray], codec: Any, t: RoundTask
-    ) -> tuple[bytes, Residual | None]:
-        """Encode ``delta + residual``; keep what the aggregator will not see, on disk first.
-
-        Returns the blob and the residual to persist (the caller saves it right after the
-        update is in the outbox), or None when there is nothing to save. A lossless codec
-        flushes any residual left by earlier lossy rounds and keeps none.
-        """
-        rng = np.random.default_rng([self.seed & (2**64 - 1), t.round])
-        target = self.residual.apply(delta)
-        blob: bytes = codec.encode(target, rng)
-        if codec.lossless:
-            if not self.residual:
-                return blob, None
-            self.residual.reset()
-            return blob, self.residual
-        sent = codec.decode(blob, spec_of(target), self.limits)
-        self.residual.update(target, sent)
-        return blob, self.residual
-
     def _uploaded(self, t: RoundTask, ok: bool) -> None:
         if ok:
             self.counters.updates_sent += 1
@@ -433,13 +323,3 @@ class EdgeAgent:
         self.store.set_last_round(t.round)
         self.state = AgentState.IDLE
         self._advance()
-
-
-def _train_metrics(result: Any) -> dict[str, float]:
-    """What the update reports of local training (``ModelUpdate.metrics``)."""
-    out = {"loss": result.loss, "accuracy": result.accuracy, "seconds": result.seconds}
-    if getattr(result, "epochs", 0):
-        out["epochs"] = result.epochs
-    if getattr(result, "val_loss", None) is not None:
-        out["val_loss"] = result.val_loss
-    return out

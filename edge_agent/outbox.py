@@ -40,5 +40,11 @@ class Outbox:
                 out.append((int(head), uid, p.read_bytes()))
         return out
 
+    def drop_before(self, round_id: int) -> None:
+        """Forget updates of rounds before ``round_id``: closed, no receipt will come for them."""
+        for r, uid, _ in self.pending():
+            if r < round_id:
+                self.remove(r, uid)
+
     def __len__(self) -> int:
         return sum(1 for _ in self.dir.glob("*.msgpack"))

@@ -52,6 +52,10 @@ class Residual:
     def spec(self) -> dict[str, tuple[int, ...]]:
         return spec_of(self._r)
 
+    def copy(self) -> Residual:
+        """An independent copy (the pure upload step works on one)."""
+        return Residual(self._r)
+
     def reset(self) -> None:
         self._r = {}
 

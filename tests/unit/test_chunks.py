@@ -1,4 +1,5 @@
-"""fedge/chunks.py: splitting and reassembling models, in any arrival order, bounded."""
+"""fedge/chunks.py: splitting and reassembling models, in any arrival order, bounded; the
+receiver in front of it that refuses models older than the held one or unsigned."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from dataclasses import replace
 
 import pytest
 
-from fedge.chunks import Assembler, split_model
+from fedge.chunks import Assembler, ModelReceiver, split_model
 from fedge.envelopes import GlobalModel, ModelArch, ModelChunk
 from fedge.errors import ProtocolError
+from fedge.identity import SigningKey
+from fedge.limits import DEFAULT_LIMITS
+from fedge.topics import Topics
 
 ARCH = ModelArch("mlp", 64, 10)
 
@@ -103,3 +107,109 @@ def test_manifest_must_not_carry_onnx() -> None:
     with pytest.raises(ProtocolError) as e:
         GlobalModel.from_bytes(bad.to_bytes())
     assert e.value.reason == "schema"
+
+
+# --- ModelReceiver: payloads of the model topics in, complete verified models out ----------
+
+TOPICS = Topics("unit")
+
+
+def inline(data: bytes, version: int, key: SigningKey | None = None) -> GlobalModel:
+    m = GlobalModel(version, ARCH, data, hashlib.sha256(data).hexdigest(), 1.0, {})
+    return replace(m, signature=key.sign(m.digest())) if key is not None else m
+
+
+def test_receiver_returns_an_inline_model_and_a_chunked_one() -> None:
+    rx = ModelReceiver(TOPICS)
+    m1 = inline(b"one" * 10, 1)
+    m2, chunks = manifest_and_chunks(b"two" * 1000, 2, 1000)
+
+    got1 = rx.offer(TOPICS.model, m1.to_bytes())
+    pending = [rx.offer(TOPICS.model_chunk(c.index), c.to_bytes()) for c in chunks]
+    got2 = rx.offer(TOPICS.model, m2.to_bytes())
+
+    assert got1 == m1
+    assert pending == [None] * len(chunks)
+    assert got2 is not None
+    assert got2.onnx == b"two" * 1000
+    assert got2.version == 2
+
+
+def test_receiver_wants_the_model_topics_only() -> None:
+    rx = ModelReceiver(TOPICS)
+
+    assert rx.wants(TOPICS.model)
+    assert rx.wants(TOPICS.model_chunk(3))
+    assert not rx.wants(TOPICS.task)
+    assert not rx.wants(TOPICS.receipt("dev-1"))
+    assert not rx.wants(TOPICS.model_int8)
+    assert rx.offer(TOPICS.model_chunk(0), b"") is None  # a retained chunk being cleared
+
+
+def test_receiver_never_goes_below_the_held_model() -> None:
+    held = inline(b"held", 5)
+    rx = ModelReceiver(TOPICS, held=(held.version, held.sha256))
+
+    with pytest.raises(ProtocolError) as e:
+        rx.offer(TOPICS.model, inline(b"old", 4).to_bytes())
+
+    assert e.value.reason == "stale_model"
+    assert "refused model v4 older than held v5" in str(e.value)
+    assert rx.offer(TOPICS.model, held.to_bytes()) is None  # the one held: nothing to do
+    same_version = inline(b"held, re-exported", 5)
+    assert rx.offer(TOPICS.model, same_version.to_bytes()) == same_version
+
+
+def test_receiver_floor_moves_only_when_the_caller_holds_a_model() -> None:
+    rx = ModelReceiver(TOPICS)
+    m3, m2 = inline(b"three", 3), inline(b"two", 2)
+
+    assert rx.offer(TOPICS.model, m3.to_bytes()) == m3
+    assert rx.offer(TOPICS.model, m2.to_bytes()) == m2  # m3 was not kept: m2 may still be
+    rx.hold(m3.version, m3.sha256)
+    with pytest.raises(ProtocolError):
+        rx.offer(TOPICS.model, m2.to_bytes())
+
+
+def test_receiver_with_a_key_wants_the_aggregators_signature() -> None:
+    key, other = SigningKey.generate(), SigningKey.generate()
+    rx = ModelReceiver(TOPICS, verify_key=key.verify_key)
+    good = inline(b"model", 1, key)
+
+    for bad in (inline(b"model", 1), inline(b"model", 1, other)):
+        with pytest.raises(ProtocolError) as e:
+            rx.offer(TOPICS.model, bad.to_bytes())
+        assert e.value.reason == "bad_signature"
+        assert "refused model v1: missing or bad signature" in str(e.value)
+    assert rx.offer(TOPICS.model, good.to_bytes()) == good
+
+
+def test_receiver_checks_the_signature_of_an_assembled_model() -> None:
+    key = SigningKey.generate()
+    m, chunks = manifest_and_chunks(b"big" * 1000, 1, 1000)
+    rx = ModelReceiver(TOPICS, verify_key=key.verify_key)
+    for c in chunks:
+        rx.offer(TOPICS.model_chunk(c.index), c.to_bytes())
+
+    with pytest.raises(ProtocolError) as e:
+        rx.offer(TOPICS.model, m.to_bytes())
+    assert e.value.reason == "bad_signature"
+
+    signed = replace(m, signature=key.sign(m.digest()))
+    assert rx.offer(TOPICS.model, signed.to_bytes()) is None
+    done = [rx.offer(TOPICS.model_chunk(c.index), c.to_bytes()) for c in chunks]
+    full = done[-1]
+    assert done[:-1] == [None] * (len(chunks) - 1)
+    assert full is not None
+    assert full.onnx == b"big" * 1000
+
+
+def test_receiver_bounds_chunks_by_its_limits() -> None:
+    _, chunks = manifest_and_chunks(b"z" * 5000, 1, 1000)
+    rx = ModelReceiver(TOPICS, replace(DEFAULT_LIMITS, max_model_bytes=2500))
+    rx.offer(TOPICS.model_chunk(0), chunks[0].to_bytes())
+    rx.offer(TOPICS.model_chunk(1), chunks[1].to_bytes())
+
+    with pytest.raises(ProtocolError) as e:
+        rx.offer(TOPICS.model_chunk(2), chunks[2].to_bytes())
+    assert e.value.reason == "too_large"

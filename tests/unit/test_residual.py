@@ -1,25 +1,19 @@
-"""Error feedback: the residual conserves mass, persists atomically, and is wired into the agent."""
+"""Error feedback: the residual conserves mass, persists atomically, and feeds the uploads."""
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from edge_agent.agent import EdgeAgent
-from edge_agent.data import LocalData
 from edge_agent.residual import RESIDUAL_FILE, Residual
-from edge_agent.store import AgentStore
-from fedge.codecs import parse_codec
+from edge_agent.uplink import Uplink, build_upload, encode_with_feedback
+from fedge.codecs import Codec, parse_codec
 from fedge.envelopes import RoundTask, TrainHyper
 from fedge.limits import DEFAULT_LIMITS
-from fedge.topics import Topics
-from fedge.transport.mqtt import BrokerURL
-from fedge.transport.mux import Mux
 
 MODEL = {"fc1.weight": (16, 8), "fc1.bias": (16,), "fc2.weight": (3, 16), "fc2.bias": (3,)}
 LOSSY = [
@@ -209,21 +203,7 @@ def test_load_corrupt_file_is_empty(
     assert "unreadable" in caplog.text
 
 
-# --- the agent ---------------------------------------------------------------------------
-
-
-def make_agent(state_dir: Path, mux: Mux, executor: ThreadPoolExecutor) -> EdgeAgent:
-    # Never started: no connection is made; only the encoding step is exercised here.
-    return EdgeAgent(
-        device_id="dev-0001",
-        mux=mux,
-        broker=BrokerURL.parse("mqtt://127.0.0.1:9"),
-        topics=Topics("unit"),
-        data=LocalData(np.zeros((2, 3), np.float32), np.zeros(2, np.int64)),
-        store=AgentStore(state_dir),
-        executor=executor,
-        seed=3,
-    )
+# --- the device's upload step (edge_agent.uplink) -------------------------------------------
 
 
 def task(round_id: int, codec: str) -> RoundTask:
@@ -237,77 +217,109 @@ def task(round_id: int, codec: str) -> RoundTask:
     )
 
 
-@pytest.fixture
-def agent_parts():
-    # A running mux closes its own sockets on stop; the agents are never started on it.
-    mux, executor = Mux("unit").start(), ThreadPoolExecutor(max_workers=1)
-    yield mux, executor
-    executor.shutdown()
-    mux.stop()
+class Device:
+    """What the agent keeps between rounds for error feedback: its seed, state dir, residual
+    (loaded from the dir, as the agent does at start)."""
+
+    def __init__(self, state_dir: Path, seed: int = 3) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.dir = state_dir
+        self.uplink = Uplink("dev-0001", seed)
+        self.residual = Residual.load(state_dir)
+
+    def encode(self, delta: dict[str, np.ndarray], codec: Codec, t: RoundTask) -> bytes:
+        """What EdgeAgent._trained does: build the update, then keep and persist the residual."""
+        base = {k: np.zeros_like(v) for k, v in delta.items()}
+        up = build_upload(self.uplink, base, Trained(delta), t, codec, self.residual)
+        self.residual = up.residual
+        if up.save_residual:
+            up.residual.save(self.dir)
+        return up.update.delta
 
 
-def encode(agent: EdgeAgent, delta: Any, codec: Any, t: Any) -> bytes:
-    """What EdgeAgent._trained does: encode with feedback, then persist the residual."""
-    blob, residual = agent._encode_with_feedback(delta, codec, t)
-    if residual is not None:
-        residual.save(agent.store.dir)
-    return blob
+@dataclass(frozen=True)
+class Trained:
+    weights: dict[str, np.ndarray]
+    num_samples: int = 2
+    loss: float = 0.0
+    accuracy: float = 0.0
+    seconds: float = 0.0
 
 
-def test_agent_persists_the_residual_and_a_reboot_keeps_it(tmp_path: Path, agent_parts) -> None:
-    mux, executor = agent_parts
-    agent = make_agent(tmp_path, mux, executor)
+def test_agent_persists_the_residual_and_a_reboot_keeps_it(tmp_path: Path) -> None:
+    device = Device(tmp_path)
     codec = parse_codec("topk:0.05+int8+zstd")
     delta = deltas(1)[0]
 
-    blob = encode(agent, delta, codec, task(1, codec.name))
+    blob = device.encode(delta, codec, task(1, codec.name))
 
     sent = codec.decode(blob, MODEL, DEFAULT_LIMITS)
-    rebooted = make_agent(tmp_path, mux, executor)
+    rebooted = Device(tmp_path)
     for k in MODEL:
         np.testing.assert_array_equal(rebooted.residual.tensors[k], delta[k] - sent[k])
 
 
-def test_agent_adds_the_residual_to_the_next_delta(tmp_path: Path, agent_parts) -> None:
-    mux, executor = agent_parts
-    agent = make_agent(tmp_path, mux, executor)
+def test_agent_adds_the_residual_to_the_next_delta(tmp_path: Path) -> None:
+    device = Device(tmp_path)
     codec = parse_codec("topk:0.05+fp32")
     d1, d2 = deltas(2)
 
-    sent1 = codec.decode(encode(agent, d1, codec, task(1, codec.name)), MODEL, DEFAULT_LIMITS)
-    sent2 = codec.decode(encode(agent, d2, codec, task(2, codec.name)), MODEL, DEFAULT_LIMITS)
+    sent1 = codec.decode(device.encode(d1, codec, task(1, codec.name)), MODEL, DEFAULT_LIMITS)
+    sent2 = codec.decode(device.encode(d2, codec, task(2, codec.name)), MODEL, DEFAULT_LIMITS)
 
     for k in MODEL:
         np.testing.assert_allclose(
-            sent1[k] + sent2[k] + agent.residual.tensors[k], d1[k] + d2[k], atol=1e-5
+            sent1[k] + sent2[k] + device.residual.tensors[k], d1[k] + d2[k], atol=1e-5
         )
 
 
-def test_agent_rounds_are_reproducible_per_seed_and_round(tmp_path: Path, agent_parts) -> None:
-    mux, executor = agent_parts
+def test_agent_rounds_are_reproducible_per_seed_and_round(tmp_path: Path) -> None:
     codec = parse_codec("int4")
     delta = deltas(1)[0]
 
-    a = encode(make_agent(tmp_path / "a", mux, executor), delta, codec, task(5, "int4"))
-    b = encode(make_agent(tmp_path / "b", mux, executor), delta, codec, task(5, "int4"))
-    c = encode(make_agent(tmp_path / "c", mux, executor), delta, codec, task(6, "int4"))
+    a = Device(tmp_path / "a").encode(delta, codec, task(5, "int4"))
+    b = Device(tmp_path / "b").encode(delta, codec, task(5, "int4"))
+    c = Device(tmp_path / "c").encode(delta, codec, task(6, "int4"))
 
     assert a == b
     assert a != c
 
 
-def test_lossless_round_flushes_and_keeps_no_residual(tmp_path: Path, agent_parts) -> None:
-    mux, executor = agent_parts
-    agent = make_agent(tmp_path, mux, executor)
+def test_lossless_round_flushes_and_keeps_no_residual(tmp_path: Path) -> None:
+    device = Device(tmp_path)
     lossy, fp32 = parse_codec("topk:0.05+fp32"), parse_codec("fp32")
     d1, d2 = deltas(2)
-    encode(agent, d1, lossy, task(1, lossy.name))
-    left = agent.residual.tensors
+    device.encode(d1, lossy, task(1, lossy.name))
+    left = device.residual.tensors
 
-    blob = encode(agent, d2, fp32, task(2, "fp32"))
+    blob = device.encode(d2, fp32, task(2, "fp32"))
 
     sent = fp32.decode(blob, MODEL, DEFAULT_LIMITS)
     for k in MODEL:
         np.testing.assert_array_equal(sent[k], d2[k] + left[k])
-    assert not agent.residual
+    assert not device.residual
     assert not Residual.load(tmp_path)
+
+
+def test_encoding_leaves_the_given_residual_untouched() -> None:
+    residual = Residual({k: np.full(s, 0.5, np.float32) for k, s in MODEL.items()})
+    before = residual.tensors
+    rng = np.random.default_rng(0)
+
+    _, after, changed = encode_with_feedback(
+        deltas(1)[0], parse_codec("topk:0.05+fp32"), residual, rng
+    )
+
+    assert changed
+    assert after is not residual
+    for k in MODEL:
+        np.testing.assert_array_equal(residual.tensors[k], before[k])
+
+
+def test_lossless_round_without_a_residual_has_nothing_to_save() -> None:
+    rng = np.random.default_rng(0)
+
+    _, after, changed = encode_with_feedback(deltas(1)[0], parse_codec("fp32"), Residual(), rng)
+
+    assert not after
+    assert not changed
