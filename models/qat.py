@@ -16,7 +16,8 @@ that. The weights stay plain float32 tensors: what a device exports, averages an
 latent float model, and the rounding is left to the int8 export.
 
 The quantization grid mirrors onnxruntime's static quantizer (QDQ, per-channel weights):
-- weights: scale = max|w_row| / 127, zero point 0, values in [-127, 127];
+- weights: scale = max|w_row| / 64, zero point 0, values in [-64, 64] (7 bits: onnxruntime's
+  `reduce_range`, which `models.int8` sets so that x86 kernels without VNNI cannot saturate);
 - activations: the observed range widened to include 0, scale = (max - min) / 255,
   zero point = round(-min / scale). int8 activations use the same grid shifted by 128, so the
   fake quantization is the same for both activation types.
@@ -53,7 +54,10 @@ __all__ = [
     "is_qat_enabled",
 ]
 
-WEIGHT_QMAX = 127  # symmetric int8 weights use [-127, 127], as onnxruntime does
+# Symmetric int8 weights on [-64, 64]: what onnxruntime's quantizer makes with reduce_range=True,
+# which models.int8 sets (with [-127, 127] the u8 x s8 kernels of x86 CPUs without VNNI
+# saturate, and the int8 model stops computing what it was trained to; see models.int8).
+WEIGHT_QMAX = 64
 ACT_QMIN, ACT_QMAX = 0, 255
 
 # Below this scale onnxruntime gives up on the range (scale 1, zero point 0); so do we.
@@ -111,9 +115,9 @@ def fake_quantize_activation(x: torch.Tensor, low: float, high: float) -> torch.
 
 
 def fake_quantize_weight(weight: torch.Tensor) -> torch.Tensor:
-    """Quantize-dequantize a weight per output channel (dim 0) on symmetric int8.
+    """Quantize-dequantize a weight per output channel (dim 0) on symmetric int8 [-64, 64].
 
-    The scale of a channel is its max |w| / 127, so no weight is ever clipped and the
+    The scale of a channel is its max |w| / WEIGHT_QMAX, so no weight is ever clipped and the
     straight-through gradient is exactly 1 everywhere. Scales come from the detached weight.
     """
     flat = weight.detach().reshape(weight.shape[0], -1)

@@ -13,7 +13,7 @@ from edge_agent.calibration import compute_ranges
 from fedge.errors import InvalidValue
 from models.int8 import MissingRanges, calibration_tensor_names, quantize_int8
 from models.onnx_export import OnnxTemplate
-from models.qat import activation_qparams
+from models.qat import activation_qparams, fake_quantize_weight
 from models.torch_state import to_numpy_state
 from models.zoo import build_model
 from simulation.datasets import make_federated
@@ -54,9 +54,11 @@ def _train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> None:
             opt.step()
 
 
-def _logits(model: bytes, x: np.ndarray) -> np.ndarray:
+def _logits(model: bytes, x: np.ndarray, *, optimize: bool = True) -> np.ndarray:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     return session.run(None, {"input": x})[0]
 
@@ -128,12 +130,41 @@ def test_int8_grid_is_the_grid_qat_trains_on(trained: Trained) -> None:
         scale, zero_point = activation_qparams(*ranges[tensor])
         assert float(inits[f"{tensor}_scale"]) == pytest.approx(scale, rel=1e-6)
         assert int(inits[f"{tensor}_zero_point"]) == zero_point
-    # ... and weights, per output channel, symmetric over [-127, 127].
+    # ... and weights, per output channel, symmetric over [-64, 64] (7 bits, see models.int8).
     for layer in ("fc1", "fc2", "fc3"):
         w = weights[f"{layer}.weight"]
-        expected = np.abs(w).max(axis=1) / 127
+        expected = np.abs(w).max(axis=1) / 64
         np.testing.assert_allclose(inits[f"{layer}.weight_scale"], expected, rtol=1e-6)
         assert not inits[f"{layer}.weight_zero_point"].any()
+        q = inits[f"{layer}.weight_quantized"]
+        # Every row's largest |w| lands on the edge of its grid, and nothing beyond it.
+        assert (np.abs(q.astype(np.int16)).max(axis=1) == 64).all()
+        np.testing.assert_array_equal(
+            q.astype(np.float32) * inits[f"{layer}.weight_scale"][:, None],
+            fake_quantize_weight(torch.from_numpy(w.copy())).numpy(),
+        )
+
+
+@pytest.mark.parametrize("activation_type", ["uint8", "int8"])
+def test_int8_kernels_compute_what_the_qdq_graph_says(
+    trained: Trained, activation_type: str
+) -> None:
+    # Prepare: the same int8 model run twice, through onnxruntime's fused integer kernels and
+    # with graph optimizations off (each QuantizeLinear/DequantizeLinear/Gemm evaluated as
+    # written: the arithmetic models.qat trains on). On x86 CPUs without VNNI, 8-bit weights
+    # made the u8 x s8 kernels saturate (int16 pair sums) and the logits differ by up to ~17
+    # steps of their grid; 7-bit weights cannot overflow on any CPU.
+    fp32, ranges, x_test, _ = trained
+    int8 = quantize_int8(fp32, ranges, activation_type=activation_type)  # type: ignore[arg-type]
+    x = np.concatenate([x_test, np.ones((4, 64), np.float32)])  # + all-max rows: worst case
+    step = float(_initializers(int8)["logits_scale"])
+
+    # Execute
+    fused = _logits(int8, x)
+    as_written = _logits(int8, x, optimize=False)
+
+    # Assert: at most one step of the logits grid apart (rounding of the requantization).
+    assert np.abs(fused - as_written).max() <= 1.01 * step
 
 
 def test_a_missing_range_raises_missing_ranges(trained: Trained) -> None:

@@ -39,8 +39,9 @@ def _np_fake_quant_act(x: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _np_fake_quant_weight(w: np.ndarray) -> np.ndarray:
-    scale = np.abs(w).max(axis=1, keepdims=True).astype(np.float64) / 127.0
-    return (np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32)
+    # Symmetric 7-bit grid [-64, 64]: what models.int8 exports (onnxruntime's reduce_range).
+    scale = np.abs(w).max(axis=1, keepdims=True).astype(np.float64) / 64.0
+    return (np.clip(np.round(w / scale), -64, 64) * scale).astype(np.float32)
 
 
 def test_enable_and_disable_keep_the_state_dict_and_the_float_forward() -> None:
@@ -85,7 +86,7 @@ def test_fake_quantize_activation_matches_reference_and_has_clipped_ste_gradient
     np.testing.assert_array_equal(x.grad.numpy(), np.where(in_range, upstream.numpy(), 0.0))
 
 
-def test_fake_quantize_weight_is_per_output_channel_symmetric_int8() -> None:
+def test_fake_quantize_weight_is_per_output_channel_symmetric_7_bit() -> None:
     # Prepare
     w = torch.from_numpy(np.random.default_rng(1).normal(size=(5, 7)).astype(np.float32))
     w[2] *= 100.0  # one channel with a much larger range must not coarsen the others
@@ -99,8 +100,9 @@ def test_fake_quantize_weight_is_per_output_channel_symmetric_int8() -> None:
     np.testing.assert_allclose(
         wq.detach().numpy(), _np_fake_quant_weight(w.detach().numpy()), atol=1e-6
     )
-    levels = wq.detach().numpy() / (np.abs(w.detach().numpy()).max(axis=1, keepdims=True) / 127)
+    levels = wq.detach().numpy() / (np.abs(w.detach().numpy()).max(axis=1, keepdims=True) / 64)
     np.testing.assert_allclose(levels, np.round(levels), atol=1e-3)
+    assert np.abs(np.round(levels)).max() == 64
     np.testing.assert_array_equal(w.grad.numpy(), np.ones((5, 7), dtype=np.float32))
 
 
@@ -244,7 +246,7 @@ def test_train_local_with_qat_returns_plain_float_weights_with_the_same_keys(
     assert not np.array_equal(qat.weights["fc1.weight"], plain.weights["fc1.weight"])
     # Latent float weights, not snapped to the int8 grid.
     w = qat.weights["fc2.weight"]
-    levels = w / (np.abs(w).max(axis=1, keepdims=True) / 127)
+    levels = w / (np.abs(w).max(axis=1, keepdims=True) / 64)
     assert np.abs(levels - np.round(levels)).max() > 0.1
 
 
