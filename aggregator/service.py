@@ -66,7 +66,6 @@ class Aggregator:
         self.mux = mux
         self.topics = Topics(config.fleet)
         self.limits = limits
-        self.arch = ModelArch(config.model.name, config.model.input_dim, config.model.num_classes)
         self.eval_set = eval_set
         if eval_set is None and config.eval_data is not None:
             self.eval_set = EvalSet.from_npz(config.eval_data)
@@ -78,14 +77,7 @@ class Aggregator:
         self.strategy = _strategy(config)
         self.adaptive = AdaptiveLR(config, self.strategy, has_eval=self.eval_set is not None)
         self.keyring = KeyRing(config.device_keys) if config.device_keys else None
-        self.publisher = ModelPublisher(
-            self.arch,
-            self.topics,
-            self.registry,
-            eval_set=self.eval_set,
-            signing_key=load_signing_key(config.signing_key) if config.signing_key else None,
-            chunk_bytes=config.model_chunk_bytes,
-        )
+        self.publisher = _publisher(config, self.topics, self.registry, self.eval_set)
         self.done = threading.Event()
         mode = _mode(config)
         sessions = session_factory or _mqtt_sessions(config, mux)
@@ -109,26 +101,27 @@ class Aggregator:
             keyring=self.keyring,
         )
         self.presence = Presence(config)
-        self.rounds: RoundLifecycle = mode(
-            RoundParts(
-                config=config,
-                loop=mux,
-                session=self.session,
-                topics=self.topics,
-                limits=limits,
-                strategy=self.strategy,
-                adaptive=self.adaptive,
-                publisher=self.publisher,
-                registry=self.registry,
-                journal=self.journal,
-                state_file=StateFile(self.ckpt_path, self.strategy, self.adaptive),
-                intake=self.intake,
-                presence=self.presence,
-                metrics=sink,
-                keyring=self.keyring,
-                done=self.done,
-                on_round=on_round,
-            )
+        self.rounds: RoundLifecycle = mode(self._parts(sink, on_round))
+
+    def _parts(self, sink: MetricsSink, on_round: RoundCallback | None) -> RoundParts:
+        return RoundParts(
+            config=self.config,
+            loop=self.mux,
+            session=self.session,
+            topics=self.topics,
+            limits=self.limits,
+            strategy=self.strategy,
+            adaptive=self.adaptive,
+            publisher=self.publisher,
+            registry=self.registry,
+            journal=self.journal,
+            state_file=StateFile(self.ckpt_path, self.strategy, self.adaptive),
+            intake=self.intake,
+            presence=self.presence,
+            metrics=sink,
+            keyring=self.keyring,
+            done=self.done,
+            on_round=on_round,
         )
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -164,6 +157,10 @@ class Aggregator:
             self.rounds.on_status(device, st)
 
     # -- what tests, the simulation and the CLI read ----------------------------------------
+    @property
+    def arch(self) -> ModelArch:
+        return self.publisher.arch
+
     @property
     def ckpt_path(self) -> Path:
         return self.state_dir / "checkpoint.msgpack"
@@ -229,6 +226,20 @@ def _strategy(config: AggregatorConfig) -> Strategy:
             f"only the linear strategies ({linear}) can"
         )
     return strategy
+
+
+def _publisher(
+    config: AggregatorConfig, topics: Topics, registry: ModelRegistry, eval_set: EvalSet | None
+) -> ModelPublisher:
+    m = config.model
+    return ModelPublisher(
+        ModelArch(m.name, m.input_dim, m.num_classes),
+        topics,
+        registry,
+        eval_set=eval_set,
+        signing_key=load_signing_key(config.signing_key) if config.signing_key else None,
+        chunk_bytes=config.model_chunk_bytes,
+    )
 
 
 def _mode(config: AggregatorConfig) -> type[RoundLifecycle]:

@@ -20,7 +20,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from aggregator.keyring import KeyRing
 from aggregator.metrics import MetricsSink, NullMetrics
 from aggregator.rounds import OpenRound, RoundContext
 from aggregator.sharded.partials import PartialRequest, PartialSum, ShardPolicy, ShardTopics
+from aggregator.sharded.settings import WorkerConfig, worker_sessions
 from aggregator.strategies.accumulator import WeightedSum, squared_norm
 from fedge.chunks import Assembler
 from fedge.envelopes import (
@@ -43,37 +43,13 @@ from fedge.envelopes import (
 from fedge.errors import AggregationError, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.tensors import TensorSpec, spec_of
-from fedge.topics import Topics, validate_device_id
+from fedge.topics import Topics
 from fedge.transport.base import Cancellable, Loop, SessionFactory, SessionRequest
-from fedge.transport.mqtt import BrokerURL, publish_packet_size
-from fedge.transport.session import MqttSessions
+from fedge.transport.mqtt import publish_packet_size
 
 __all__ = ["ClippedSum", "ShardWorker", "WorkerConfig"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    broker: str
-    fleet: str
-    worker: str  # broker username = client id = partial topic level, e.g. "aggregator-0"
-    state_dir: Path  # the worker's round journal
-    group: str = "aggregators"
-    password: str | None = None
-    max_num_samples: int = 100_000  # the aggregator's clamp of reported sample counts
-    clip_norm: float = 0.0  # norm bounding per update, as the strategies' clip_norm
-    session_expiry: int = 24 * 3600
-    max_pending: int = 10_000  # updates held while the worker has no open round
-    ca_cert: str | None = None  # mqtts://: the CA to trust; mutual TLS: cert and key
-    client_cert: str | None = None
-    client_key: str | None = None
-
-    def __post_init__(self) -> None:
-        validate_device_id(self.worker)
-        validate_device_id(self.group)
-        if self.max_num_samples < 1 or self.clip_norm < 0 or self.max_pending < 0:
-            raise ValueError("max_num_samples must be >= 1, clip_norm and max_pending >= 0")
 
 
 class ClippedSum:
@@ -92,19 +68,6 @@ class ClippedSum:
             norm = squared_norm(delta) ** 0.5
             scale = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
         self.acc.add(delta, num_samples, scale=scale)
-
-
-def _worker_sessions(config: WorkerConfig, mux: Loop) -> SessionFactory:
-    """Sessions of a worker deployed with its ``WorkerConfig``: its name is its username."""
-    return MqttSessions(
-        mux,
-        BrokerURL.parse(config.broker),
-        config.worker,
-        config.password,
-        ca_cert=config.ca_cert,
-        client_cert=config.client_cert,
-        client_key=config.client_key,
-    )
 
 
 class ShardWorker:
@@ -145,28 +108,7 @@ class ShardWorker:
         )
         self._deadline: Cancellable | None = None
         self._assembler = Assembler(limits.max_model_bytes)
-        offline = DeviceStatus(self.name, DeviceState.OFFLINE, ts=0.0).to_bytes()
-        sessions = session_factory or _worker_sessions(config, mux)
-        self.session = sessions(
-            SessionRequest(
-                config.worker,
-                # One SUBSCRIBE: the retained model and task arrive after its SUBACK, so a
-                # worker that holds both has its share of updates flowing too.
-                subscriptions=[
-                    self.topics.model,
-                    self.topics.all_model_chunks,
-                    self.topics.task,
-                    self.shard_topics.request,
-                    self.shard_topics.shared_updates(config.group),
-                ],
-                on_message=self._on_message,
-                on_connected=self._on_connected,
-                # An update is acked only once it is in the journal (handler returned).
-                manual_ack=True,
-                will=(self.topics.status(self.name), offline),
-                session_expiry=config.session_expiry,
-            )
-        )
+        self.session = (session_factory or worker_sessions(config, mux))(self._session_request())
         self.intake = UpdateIntake(
             session=self.session,
             topics=self.topics,
@@ -176,6 +118,27 @@ class ShardWorker:
             max_num_samples=config.max_num_samples,
             keyring=keyring,
             name=self.name,
+        )
+
+    def _session_request(self) -> SessionRequest:
+        offline = DeviceStatus(self.name, DeviceState.OFFLINE, ts=0.0).to_bytes()
+        return SessionRequest(
+            self.name,
+            # One SUBSCRIBE: the retained model and task arrive after its SUBACK, so a
+            # worker that holds both has its share of updates flowing too.
+            subscriptions=[
+                self.topics.model,
+                self.topics.all_model_chunks,
+                self.topics.task,
+                self.shard_topics.request,
+                self.shard_topics.shared_updates(self.config.group),
+            ],
+            on_message=self._on_message,
+            on_connected=self._on_connected,
+            # An update is acked only once it is in the journal (handler returned).
+            manual_ack=True,
+            will=(self.topics.status(self.name), offline),
+            session_expiry=self.config.session_expiry,
         )
 
     def start(self) -> None:
