@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -79,8 +79,6 @@ class RoundParts:
 
 class RoundLifecycle:
     """The rounds of one service; a subclass per mode supplies the hooks."""
-
-    mode: ClassVar[str] = ""
 
     def __init__(self, parts: RoundParts) -> None:
         self.parts = parts

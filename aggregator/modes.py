@@ -25,8 +25,6 @@ __all__ = ["AsyncRounds", "SyncRounds"]
 
 
 class SyncRounds(RoundLifecycle):
-    mode = "sync"
-
     def _maybe_close_early(self) -> None:
         rnd = self.round
         if rnd is None or self.strategy.count < self.config.min_devices:
@@ -36,8 +34,6 @@ class SyncRounds(RoundLifecycle):
 
 
 class AsyncRounds(RoundLifecycle):
-    mode = "async"
-
     def __init__(self, parts: RoundParts) -> None:
         super().__init__(parts)
         self.strategy.set_staleness_weight(StalenessWeight.parse(self.config.staleness_weight))

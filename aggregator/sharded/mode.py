@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 
 
 class ShardedRounds(SyncRounds):
-    mode = "sharded"
-
     def __init__(self, parts: RoundParts) -> None:
         super().__init__(parts)
         c = self.config

@@ -155,7 +155,7 @@ class MemoryBroker:
 
     retained: dict[str, bytes] = field(default_factory=dict)
     sessions: dict[str, MemorySession] = field(default_factory=dict)
-    log: list[tuple[str, bytes, bool]] = field(default_factory=list)  # every publish, in order
+    published: list[tuple[str, bytes, bool]] = field(default_factory=list)  # every one, in order
     _queue: deque[tuple[MemorySession, _Message]] = field(default_factory=deque)
     _draining: bool = False
     _turn: itertools.count = field(default_factory=itertools.count)
@@ -166,12 +166,14 @@ class MemoryBroker:
         if old is not None and not old.connected:
             old.request = request
             return old
+        if old is not None:
+            old.connected = False  # taken over, as a broker drops the older connection
         s = MemorySession(self, request)
         self.sessions[request.client_id] = s
         return s
 
     def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
-        self.log.append((topic, payload, retain))
+        self.published.append((topic, payload, retain))
         if retain:
             if payload:
                 self.retained[topic] = payload
@@ -214,7 +216,7 @@ class MemoryBroker:
 
     def messages(self, topic_filter: str) -> list[bytes]:
         """Payloads published so far on topics matching ``topic_filter``, in order."""
-        return [p for t, p, _ in self.log if topic_matches(topic_filter, t)]
+        return [p for t, p, _ in self.published if topic_matches(topic_filter, t)]
 
 
 @dataclass(order=True)

@@ -201,3 +201,56 @@ def test_a_sharded_round_closes_on_the_merge_of_a_workers_partial_sum(
     for k, w in w0.items():
         np.testing.assert_allclose(agg.weights[k], w + (da[k] + db[k]) / 2, rtol=1e-6)
     worker.stop()
+
+
+class Recorder:
+    """A second metrics sink: records every report."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        self.calls.append(("reject", (reason, count)))
+
+    def event(self, name: str) -> None:
+        self.calls.append(("event", name))
+
+    def accept(self, count: int = 1) -> None:
+        self.calls.append(("accept", count))
+
+    def write(self, record: Any) -> None:
+        self.calls.append(("write", record["round"]))
+
+
+def test_an_extra_metrics_sink_sees_what_the_jsonl_log_counts(tmp_path: Path) -> None:
+    broker, loop, rec = MemoryBroker(), ManualLoop(), Recorder()
+    config = AggregatorConfig(
+        broker="mqtt://127.0.0.1:1",
+        fleet=FLEET,
+        state_dir=tmp_path / "aggregator",
+        model=ModelConfig(name="logreg", input_dim=8, num_classes=3),
+        target_devices=1,
+        min_devices=1,
+        rounds=1,
+        max_num_samples=5,
+    )
+    agg = Aggregator(config, loop, session_factory=broker.session, metrics_sinks=[rec])
+    agg.start()
+    a = Device(broker, "dev-a")
+    task = current_task(broker)
+    a.session.publish(TOPICS.update("dev-a"), b"not msgpack")
+    a.send(task, random_delta(agg.weights, 9), num_samples=10)
+    agg.stop()
+    loop.run()
+
+    assert rec.calls == [
+        ("reject", ("bad_msgpack", 1)),
+        ("event", "clamped_samples"),
+        ("accept", 1),
+        ("write", 1),
+    ]
+    assert (dict(agg.metrics.rejected), dict(agg.metrics.events)) == (
+        {"bad_msgpack": 1},
+        {"clamped_samples": 1},
+    )
+    assert agg.metrics.accepted == 1
