@@ -1,9 +1,11 @@
 """A shard worker: one of N aggregator processes that share the fleet's updates.
 
 Workers subscribe to ``$share/<group>/{p}/update/+`` (MQTT 5 shared subscription), so the
-broker hands each update to one of them. A worker validates it exactly as the aggregator does
-(``validate_update``, an ``OpenRound`` of the retained task, the spec of the retained model),
-journals it (fsync) before it is acked, and folds it into a float64 ``WeightedSum``. Asked by
+broker hands each update to one of them. A worker takes it through the aggregator's own
+intake (``aggregator.intake``: the same checks against an ``OpenRound`` of the retained task
+and the spec of the retained model, the fsynced journal before the ack, the receipt), folding
+it into a float64 ``WeightedSum`` bounded by ``clip_norm`` (``ClippedSum``); only its own
+cases stay here: an update whose round is ahead is held, one after the seal refused. Asked by
 the reducer (``PartialRequest`` on ``{p}/round/close``), or at the task's deadline, it
 publishes its ``PartialSum`` on ``{p}/partial/<worker>``. A round's journal is kept until the
 next task (the reducer publishes it after its checkpoint): a restarted worker replays its
