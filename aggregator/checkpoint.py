@@ -9,9 +9,9 @@ that round's journal (aggregator/journal.py) a restart resumes the round where i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgpack
 import numpy as np
@@ -20,7 +20,7 @@ from fedge.limits import Limits
 from fedge.support.fsutil import atomic_write
 from fedge.tensors import decode_records, dense_record, encode_records, spec_of
 
-__all__ = ["Checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["Checkpoint", "StateFile", "load_checkpoint", "plain", "save_checkpoint"]
 
 _FORMAT = 1
 
@@ -103,3 +103,49 @@ def _load_state(obj: dict[str, Any], limits: Limits) -> dict[str, Any]:
     if spec:
         state.update(decode_records(obj["state_arrays"], spec, ("<f4",), limits))
     return state
+
+
+class _Stateful(Protocol):
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    def load_state_dict(self, d: Mapping[str, Any]) -> None: ...
+
+
+class StateFile:
+    """The service's checkpoint file, with the cross-round state of its strategy (keys
+    ``strategy.*``) and adaptive schedules (their own keys) folded in on save and handed
+    back to them on load, so a restart continues the same optimizer and schedules."""
+
+    def __init__(self, path: Path, strategy: _Stateful, adaptive: _Stateful) -> None:
+        self.path = Path(path)
+        self.strategy = strategy
+        self.adaptive = adaptive
+
+    def save(self, ckpt: Checkpoint) -> None:
+        """Write ``ckpt`` atomically, its ``state`` taken from the strategy and schedules."""
+        state = {f"strategy.{k}": plain(v) for k, v in self.strategy.state_dict().items()}
+        state.update(self.adaptive.state_dict())
+        save_checkpoint(self.path, replace(ckpt, state=state))
+
+    def load(self) -> Checkpoint | None:
+        """The checkpoint, None if there is none; restores the strategy and schedules."""
+        ckpt = load_checkpoint(self.path)
+        if ckpt is not None:
+            strategy = {
+                k.removeprefix("strategy."): v
+                for k, v in ckpt.state.items()
+                if k.startswith("strategy.")
+            }
+            if strategy:
+                self.strategy.load_state_dict(strategy)
+            self.adaptive.load_state_dict(ckpt.state)
+        return ckpt
+
+
+def plain(v: Any) -> Any:
+    """Strategy state values for msgpack: float32 arrays stay arrays, numpy scalars -> Python."""
+    if isinstance(v, np.ndarray):
+        return v.astype(np.float32)
+    if isinstance(v, np.generic):
+        return v.item()
+    return v

@@ -1,17 +1,40 @@
-"""Per-round metrics as JSON lines; counters of rejected messages by reason, and of events
-that are not rejections (e.g. a clamped sample count)."""
+"""Where the aggregator's numbers go: a ``MetricsSink`` protocol and its implementations.
+
+The service, the intake and the shard worker report through the protocol only: rejected
+messages by reason, events that are not rejections (e.g. a clamped sample count), accepted
+updates, and one record per round (a version or a failed round). ``MetricsLog`` is the JSON
+lines file of docs/operations.md with its counters; another backend (Prometheus, say) is one
+more class, given to the service next to it (``Aggregator(..., metrics_sinks=[...])``).
+"""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["MetricsLog"]
+__all__ = ["MetricsFanout", "MetricsLog", "MetricsSink", "NullMetrics"]
+
+
+class MetricsSink(Protocol):
+    def reject(self, reason: str, count: int = 1) -> None:
+        """``count`` messages refused for ``reason`` (a ``ProtocolError`` reason)."""
+
+    def event(self, name: str) -> None:
+        """Something worth counting that refused nothing (``clamped_samples``)."""
+
+    def accept(self, count: int = 1) -> None:
+        """``count`` updates counted into a round."""
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """The record of a round: a published version, or a failed round."""
 
 
 class MetricsLog:
+    """Per-round records as JSON lines at ``path``; counters kept in memory."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,6 +48,48 @@ class MetricsLog:
     def event(self, name: str) -> None:
         self.events[name] += 1
 
-    def write(self, record: dict[str, Any]) -> None:
+    def accept(self, count: int = 1) -> None:
+        self.accepted += count
+
+    def write(self, record: Mapping[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+class NullMetrics:
+    """Counts nothing: a shard worker's default (its numbers travel in its partial sums)."""
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        pass
+
+    def event(self, name: str) -> None:
+        pass
+
+    def accept(self, count: int = 1) -> None:
+        pass
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        pass
+
+
+class MetricsFanout:
+    """Every report to each of ``sinks``, in order."""
+
+    def __init__(self, sinks: Iterable[MetricsSink]) -> None:
+        self.sinks = tuple(sinks)
+
+    def reject(self, reason: str, count: int = 1) -> None:
+        for s in self.sinks:
+            s.reject(reason, count)
+
+    def event(self, name: str) -> None:
+        for s in self.sinks:
+            s.event(name)
+
+    def accept(self, count: int = 1) -> None:
+        for s in self.sinks:
+            s.accept(count)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        for s in self.sinks:
+            s.write(record)

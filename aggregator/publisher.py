@@ -20,7 +20,7 @@ from fedge.envelopes import GlobalModel, ModelArch
 from fedge.errors import ProtocolError
 from fedge.identity import SigningKey
 from fedge.topics import Topics
-from fedge.transport.session import Session
+from fedge.transport.base import RoleSession
 
 __all__ = ["ModelPublisher"]
 
@@ -104,7 +104,7 @@ class ModelPublisher:
             atomic_write(path, build.onnx)
         return metrics
 
-    def publish(self, session: Session) -> None:
+    def publish(self, session: RoleSession) -> None:
         try:
             if len(self.message) <= self.chunk_bytes:
                 self.model_bytes = session.publish(self.topics.model, self.message, retain=True)
@@ -116,7 +116,7 @@ class ModelPublisher:
             # The version is checkpointed and in the registry; devices cannot get it this way.
             log.error("model not published: %s", e)
 
-    def _publish_chunked(self, session: Session) -> int:
+    def _publish_chunked(self, session: RoleSession) -> int:
         """Chunks first, then the manifest; stale chunk topics of a longer model are cleared."""
         full = self.current
         assert full is not None

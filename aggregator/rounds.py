@@ -1,14 +1,17 @@
-"""The state of the round in progress."""
+"""The state of the round in progress, and what the intake needs to take updates into it."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+import numpy as np
 
 from fedge.envelopes import RoundTask
+from fedge.tensors import TensorSpec
 
-__all__ = ["OpenRound"]
+__all__ = ["FoldSink", "OpenRound", "RoundContext"]
 
 
 @dataclass
@@ -58,3 +61,38 @@ class OpenRound:
             out["local_epochs_mean"] = self.epochs_sum / self.epochs_reported
             out["early_stopped"] = self.early_stopped
         return out
+
+
+class FoldSink(Protocol):
+    """What a validated delta is folded into: the strategy (service) or a shard worker's
+    clipped weighted sum. Raises ``AggregationError`` to refuse it, changing nothing."""
+
+    def fold(
+        self, delta: Mapping[str, np.ndarray], num_samples: int, *, staleness: int = 0
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """One round as the intake sees it, made once when the round starts.
+
+    ``building`` is the round whose version the updates go into; ``window`` the rounds still
+    accepted by id (asynchronous mode: the open one and older ones within ``max_staleness``;
+    None: only ``building``). ``version`` is the model version the round's updates are folded
+    into (staleness = version - base version of the round answered); ``spec`` its tensors.
+    """
+
+    building: OpenRound
+    version: int
+    spec: TensorSpec
+    sink: FoldSink
+    window: Mapping[int, OpenRound] | None = None
+
+    def answered(self, round_id: int) -> OpenRound | None:
+        """The accepted round an update names, None if it is not (or no longer) accepted."""
+        if self.window is None:
+            return self.building
+        return self.window.get(round_id)
+
+    def staleness(self, answered: OpenRound) -> int:
+        return self.version - answered.task.base_version

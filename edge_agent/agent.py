@@ -32,9 +32,10 @@ from fedge.identity import SigningKey, VerifyKey
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.support.faults import crash_point
 from fedge.topics import Topics
+from fedge.transport.base import SessionFactory, SessionRequest
 from fedge.transport.mqtt import BrokerURL, publish_packet_size
 from fedge.transport.mux import Mux
-from fedge.transport.session import Session, SessionOptions
+from fedge.transport.session import MqttSessions
 
 __all__ = ["AgentCounters", "AgentState", "EdgeAgent"]
 
@@ -65,6 +66,7 @@ class EdgeAgent:
         tls: tuple[str | None, str | None, str | None] = (None, None, None),
         local_dp: LocalDP | None = None,
         model_cache: ModelCache | None = None,
+        session_factory: SessionFactory | None = None,
     ) -> None:
         self.device_id = device_id
         self.mux = mux
@@ -94,27 +96,30 @@ class EdgeAgent:
         self._entry: Any = None  # keeps the shared model version alive while we hold it
         self._resent_outbox = False
         offline = DeviceStatus(device_id, DeviceState.OFFLINE, ts=0.0).to_bytes()
-        self.session = Session(
+        # The deployment's broker, credentials and TLS unless a factory is given (tests).
+        sessions = session_factory or MqttSessions(
             mux,
             broker,
-            SessionOptions(
-                client_id=device_id,
-                username=username if username is not None else device_id,
-                password=password,
+            username if username is not None else device_id,
+            password,
+            ca_cert=tls[0],
+            client_cert=tls[1],
+            client_key=tls[2],
+        )
+        self.session = sessions(
+            SessionRequest(
+                device_id,
+                subscriptions=[
+                    topics.model,
+                    topics.all_model_chunks,
+                    topics.task,
+                    topics.receipt(device_id),
+                ],
+                on_message=self._on_message,
+                on_connected=self._on_connected,
                 keepalive=keepalive,
                 will=(topics.status(device_id), offline),
-                ca_cert=tls[0],
-                client_cert=tls[1],
-                client_key=tls[2],
-            ),
-            subscriptions=[
-                topics.model,
-                topics.all_model_chunks,
-                topics.task,
-                topics.receipt(device_id),
-            ],
-            on_message=self._on_message,
-            on_connected=self._on_connected,
+            )
         )
 
     # -- lifecycle ----------------------------------------------------------------------------

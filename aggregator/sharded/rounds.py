@@ -31,8 +31,7 @@ from fedge.envelopes import RoundTask
 from fedge.limits import Limits
 from fedge.tensors import TensorSpec
 from fedge.topics import Topics
-from fedge.transport.mux import Mux, Timer
-from fedge.transport.session import Session
+from fedge.transport.base import Cancellable, Loop, RoleSession
 
 __all__ = ["ShardedRound"]
 
@@ -44,8 +43,8 @@ class ShardedRound:
         self,
         topics: Topics,
         workers: Sequence[str],
-        session: Session,
-        mux: Mux,
+        session: RoleSession,
+        mux: Loop,
         *,
         poll: float,
         limits: Limits,
@@ -63,7 +62,7 @@ class ShardedRound:
         self._on_merged = on_merged
         self.reducer = Reducer(self.topics, workers, self._publish, limits=limits, policy=policy)
         self.merges = 0
-        self._timer: Timer | None = None
+        self._timer: Cancellable | None = None
         self._round = 0
         self._answered_at = 0.0
         self._asked_at = -math.inf

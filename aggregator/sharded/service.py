@@ -25,9 +25,10 @@ from fedge.errors import AggregationError, TransportError
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.tensors import TensorSpec
 from fedge.topics import Topics
+from fedge.transport.base import SessionFactory, SessionRequest
 from fedge.transport.mqtt import BrokerURL
 from fedge.transport.mux import Mux
-from fedge.transport.session import Session, SessionOptions
+from fedge.transport.session import MqttSessions
 
 __all__ = ["ReducerSession", "add_arguments", "main", "run"]
 
@@ -49,18 +50,20 @@ class ReducerSession:
         username: str = "aggregator",
         password: str | None = None,
         limits: Limits = DEFAULT_LIMITS,
+        session_factory: SessionFactory | None = None,
     ) -> None:
         self.mux = mux
         self.topics = Topics(fleet)
         st = ShardTopics(self.topics)
         self._connected = threading.Event()
-        self.session = Session(
-            mux,
-            BrokerURL.parse(broker),
-            SessionOptions(username, username, password),
-            subscriptions=[st.all_partials],
-            on_message=self._on_message,
-            on_connected=self._connected.set,
+        sessions = session_factory or MqttSessions(mux, BrokerURL.parse(broker), username, password)
+        self.session = sessions(
+            SessionRequest(
+                username,
+                subscriptions=[st.all_partials],
+                on_message=self._on_message,
+                on_connected=self._connected.set,
+            )
         )
         self.reducer = Reducer(st, workers, self.session.publish, limits=limits)
 

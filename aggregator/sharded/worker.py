@@ -1,9 +1,11 @@
 """A shard worker: one of N aggregator processes that share the fleet's updates.
 
 Workers subscribe to ``$share/<group>/{p}/update/+`` (MQTT 5 shared subscription), so the
-broker hands each update to one of them. A worker validates it exactly as the aggregator does
-(``validate_update``, an ``OpenRound`` of the retained task, the spec of the retained model),
-journals it (fsync) before it is acked, and folds it into a float64 ``WeightedSum``. Asked by
+broker hands each update to one of them. A worker takes it through the aggregator's own
+intake (``aggregator.intake``: the same checks against an ``OpenRound`` of the retained task
+and the spec of the retained model, the fsynced journal before the ack, the receipt), folding
+it into a float64 ``WeightedSum`` bounded by ``clip_norm`` (``ClippedSum``); only its own
+cases stay here: an update whose round is ahead is held, one after the seal refused. Asked by
 the reducer (``PartialRequest`` on ``{p}/round/close``), or at the task's deadline, it
 publishes its ``PartialSum`` on ``{p}/partial/<worker>``. A round's journal is kept until the
 next task (the reducer publishes it after its checkpoint): a restarted worker replays its
@@ -19,70 +21,67 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
+
+from aggregator.intake import UpdateIntake
 from aggregator.journal import RoundJournal
 from aggregator.keyring import KeyRing
-from aggregator.rounds import OpenRound
+from aggregator.metrics import MetricsSink, NullMetrics
+from aggregator.rounds import OpenRound, RoundContext
 from aggregator.sharded.partials import PartialRequest, PartialSum, ShardPolicy, ShardTopics
+from aggregator.sharded.settings import WorkerConfig, worker_sessions
 from aggregator.strategies.accumulator import WeightedSum, squared_norm
-from aggregator.validation import validate_update
 from fedge.chunks import Assembler
 from fedge.envelopes import (
     DeviceState,
     DeviceStatus,
     GlobalModel,
     ModelChunk,
-    ModelUpdate,
-    Receipt,
     RoundTask,
 )
 from fedge.errors import AggregationError, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.tensors import TensorSpec, spec_of
-from fedge.topics import Topics, validate_device_id
-from fedge.transport.mqtt import BrokerURL, publish_packet_size
-from fedge.transport.mux import Mux, Timer
-from fedge.transport.session import Session, SessionOptions
+from fedge.topics import Topics
+from fedge.transport.base import Cancellable, Loop, SessionFactory, SessionRequest
+from fedge.transport.mqtt import publish_packet_size
 
-__all__ = ["ShardWorker", "WorkerConfig"]
+__all__ = ["ClippedSum", "ShardWorker", "WorkerConfig"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    broker: str
-    fleet: str
-    worker: str  # broker username = client id = partial topic level, e.g. "aggregator-0"
-    state_dir: Path  # the worker's round journal
-    group: str = "aggregators"
-    password: str | None = None
-    max_num_samples: int = 100_000  # the aggregator's clamp of reported sample counts
-    clip_norm: float = 0.0  # norm bounding per update, as the strategies' clip_norm
-    session_expiry: int = 24 * 3600
-    max_pending: int = 10_000  # updates held while the worker has no open round
-    ca_cert: str | None = None  # mqtts://: the CA to trust; mutual TLS: cert and key
-    client_cert: str | None = None
-    client_key: str | None = None
+class ClippedSum:
+    """A worker's share of a round: a float64 ``WeightedSum`` of updates whose norm is bounded
+    by ``clip_norm`` as the strategies' ``fold`` bounds it (0: unbounded). A ``FoldSink``."""
 
-    def __post_init__(self) -> None:
-        validate_device_id(self.worker)
-        validate_device_id(self.group)
-        if self.max_num_samples < 1 or self.clip_norm < 0 or self.max_pending < 0:
-            raise ValueError("max_num_samples must be >= 1, clip_norm and max_pending >= 0")
+    def __init__(self, spec: TensorSpec, clip_norm: float) -> None:
+        self.acc = WeightedSum(spec)
+        self.clip_norm = clip_norm
+
+    def fold(
+        self, delta: Mapping[str, np.ndarray], num_samples: int, *, staleness: int = 0
+    ) -> None:
+        scale = 1.0
+        if self.clip_norm > 0:
+            norm = squared_norm(delta) ** 0.5
+            scale = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
+        self.acc.add(delta, num_samples, scale=scale)
 
 
 class ShardWorker:
     def __init__(
         self,
         config: WorkerConfig,
-        mux: Mux,
+        mux: Loop,
         *,
         limits: Limits = DEFAULT_LIMITS,
         keyring: KeyRing | None = None,
+        session_factory: SessionFactory | None = None,
+        metrics: MetricsSink | None = None,
     ) -> None:
         self.config = config
         self.name = config.worker
@@ -98,7 +97,7 @@ class ShardWorker:
         self.folded = 0  # updates folded over the worker's life (replays included)
         self.ready = threading.Event()  # holds the model and the task of an open round
         self._task: RoundTask | None = None
-        self._acc: WeightedSum | None = None
+        self._ctx: RoundContext | None = None
         self._excluded: set[str] = set()
         # Updates that came before their round's task, each with the ack of its message:
         # unacked, the broker keeps them (and redelivers them if this process dies).
@@ -109,24 +108,24 @@ class ShardWorker:
             clip_norm=config.clip_norm,
             max_num_samples=config.max_num_samples,
         )
-        self._deadline: Timer | None = None
+        self._deadline: Cancellable | None = None
         self._assembler = Assembler(limits.max_model_bytes)
+        self.session = (session_factory or worker_sessions(config, mux))(self._session_request())
+        self.intake = UpdateIntake(
+            session=self.session,
+            topics=self.topics,
+            journal=self.journal,
+            metrics=metrics or NullMetrics(),
+            limits=limits,
+            max_num_samples=config.max_num_samples,
+            keyring=keyring,
+            name=self.name,
+        )
+
+    def _session_request(self) -> SessionRequest:
         offline = DeviceStatus(self.name, DeviceState.OFFLINE, ts=0.0).to_bytes()
-        self.session = Session(
-            mux,
-            BrokerURL.parse(config.broker),
-            # An update is acked only once it is in the journal (handler returned).
-            SessionOptions(
-                config.worker,
-                config.worker,
-                config.password,
-                session_expiry=config.session_expiry,
-                manual_ack=True,
-                ca_cert=config.ca_cert,
-                client_cert=config.client_cert,
-                client_key=config.client_key,
-                will=(self.topics.status(self.name), offline),
-            ),
+        return SessionRequest(
+            self.name,
             # One SUBSCRIBE: the retained model and task arrive after its SUBACK, so a
             # worker that holds both has its share of updates flowing too.
             subscriptions=[
@@ -134,10 +133,14 @@ class ShardWorker:
                 self.topics.all_model_chunks,
                 self.topics.task,
                 self.shard_topics.request,
-                self.shard_topics.shared_updates(config.group),
+                self.shard_topics.shared_updates(self.config.group),
             ],
             on_message=self._on_message,
             on_connected=self._on_connected,
+            # An update is acked only once it is in the journal (handler returned).
+            manual_ack=True,
+            will=(self.topics.status(self.name), offline),
+            session_expiry=self.config.session_expiry,
         )
 
     def start(self) -> None:
@@ -216,7 +219,8 @@ class ShardWorker:
         """Fresh state for ``task``, then fold what the journal holds (minus excluded)."""
         assert self.spec is not None
         self.round = OpenRound(task, time.time())
-        self._acc = WeightedSum(self.spec)
+        sink = ClippedSum(self.spec, self.config.clip_norm)
+        self._ctx = RoundContext(self.round, task.base_version, self.spec, sink)
         for device, payload in self.journal.open(task.round):
             if device in self._excluded:
                 self.round.counted[device] = "(dropped)"  # later copies are duplicates
@@ -252,60 +256,33 @@ class ShardWorker:
     def _fold(
         self, device: str, payload: bytes, *, journal: bool, ack: Callable[[], None] | None = None
     ) -> bool:
-        """Validate, journal, confirm and fold one update; False when it was held again (its
-        ``ack`` then travels with it), True when it is dealt with (counted or refused)."""
-        rnd, acc = self.round, self._acc
+        """Validate, journal, confirm and fold one update through the shared intake; False
+        when it was held again (its ``ack`` then travels with it), True when it is dealt
+        with (counted or refused)."""
+        rnd, ctx = self.round, self._ctx
         assert rnd is not None
-        assert acc is not None
-        assert self.spec is not None
-        c = self.config
-        try:
-            upd = ModelUpdate.from_bytes(payload, self.limits)
-            if upd.round > rnd.round:
-                # Its task has not reached this worker yet (possible on a broker cluster).
-                self._hold(device, payload, ack)
-                return False
-            ok = validate_update(
-                device, upd, rnd, self.spec, self.limits, c.max_num_samples, self.keyring
-            )
-        except ProtocolError as e:
-            self._reject(e.reason, e.detail)
-            if e.reason == "duplicate" and journal and rnd.counted.get(device) == upd.update_id:
-                # A resend of an update this worker counted (its receipt was lost).
-                self._receipt(device, upd.round, upd.update_id)
+        assert ctx is not None
+        upd = self.intake.parse(device, payload, ctx)
+        if upd is None:
+            return True
+        if upd.round > rnd.round:
+            # Its task has not reached this worker yet (possible on a broker cluster).
+            self._hold(device, payload, ack)
+            return False
+        checked = self.intake.check(device, upd, ctx, journal=journal)
+        if checked is None:
             return True
         if journal and self._sealed == rnd.round:
             # The reducer closes the round on the sums already sent: no receipt, as for an
             # update that reaches a single aggregator after its round closed.
             self._reject("round_closed", f"{device}: round {rnd.round} is closing")
             return True
-        if journal:
-            # Durable before counted and before acked; an OSError leaves it unacked. Then the
-            # receipt: the device may drop the update from its outbox (docs/protocol.md).
-            self.journal.append(device, payload)
-            self._receipt(device, ok.update.round, ok.update.update_id)
-        try:
-            scale = 1.0
-            if c.clip_norm > 0:
-                norm = squared_norm(ok.delta) ** 0.5
-                scale = min(1.0, c.clip_norm / norm) if norm > 0 else 1.0
-            acc.add(ok.delta, ok.num_samples, scale=scale)
-        except AggregationError as e:
-            self._reject("aggregation", f"{device}: {e}")
-            return True
-        rnd.counted[device] = ok.update.update_id
-        rnd.account(ok.num_samples, ok.update.metrics, rnd.task.hyper.epochs)
-        self.folded += 1
+        if self.intake.take(device, payload, checked, ctx, journal=journal):
+            self.folded += 1
         return True
 
-    def _receipt(self, device: str, round_id: int, update_id: str) -> None:
-        msg = Receipt(device, round_id, update_id).to_bytes()
-        self.session.publish(self.topics.receipt(device), msg, qos=1)
-
     def _reject(self, reason: str, detail: str) -> None:
-        if self.round is not None:
-            self.round.rejected[reason] = self.round.rejected.get(reason, 0) + 1
-        log.warning("%s: rejected update: %s: %s", self.name, reason, detail)
+        self.intake.reject(self.round, reason, detail)
 
     # -- partial sums ------------------------------------------------------------------------
     def _on_request(self, req: PartialRequest) -> None:
@@ -329,9 +306,11 @@ class ShardWorker:
 
     def partial(self, request: int) -> PartialSum:
         """This worker's share of the open round (mux thread)."""
-        rnd, acc = self.round, self._acc
-        if rnd is None or acc is None:
+        rnd, ctx = self.round, self._ctx
+        if rnd is None or ctx is None:
             raise AggregationError(f"{self.name}: no open round")
+        assert isinstance(ctx.sink, ClippedSum)
+        acc = ctx.sink.acc
         return PartialSum(
             round=rnd.round,
             base_version=rnd.task.base_version,

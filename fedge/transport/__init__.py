@@ -1,2 +1,4 @@
 """The MQTT runtime every role shares: broker URLs and packet sizes (``mqtt``), one epoll loop
-driving many paho clients (``mux``), a persistent MQTT 5 session (``session``)."""
+driving many paho clients (``mux``), a persistent MQTT 5 session (``session``); the seam the
+roles see (``base``: ``RoleSession``, ``SessionRequest``, ``SessionFactory``, ``Loop``) and an
+in-process broker for unit tests (``memory``)."""

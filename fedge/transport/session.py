@@ -23,14 +23,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fedge.errors import ProtocolError
 from fedge.limits import DEFAULT_LIMITS, MAX_PACKET_SIZE
+from fedge.transport.base import Loop, PublishDone, SessionRequest
 from fedge.transport.mqtt import BrokerURL, connect_properties, make_client, publish_packet_size
 from fedge.transport.mux import Link, Mux
 
-__all__ = ["Session", "SessionOptions"]
+__all__ = ["MqttSessions", "Session", "SessionOptions"]
 
 log = logging.getLogger(__name__)
-
-PublishDone = Callable[[bool, str], None]
 
 
 @dataclass(frozen=True)
@@ -204,3 +203,41 @@ class Session:
         done = self._pending.pop(mid, None)
         if done is not None:
             done(not rc.is_failure, str(rc))
+
+
+@dataclass(frozen=True)
+class MqttSessions:
+    """The default ``SessionFactory``: real MQTT 5 sessions on ``mux`` to the deployment's
+    broker, with its credentials and TLS files; the role's request supplies the rest."""
+
+    mux: Loop
+    url: BrokerURL
+    username: str | None = None
+    password: str | None = None
+    ca_cert: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    def __call__(self, request: SessionRequest) -> Session:
+        if not isinstance(self.mux, Mux):
+            raise TypeError(f"MQTT sessions run on a Mux, not {type(self.mux).__name__}")
+        options = SessionOptions(
+            request.client_id,
+            self.username,
+            self.password,
+            keepalive=request.keepalive,
+            session_expiry=request.session_expiry,
+            will=request.will,
+            manual_ack=request.manual_ack,
+            ca_cert=self.ca_cert,
+            client_cert=self.client_cert,
+            client_key=self.client_key,
+        )
+        return Session(
+            self.mux,
+            self.url,
+            options,
+            subscriptions=request.subscriptions,
+            on_message=request.on_message,
+            on_connected=request.on_connected,
+        )

@@ -94,7 +94,12 @@ def test_after_a_restart_a_resent_stale_update_stays_counted_once(
         assert fleet.aggregator.version == 1
 
         b.send(update_for(weights, "dev-b", t1))  # stale (round 1) but within the window
-        wait_until(lambda: fleet.aggregator.version == 2, 10, "dev-b's stale update counted")
+        # The version moves before its record is written (after the export): wait for both.
+        wait_until(
+            lambda: fleet.aggregator.version == 2 and len(fleet.records) == 2,
+            10,
+            "dev-b's stale update counted",
+        )
         assert fleet.records[-1]["counted"] == {"dev-b@1": fleet.records[-1]["counted"]["dev-b@1"]}
     finally:
         a.close()
@@ -127,7 +132,11 @@ def test_a_restart_replays_the_buffer_even_after_a_checkpoint_listed_it_as_count
 
         fleet.restart_aggregator()
         devs["d"].send(update_for(w1, "dev-d", t2))
-        wait_until(lambda: fleet.aggregator.version == 2, 10, "version 2 from c and d")
+        wait_until(
+            lambda: fleet.aggregator.version == 2 and len(fleet.records) == 2,
+            10,
+            "version 2 from c and d",
+        )
         assert sorted(fleet.records[-1]["counted"]) == ["dev-c@1", "dev-d@2"]
     finally:
         for d in devs.values():

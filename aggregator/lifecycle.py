@@ -1,0 +1,370 @@
+"""The round lifecycle every mode shares: open, take updates, close or fail, publish.
+
+One round: publish the task (retained) -> take each update through the intake (validate,
+journal with fsync, receipt, fold; the session acknowledges it once the handler returns) ->
+close at the round's target, when every online device has answered (at least
+``min_devices``), or at the deadline with at least ``min_devices`` -> apply the strategy ->
+checkpoint atomically -> export ONNX -> publish the new version (retained) -> open the next
+round. A round short of quorum at its deadline fails with a logged reason and a new round
+(new id, same base version) opens. A restart resumes the open round from the checkpoint and
+the journal.
+
+What differs between modes is in the subclasses (``aggregator.modes``: sync and async;
+``aggregator.sharded.mode``: the reducer of shard workers), through the hooks at the end of
+this class. Everything runs on the service's loop; no locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from aggregator.adaptive import AdaptiveLR
+from aggregator.checkpoint import StateFile
+from aggregator.config import AggregatorConfig
+from aggregator.intake import UpdateIntake
+from aggregator.journal import RoundJournal
+from aggregator.keyring import KeyRing
+from aggregator.metrics import MetricsSink
+from aggregator.presence import Presence
+from aggregator.publisher import ModelPublisher
+from aggregator.registry import ModelRegistry
+from aggregator.rounds import OpenRound, RoundContext
+from aggregator.state import ServiceState
+from aggregator.strategies.base import Strategy
+from fedge.envelopes import DeviceState, DeviceStatus, RoundTask
+from fedge.errors import AggregationError
+from fedge.limits import Limits
+from fedge.tensors import TensorSpec, spec_of
+from fedge.topics import Topics
+from fedge.transport.base import Cancellable, Loop, RoleSession
+from fedge.transport.mqtt import publish_packet_size
+
+__all__ = ["RoundCallback", "RoundLifecycle", "RoundParts"]
+
+log = logging.getLogger(__name__)
+
+RoundCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class RoundParts:
+    """What the service wires together for its rounds (aggregator/service.py)."""
+
+    config: AggregatorConfig
+    loop: Loop
+    session: RoleSession
+    topics: Topics
+    limits: Limits
+    strategy: Strategy
+    adaptive: AdaptiveLR
+    publisher: ModelPublisher
+    registry: ModelRegistry
+    journal: RoundJournal
+    state_file: StateFile
+    intake: UpdateIntake
+    presence: Presence
+    metrics: MetricsSink
+    keyring: KeyRing | None
+    done: threading.Event
+    on_round: RoundCallback | None
+
+
+class RoundLifecycle:
+    """The rounds of one service; a subclass per mode supplies the hooks."""
+
+    def __init__(self, parts: RoundParts) -> None:
+        self.parts = parts
+        self.config = parts.config
+        self.session = parts.session
+        self.strategy = parts.strategy
+        self.publisher = parts.publisher
+        self.journal = parts.journal
+        self.intake = parts.intake
+        self.presence = parts.presence
+        self.metrics = parts.metrics
+        self.state = ServiceState(parts.state_file)
+        self.round: OpenRound | None = None
+        self.ctx: RoundContext | None = None
+        self._deadline: Cancellable | None = None
+
+    @classmethod
+    def updates_topic(cls, topics: Topics) -> str:
+        """Where this mode's service reads what devices send (besides their statuses)."""
+        return topics.all_updates
+
+    # -- durable state --------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Load or create the model (slow: torch, ONNX export); resume an open round."""
+        st = self.state
+        ckpt = st.load(self.config.model)
+        self.journal.discard_through(st.last_round - (1 if ckpt and ckpt.open_task else 0))
+        self.publisher.render(st.version, st.weights)
+        if self.config.rounds and st.version >= self.config.rounds:
+            self.parts.done.set()
+        elif ckpt is not None:
+            st.restore_window(ckpt)
+            if ckpt.open_task is not None:
+                self.parts.loop.call_soon(self._resume_round, RoundTask.from_bytes(ckpt.open_task))
+
+    def _checkpoint(self, counted: tuple[str, ...]) -> None:
+        self.state.save(self.round, counted=counted, window_tasks=self._window_tasks())
+
+    # -- connection and incoming ------------------------------------------------------------------
+    def on_connected(self) -> None:
+        # Re-publishing is idempotent (same version and hash) and repairs a broker that lost
+        # its retained messages.
+        self.publisher.publish(self.session)
+        if self.parts.done.is_set():
+            return
+        if self.round is None:
+            self._open_first_round()
+            return
+        if time.time() >= self.round.task.deadline:
+            # The deadline passed while we could not reach the broker: devices may not have
+            # been able to answer either, so give the round its time again.
+            self._extend_round()
+        else:
+            self.session.publish(self.parts.topics.task, self.round.task.to_bytes(), retain=True)
+
+    def handle(self, topic: str, payload: bytes) -> bool:
+        """A message of the mode's own (not an update nor a status); False if not one."""
+        return False
+
+    def on_status(self, device: str, status: DeviceStatus) -> None:
+        self.presence.update(device, status)
+        if status.state == DeviceState.OFFLINE:
+            self._maybe_close_early()
+
+    def on_update(self, device: str, topic: str, payload: bytes) -> None:
+        if self.round is None:
+            self.intake.reject(None, "no_round", f"{device}: no round is open")
+            return
+        self.round.uplink_bytes += publish_packet_size(topic, len(payload))
+        if self._fold(device, payload, journal=True) and self.strategy.count >= self._target():
+            self._close_round()
+        else:
+            self._maybe_close_early()
+
+    def _fold(self, device: str, payload: bytes, *, journal: bool) -> bool:
+        assert self.ctx is not None
+        return self.intake.fold(device, payload, self.ctx, journal=journal)
+
+    # -- opening ----------------------------------------------------------------------------------
+    def _open_first_round(self) -> None:
+        self._open_round()
+
+    def _open_round(self) -> None:
+        now = time.time()
+        self.state.last_round += 1
+        c = self.config
+        hyper = replace(
+            c.hyper.to_hyper(),
+            qat=c.qat,
+            calibrate=c.int8,
+            early_stop_patience=c.early_stop_patience,
+            val_fraction=c.val_fraction if c.early_stop_patience else 0.0,
+        )
+        hyper = self.parts.adaptive.hyper(hyper)
+        accepts_from = self._accepts_from()
+        task = RoundTask(
+            round=self.state.last_round,
+            base_version=self.state.version,
+            deadline=now + c.round_timeout,
+            codec=c.codec,
+            hyper=replace(hyper, **self.strategy.hyper_overrides()),
+            nonce=os.urandom(16),
+            selected=self.presence.select(self.state.last_round),
+            issued=now,
+            accepts_from=accepts_from,
+        )
+        rnd = self._start_round(task)
+        # Persist the open round before anyone can answer it: a restart resumes it, and its
+        # id is never reused.
+        self._checkpoint(counted=())
+        self.journal.open(task.round)
+        rnd.task_bytes = self.session.publish(self.parts.topics.task, task.to_bytes(), retain=True)
+        log.info("round %d open (base v%d)", task.round, task.base_version)
+
+    def _start_round(self, task: RoundTask) -> OpenRound:
+        rnd = self.round = OpenRound(task, time.time())
+        spec = spec_of(self.state.weights)  # once per round, for every update of it
+        self.strategy.begin_round(spec)
+        self.ctx = RoundContext(rnd, self.state.version, spec, self.strategy, self._accepting())
+        if task.hyper.calibrate:
+            from aggregator.calibration import RangeMerger
+            from models.int8 import calibration_tensor_names
+
+            rnd.calib = RangeMerger(calibration_tensor_names(self.publisher.onnx))
+        delay = max(0.0, task.deadline - time.time())
+        self._deadline = self.parts.loop.call_later(delay, self._on_deadline)
+        self._began(rnd, spec)
+        return rnd
+
+    def _resume_round(self, task: RoundTask) -> None:
+        """Re-open the round a previous process left open, replaying its journal."""
+        if task.base_version != self.state.version:
+            log.warning(
+                "open round %d has base v%d, model is v%d: abandoned",
+                task.round,
+                task.base_version,
+                self.state.version,
+            )
+            self._checkpoint(counted=())
+            return
+        self._start_round(task)
+        replayed = self.journal.open(task.round)
+        self._replaying(replayed)
+        for device, payload in replayed:
+            self._fold(device, payload, journal=False)
+        log.info("round %d resumed with %d journaled updates", task.round, len(replayed))
+        if self.strategy.count >= self._target():
+            self._close_round()
+
+    def _extend_round(self) -> None:
+        rnd = self.round
+        assert rnd is not None
+        if self._deadline is not None:
+            self._deadline.cancel()
+        rnd.task = replace(rnd.task, deadline=time.time() + self.config.round_timeout)
+        self._checkpoint(counted=())
+        self._deadline = self.parts.loop.call_later(self.config.round_timeout, self._on_deadline)
+        self.session.publish(self.parts.topics.task, rnd.task.to_bytes(), retain=True)
+        log.info("round %d deadline extended after a broker outage", rnd.round)
+
+    # -- closing ----------------------------------------------------------------------------------
+    def _on_deadline(self) -> None:
+        rnd = self.round
+        if rnd is None:
+            return
+        if not self.session.connected:
+            return  # on_connected extends the round once the broker is back
+        if self.strategy.count >= self.config.min_devices:
+            self._close_round()
+            return
+        self._short_of_quorum(rnd)
+
+    def _fail_round(self, rnd: OpenRound, reason: str) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._ended()
+        self.state.failed_rounds += 1
+        log.warning("round %d failed: %s", rnd.round, reason)
+        self.metrics.write(
+            {
+                "round": rnd.round,
+                "failed": reason,
+                "uplink_bytes": rnd.uplink_bytes,
+                "rejected": dict(rnd.rejected),
+                "ts": time.time(),
+            }
+        )
+        self.round = None
+        self._open_round()
+        self.journal.discard_through(rnd.round)
+
+    def _close_round(self) -> None:
+        rnd = self.round
+        assert rnd is not None
+        if self._deadline is not None:
+            self._deadline.cancel()
+        try:
+            self._gather(rnd)
+            new = self.strategy.finish(self.state.weights)
+        except AggregationError as e:
+            self._fail_round(rnd, f"aggregation failed: {e}")
+            return
+        if not all(np.isfinite(v).all() for v in new.values()):
+            # Finite inputs can still overflow float32; never publish or checkpoint that.
+            self._fail_round(rnd, "aggregate is not finite (overflow); model kept")
+            return
+        self.state.weights = new
+        self.state.version += 1
+        self.round = None
+        self._ended()
+        self._checkpoint(counted=tuple(rnd.counted))
+        self.journal.discard_through(rnd.round)
+        record = self._publish_version(rnd)
+        self.metrics.write(record)
+        if self.parts.on_round is not None:
+            self.parts.on_round(record)
+        if self.config.rounds and self.state.version >= self.config.rounds:
+            self.parts.done.set()
+        else:
+            self._open_round()
+
+    def _publish_version(self, rnd: OpenRound) -> dict[str, Any]:
+        """Render, evaluate, publish the new version; step the schedules; its record."""
+        pub = self.publisher
+        metrics: dict[str, Any] = dict(pub.render(self.state.version, self.state.weights))
+        if rnd.calib is not None:
+            ranges = rnd.calib.merged() if rnd.calib.reports else None
+            metrics.update(pub.render_int8(self.state.version, ranges))
+        pub.publish(self.session)
+        if self.config.keep_versions:
+            self.parts.registry.prune(self.config.keep_versions)
+        metrics.update(self.strategy.round_metrics())
+        self.parts.adaptive.step(metrics, rnd.task.hyper.lr)
+        if self.parts.adaptive:
+            # The schedules stepped on this version's accuracy, known only after the export:
+            # checkpoint again so a crash now does not forget the step.
+            self._checkpoint(counted=tuple(rnd.counted))
+        return {
+            "round": rnd.round,
+            "version": self.state.version,
+            # device -> update id: the audit trail the fault suite checks for loss/duplicates.
+            "counted": self._counted_record(rnd),
+            **rnd.record(),
+            "model_bytes": pub.model_bytes,
+            "seconds": time.time() - rnd.opened_at,
+            "ts": time.time(),
+            **metrics,
+        }
+
+    # -- what a mode decides ----------------------------------------------------------------------
+    def _accepts_from(self) -> int | None:
+        """The oldest round the new task lets devices still answer; None: only itself."""
+        return None
+
+    def _accepting(self) -> dict[int, OpenRound] | None:
+        """The rounds the intake accepts updates to, by id; None: only the open one."""
+        return None
+
+    def _began(self, rnd: OpenRound, spec: TensorSpec) -> None:
+        """The round is open (or resumed): its state, fold target and deadline are set."""
+
+    def _ended(self) -> None:
+        """The round closed or failed."""
+
+    def _replaying(self, journaled: list[tuple[str, bytes]]) -> None:
+        """Before the journal of a resumed round is folded again."""
+
+    def _target(self) -> int:
+        """Counted updates that close the round at once."""
+        return self.presence.target(self.round.task if self.round is not None else None)
+
+    def _maybe_close_early(self) -> None:
+        """Close before the target when waiting longer gains nothing."""
+
+    def _short_of_quorum(self, rnd: OpenRound) -> None:
+        """The deadline came with fewer than ``min_devices`` counted."""
+        self._fail_round(
+            rnd, f"quorum not met: {self.strategy.count} of {self.config.min_devices} by deadline"
+        )
+
+    def _gather(self, rnd: OpenRound) -> None:
+        """Bring everything the round counted into the strategy before ``finish``."""
+
+    def _counted_record(self, rnd: OpenRound) -> dict[str, str]:
+        return dict(sorted(rnd.counted.items()))
+
+    def _window_tasks(self) -> tuple[bytes, ...]:
+        """Tasks of the still-accepted rounds, for the checkpoint."""
+        return ()
