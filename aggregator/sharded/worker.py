@@ -34,12 +34,11 @@ from aggregator.rounds import OpenRound, RoundContext
 from aggregator.sharded.partials import PartialRequest, PartialSum, ShardPolicy, ShardTopics
 from aggregator.sharded.settings import WorkerConfig, worker_sessions
 from aggregator.strategies.accumulator import WeightedSum, squared_norm
-from fedge.chunks import Assembler
+from fedge.chunks import ModelReceiver
 from fedge.envelopes import (
     DeviceState,
     DeviceStatus,
     GlobalModel,
-    ModelChunk,
     RoundTask,
 )
 from fedge.errors import AggregationError, ProtocolError
@@ -109,7 +108,8 @@ class ShardWorker:
             max_num_samples=config.max_num_samples,
         )
         self._deadline: Cancellable | None = None
-        self._assembler = Assembler(limits.max_model_bytes)
+        # No verify key and no version floor: the worker's own version check drops repeats.
+        self._models = ModelReceiver(self.topics, limits)
         self.session = (session_factory or worker_sessions(config, mux))(self._session_request())
         self.intake = UpdateIntake(
             session=self.session,
@@ -176,13 +176,8 @@ class ShardWorker:
                 self._maybe_open()
             elif topic == self.shard_topics.request:
                 self._on_request(PartialRequest.from_bytes(payload, self.limits))
-            elif topic == self.topics.model:
-                m = GlobalModel.from_bytes(payload, self.limits)
-                self._on_model(self._assembler.offer_manifest(m) if m.is_manifest else m)
-            elif self.topics.device_of(topic, "model/chunk") is not None and payload:
-                self._on_model(
-                    self._assembler.offer_chunk(ModelChunk.from_bytes(payload, self.limits))
-                )
+            elif self._models.wants(topic):
+                self._on_model(self._models.offer(topic, payload))
         except (ProtocolError, ValueError) as e:
             log.warning("%s: ignored %s: %s", self.name, topic, e)
 
