@@ -8,3 +8,5 @@ nothing else. Import the submodule you need:
   and the aggregator).
 - `models.onnx_weights` imports onnx and numpy only (safe on inference devices).
 """
+
+__all__ = ["int8", "onnx_export", "onnx_weights", "qat", "torch_state", "zoo"]

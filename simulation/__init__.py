@@ -1,6 +1,12 @@
-"""simulation"""
+"""simulation: a whole fleet on one machine over a real Mosquitto (the top layer, beside the CLI).
 
-__all__ = ["DEFAULT_SIM_CODEC"]
+``fleet`` runs ``fedge simulate``; ``broker`` starts a Mosquitto on a free loopback port from
+``broker_config/``; ``datasets``, ``partition``, ``synthetic`` make the devices' data; ``keys``
+an enrolled key registry for a simulated fleet. Names listed below may be imported by the CLI
+(``tests/unit/test_public_faces.py`` pins them).
+"""
+
+__all__ = ["DEFAULT_SIM_CODEC", "broker", "datasets", "fleet", "keys", "partition", "synthetic"]
 
 # The best codec within 1 pp of fp32's final accuracy on digits (bench/compression). Defined
 # here, not in fleet.py, so that the CLI's parser has it without importing the fleet.

@@ -2,3 +2,5 @@
 driving many paho clients (``mux``), a persistent MQTT 5 session (``session``); the seam the
 roles see (``base``: ``RoleSession``, ``SessionRequest``, ``SessionFactory``, ``Loop``) and an
 in-process broker for unit tests (``memory``)."""
+
+__all__ = ["base", "memory", "mqtt", "mux", "session"]
