@@ -48,9 +48,11 @@ class OpenRound:
 
     def record(self) -> dict[str, Any]:
         """The round's part of its metrics line (docs/operations.md)."""
+        stale = [s for *_, s in self.folded]
         out: dict[str, Any] = {
             "devices": len(self.folded),
-            "staleness_max": max((s for *_, s in self.folded), default=0),
+            "staleness_max": max(stale, default=0),
+            "staleness_mean": sum(stale) / len(stale) if stale else 0.0,
             "train_loss": self.train_loss_sum / max(self.samples, 1),
             "samples": self.samples,
             "uplink_bytes": self.uplink_bytes,

@@ -1,34 +1,23 @@
-"""Asynchronous aggregation, FedBuff (Nguyen et al., AISTATS 2022).
+"""Staleness weights of asynchronous aggregation, FedBuff (Nguyen et al., AISTATS 2022).
 
 No round barrier: a device trains whenever it holds a model version and sends its delta with
-the version it started from. The service computes the update's staleness
-``s = current_version - base_version`` and calls ``buffer.offer(delta, num_samples, s)``:
-
-- ``s > max_staleness``: dropped (``offer`` returns False, counted in ``dropped_stale``);
-- otherwise folded into the strategy with weight ``num_samples`` and its delta scaled by
-  ``staleness_weight(s)`` (default ``1/sqrt(1+s)``), so the step is
-  ``sum_i n_i w(s_i) delta_i / sum_i n_i``: stale updates move the model less.
-
-When ``buffer.ready`` (K updates held) the service calls ``buffer.flush(weights)`` for the
-next version and publishes it. Any strategy does the math, server optimizers included; a
-robust one holds K updates (memory O(K x model)). The buffer's contents are not checkpointed:
-after a restart devices simply train on the current version again.
+the version it started from. The service (``aggregator.modes.AsyncRounds``) computes the
+update's staleness ``s = current_version - base_version``, refuses it past ``max_staleness``
+(``too_stale``), and the strategy folds it with weight ``num_samples`` and its delta scaled by
+``staleness_weight(s)`` (default ``1/sqrt(1+s)``), so the step is
+``sum_i n_i w(s_i) delta_i / sum_i n_i``: stale updates move the model less. Every
+``async_buffer`` (K) folded updates the strategy finishes a version; any strategy does the
+math, server optimizers included.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any
 
-import numpy as np
+from fedge.errors import InvalidValue
 
-from aggregator.strategies.base import Strategy
-from fedge.errors import AggregationError, InvalidValue
-from fedge.tensors import TensorSpec
-
-__all__ = ["AsyncBuffer", "StalenessWeight"]
+__all__ = ["StalenessWeight"]
 
 _KINDS = ("poly", "const", "hinge")
 
@@ -77,71 +66,3 @@ class StalenessWeight:
         if self.kind == "hinge":
             return 1.0 if s <= self.b else 1.0 / (self.a * (s - self.b) + 1.0)
         return 1.0
-
-
-class AsyncBuffer:
-    def __init__(
-        self,
-        strategy: Strategy,
-        spec: TensorSpec,
-        *,
-        buffer_size: int = 10,
-        max_staleness: int = 32,
-        weight: StalenessWeight | None = None,
-    ) -> None:
-        if buffer_size < 1:
-            raise ValueError(f"buffer_size (K) must be >= 1, got {buffer_size}")
-        if max_staleness < 0:
-            raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
-        self.strategy = strategy
-        self.spec = {k: tuple(s) for k, s in spec.items()}
-        self.buffer_size = buffer_size
-        self.max_staleness = max_staleness
-        self.weight = weight or StalenessWeight()
-        strategy.set_staleness_weight(self.weight)
-        strategy.begin_round(self.spec)
-        self.dropped_stale = 0
-        self.flushes = 0
-        self._staleness: list[int] = []
-
-    def offer(self, delta: Mapping[str, np.ndarray], num_samples: int, staleness: int) -> bool:
-        """Fold one update unless it is too stale; ``AggregationError`` if it is unusable."""
-        if staleness < 0:
-            raise AggregationError(f"staleness must be >= 0, got {staleness}")
-        if staleness > self.max_staleness:
-            self.dropped_stale += 1
-            return False
-        self.strategy.fold(delta, num_samples, staleness=staleness)
-        self._staleness.append(int(staleness))
-        return True
-
-    @property
-    def pending(self) -> int:
-        return self.strategy.count
-
-    @property
-    def ready(self) -> bool:
-        return self.strategy.count >= self.buffer_size
-
-    def flush(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The next version's weights from the buffered updates; the buffer starts empty again.
-
-        As with ``Strategy.finish`` the caller checks finiteness before publishing.
-        """
-        try:
-            return self.strategy.finish(weights)
-        finally:
-            self.last_flush = self.stats()
-            self.flushes += 1
-            self._staleness = []
-            self.strategy.begin_round(self.spec)
-
-    def stats(self) -> dict[str, Any]:
-        """For the metrics line: updates held, their staleness, drops so far."""
-        s = self._staleness
-        return {
-            "buffered": len(s),
-            "staleness_mean": (sum(s) / len(s)) if s else 0.0,
-            "staleness_max": max(s, default=0),
-            "dropped_stale": self.dropped_stale,
-        }

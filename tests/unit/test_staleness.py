@@ -3,8 +3,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregator.strategies import make_strategy
-from aggregator.strategies.staleness import AsyncBuffer, StalenessWeight
+from aggregator.config import AggregatorConfig
+from aggregator.rounds import OpenRound, RoundContext
+from aggregator.strategies import Strategy, make_strategy
+from aggregator.strategies.staleness import StalenessWeight
+from fedge.envelopes import RoundTask, TrainHyper
 from fedge.errors import AggregationError, InvalidValue
 
 SPEC = {"w": (3, 2), "b": (3,)}
@@ -49,61 +52,82 @@ def test_bad_staleness_weight_spec(spec: str) -> None:
         StalenessWeight.parse(spec)
 
 
-def test_buffer_weights_by_staleness_and_publishes_every_k() -> None:
-    strategy = make_strategy("fedavg")
-    buf = AsyncBuffer(strategy, SPEC, buffer_size=3, max_staleness=10)
+# What FedBuff's service mode does with an update, piece by piece: the strategy folds it with
+# the staleness weight (``set_staleness_weight``), the round context refuses rounds that left
+# the window, ``OpenRound.record`` reports staleness, ``finish`` makes the version (these
+# assertions tested a standalone ``AsyncBuffer`` before; the service never used it).
+
+
+def async_strategy(name: str = "fedavg", opts: dict[str, str] | None = None) -> Strategy:
+    strategy = make_strategy(name, opts or {})
+    strategy.set_staleness_weight(StalenessWeight())
+    strategy.begin_round(SPEC)
+    return strategy
+
+
+def task(round_id: int, base_version: int) -> RoundTask:
+    return RoundTask(
+        round=round_id, base_version=base_version, deadline=1.0, codec="fp32",
+        hyper=TrainHyper(), nonce=bytes(16),
+    )  # fmt: skip
+
+
+def test_updates_are_weighted_by_staleness_and_the_record_reports_it() -> None:
+    strategy = async_strategy()
     ds, samples, stale = deltas(3, seed=1), [10, 30, 60], [0, 3, 8]
     w0 = {k: v + 1 for k, v in zeros().items()}
+    rnd = OpenRound(task(9, 8), 0.0)
 
-    accepted = []
-    for d, n, s in zip(ds, samples, stale, strict=True):
-        assert not buf.ready
-        accepted.append(buf.offer(d, n, s))
-    stats = buf.stats()
-    new = buf.flush(w0)
+    for i, (d, n, st) in enumerate(zip(ds, samples, stale, strict=True)):
+        assert strategy.count == i
+        strategy.fold(d, n, staleness=st)
+        rnd.folded.append((f"dev{i}", 9 - st, f"u{i}", st))
+    record = rnd.record()
+    new = strategy.finish(w0)
 
     # sum_i n_i (1+s_i)^-1/2 delta_i / sum_i n_i, computed by hand weights 1, 1/2, 1/3.
     want = {k: 1 + (10 * ds[0][k] + 30 * 0.5 * ds[1][k] + 60 / 3 * ds[2][k]) / 100 for k in SPEC}
     for k in SPEC:
         np.testing.assert_allclose(new[k], want[k], rtol=1e-5)
-    assert accepted == [True, True, True]
-    assert stats == {
-        "buffered": 3,
-        "staleness_mean": 11 / 3,
-        "staleness_max": 8,
-        "dropped_stale": 0,
-    }
-    assert buf.pending == 0
-    assert not buf.ready
-    assert buf.flushes == 1
+    assert strategy.count == 3
+    assert (record["devices"], record["staleness_max"]) == (3, 8)
+    assert record["staleness_mean"] == pytest.approx(11 / 3)
+    strategy.begin_round(SPEC)
+    assert strategy.count == 0
 
 
-def test_updates_older_than_the_window_are_dropped() -> None:
-    buf = AsyncBuffer(make_strategy("fedavg"), SPEC, buffer_size=2, max_staleness=4)
+def test_rounds_older_than_the_window_are_refused() -> None:
+    # The service keeps rounds whose base version is within max_staleness (4 here) of the
+    # model's (9): round 5 (base v5) and round 9 (base v9); round 4 (base v4) has left.
+    window = {r: OpenRound(task(r, r), 0.0) for r in (5, 9)}
+    ctx = RoundContext(window[9], version=9, spec=SPEC, sink=async_strategy(), window=window)
     d = deltas(3, seed=2)
 
-    results = [buf.offer(d[0], 5, 4), buf.offer(d[1], 5, 5), buf.offer(d[2], 5, 0)]
-    new = buf.flush(zeros())
+    answered = [ctx.answered(r) for r in (5, 4, 9)]
+    for delta, rnd in zip(d, answered, strict=True):
+        if rnd is not None:
+            ctx.sink.fold(delta, 5, staleness=ctx.staleness(rnd))
+    new = ctx.sink.finish(zeros())  # type: ignore[attr-defined]
 
-    assert results == [True, False, True]
-    assert buf.dropped_stale == 1
+    assert [a is not None for a in answered] == [True, False, True]
+    assert [ctx.staleness(a) for a in answered if a is not None] == [4, 0]
     for k in SPEC:
         np.testing.assert_allclose(new[k], (d[0][k] / np.sqrt(5) + d[2][k]) / 2, rtol=1e-5)
 
 
-def test_buffer_reuses_a_server_optimizer_across_flushes() -> None:
+def test_a_server_optimizer_carries_across_async_versions() -> None:
     opts = {"server_lr": "0.1", "tau": "0.01", "beta1": "0.5", "beta2": "0.9"}
-    buffered = AsyncBuffer(
-        make_strategy("fedadam", opts), SPEC, buffer_size=2, weight=StalenessWeight("const")
-    )
+    buffered = make_strategy("fedadam", opts)
+    buffered.set_staleness_weight(StalenessWeight("const"))
     sync = make_strategy("fedadam", opts)
     w_async = w_sync = zeros()
 
     for r in range(3):
         ds = deltas(2, seed=10 + r)
+        buffered.begin_round(SPEC)
         for d in ds:
-            buffered.offer(d, 4, staleness=r)
-        w_async = buffered.flush(w_async)
+            buffered.fold(d, 4, staleness=r)
+        w_async = buffered.finish(w_async)
         sync.begin_round(SPEC)
         for d in ds:
             sync.fold(d, 4)
@@ -111,37 +135,37 @@ def test_buffer_reuses_a_server_optimizer_across_flushes() -> None:
 
     for k in SPEC:
         np.testing.assert_array_equal(w_async[k], w_sync[k])
-    assert buffered.strategy.t == 3
+    assert buffered.t == 3  # type: ignore[attr-defined]
 
 
-def test_a_refused_update_leaves_the_buffer_as_it_was() -> None:
-    buf = AsyncBuffer(make_strategy("median"), SPEC, buffer_size=2)
+def test_a_refused_update_leaves_the_version_in_progress_as_it_was() -> None:
+    strategy = async_strategy("median")
     d = deltas(1, seed=3)[0]
     bad = {k: np.full(s, np.nan, np.float32) for k, s in SPEC.items()}
 
     with pytest.raises(AggregationError):
-        buf.offer(bad, 1, 0)
+        strategy.fold(bad, 1, staleness=0)
     with pytest.raises(AggregationError, match="staleness"):
-        buf.offer(d, 1, -1)
+        strategy.fold(d, 1, staleness=-1)
 
-    assert buf.pending == 0
-    assert buf.stats()["buffered"] == 0
+    assert strategy.count == 0
+    assert OpenRound(task(1, 0), 0.0).record()["devices"] == 0
 
 
-def test_flush_of_an_empty_buffer_raises_and_the_buffer_still_works() -> None:
-    buf = AsyncBuffer(make_strategy("fedavg"), SPEC, buffer_size=1)
+def test_a_version_with_no_updates_raises_and_the_strategy_still_works() -> None:
+    strategy = async_strategy()
 
     with pytest.raises(AggregationError, match="no updates"):
-        buf.flush(zeros())
-    buf.offer(deltas(1, seed=4)[0], 1, 0)
+        strategy.finish(zeros())
+    strategy.fold(deltas(1, seed=4)[0], 1, staleness=0)
 
-    assert buf.ready
+    assert strategy.count == 1
 
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"buffer_size": 0}, "buffer_size"), ({"max_staleness": -1}, "max_staleness")],
+    [({"async_buffer": 0}, "async_buffer"), ({"max_staleness": -1}, "max_staleness")],
 )
-def test_bad_buffer_settings(kwargs: dict, match: str) -> None:
+def test_bad_async_settings(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        AsyncBuffer(make_strategy("fedavg"), SPEC, **kwargs)
+        AggregatorConfig.model_validate({"mode": "async", **kwargs})
