@@ -12,11 +12,16 @@ from fedge.envelopes import HYPER_BOUNDS, TrainHyper
 from fedge.support.config_io import TLSConfig, load_yaml_config
 from fedge.transport.mqtt import BrokerURL
 
+# What `fedge simulate` picks for the robust strategies, which need dense updates.
+DENSE_CODEC = "int8+zstd"
+
 __all__ = [
+    "DENSE_CODEC",
     "AggregatorConfig",
     "HyperConfig",
     "ModelConfig",
     "TLSConfig",
+    "codec_problem",
     "load_aggregator_config",
 ]
 
@@ -175,6 +180,9 @@ class AggregatorConfig(BaseModel):
 
     @model_validator(mode="after")
     def _quorum(self) -> AggregatorConfig:
+        problem = codec_problem(self.strategy, self.codec)
+        if problem:
+            raise ValueError(problem)
         if self.min_devices > self.target_devices:
             raise ValueError(
                 f"min_devices ({self.min_devices}) must not exceed target_devices "
@@ -197,6 +205,20 @@ class AggregatorConfig(BaseModel):
     @property
     def metrics_path(self) -> Path:
         return self.metrics_file or self.state_dir / "metrics.jsonl"
+
+
+def codec_problem(strategy: str, codec: str) -> str | None:
+    """Why ``strategy`` cannot aggregate ``codec``'s updates, or None: the robust strategies
+    compare updates coordinate by coordinate, and a top-k update is zero almost everywhere."""
+    from aggregator.strategies import STRATEGIES
+
+    cls = STRATEGIES.get(strategy)
+    if cls is None or not cls.dense_updates or not parse_codec(codec).name.startswith("topk:"):
+        return None
+    return (
+        f"strategy {strategy} compares updates coordinate by coordinate, and a {codec} update "
+        f"is zero almost everywhere: use a dense codec (e.g. {DENSE_CODEC}) or a linear strategy"
+    )
 
 
 def load_aggregator_config(path: Path) -> AggregatorConfig:

@@ -29,9 +29,11 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/sim"))
     p.add_argument(
         "--codec",
-        default=DEFAULT_SIM_CODEC,
-        help="delta codec: [topk:F+](fp32|fp16|int8|int4)[+zstd]; the default sent about 40x less "
-        "uplink than fp32 for -0.56 pp on the demo task (docs/benchmarks.md)",
+        default=None,
+        help=f"delta codec: [topk:F+](fp32|fp16|int8|int4)[+zstd]; default {DEFAULT_SIM_CODEC} "
+        "(about 40x less uplink than fp32 for -0.56 pp on the demo task, docs/benchmarks.md), "
+        "int8+zstd for the robust strategies (median, trimmed_mean, krum, multikrum), which "
+        "need dense updates",
     )
     p.add_argument("--model", default=None, help="model name (default: by dataset)")
     p.add_argument("--epochs", type=int, default=5, help="local epochs per round")

@@ -47,7 +47,7 @@ from fedge.errors import BrokerUnavailable, ConfigError
 from fedge.topics import Topics
 from fedge.transport.mqtt import BrokerURL, probe_broker
 from fedge.transport.mux import Mux
-from simulation import DEFAULT_SIM_CODEC
+from simulation import default_codec
 from simulation.datasets import make_federated
 from simulation.keys import SimKeys
 
@@ -68,7 +68,7 @@ class SimConfig:
     partition: str = "dirichlet:0.5"
     seed: int = 0
     broker: str | None = None
-    codec: str = DEFAULT_SIM_CODEC
+    codec: str | None = None  # None: default_codec(strategy)
     model: str | None = None
     epochs: int = 5
     batch_size: int = 32
@@ -98,6 +98,11 @@ class SimConfig:
     adaptive_server_lr: bool = False  # halve server_lr after 3 versions without a better accuracy
 
     def __post_init__(self) -> None:
+        from aggregator.config import codec_problem
+
+        problem = self.codec and codec_problem(self.strategy, self.codec)
+        if problem:
+            raise ConfigError(f"--codec {self.codec} with --strategy {self.strategy}: {problem}")
         if self.devices < 1:
             raise ConfigError(f"--devices must be >= 1, got {self.devices}")
         if self.rounds < 1:
@@ -158,7 +163,8 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
         probe_broker(url)
     say(
         f"broker {url}  |  {cfg.dataset}: {cfg.devices} devices, partition {cfg.partition}, "
-        f"sizes {min(data.sizes)}-{max(data.sizes)}, test {len(data.test[1])}"
+        f"sizes {min(data.sizes)}-{max(data.sizes)}, test {len(data.test[1])}  |  "
+        f"{cfg.strategy}, codec {cfg.codec or default_codec(cfg.strategy)}"
     )
 
     agents: list[EdgeAgent] = []
@@ -183,7 +189,7 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
                 seed=cfg.seed,
             ),
             hyper=HyperConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr),
-            codec=cfg.codec,
+            codec=cfg.codec or default_codec(cfg.strategy),
             strategy=cfg.strategy,
             strategy_opts=dict(cfg.strategy_opts),
             server_lr=cfg.server_lr,

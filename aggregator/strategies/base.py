@@ -68,6 +68,11 @@ class Strategy(ABC):
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     needs_all_updates: ClassVar[bool] = False
     sums_linearly: ClassVar[bool] = False
+    dense_updates: ClassVar[bool] = False
+    """True when the rule compares updates coordinate by coordinate or by distance (median,
+    trimmed mean, Krum): a top-k sparse delta is zero almost everywhere, so such a rule sees
+    mostly zeros (measured on digits, 15 rounds: median 0.18 with ``topk:0.03+int4+zstd``,
+    0.88 with ``int8+zstd``). The aggregator refuses a sparse codec for these."""
     """True when the round's aggregate is a weighted sum of the updates, so shard workers may
     fold partial sums that a reducer adds up (``fold_sum``)."""
     """True when ``finish`` needs every update of the round at once: memory O(updates x model)

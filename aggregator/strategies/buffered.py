@@ -27,6 +27,7 @@ _SLAB_BYTES = 16 << 20
 
 class BufferedStrategy(Strategy):
     needs_all_updates = True
+    dense_updates = True
 
     def __init__(self, options: StrategyOptions | None = None) -> None:
         super().__init__(options)

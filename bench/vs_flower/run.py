@@ -103,9 +103,9 @@ def known_codecs(names: list[str]) -> list[str]:
 
 
 def default_codec() -> str:
-    from fedge_cli.main import build_parser
+    from simulation import default_codec as sim_default
 
-    return str(build_parser().parse_args(["simulate"]).codec)
+    return sim_default("fedavg")
 
 
 def fedge_cmd(out: Path, codec: str | None) -> list[str]:
