@@ -9,6 +9,7 @@ The commands (``fedge ca init|crl|broker-config``, ``fedge enroll``, ``fedge rev
     passwords.py      Mosquitto's password file (``$7$`` PBKDF2-SHA512)
     credentials.py    one identity's password, client certificate and signing key
     enrolment.py      ``enroll`` / ``revoke``
+    acl.py            the names the broker's ACLs give more than a device's rights
     broker_config.py  ``production.conf`` rendered for a CA, with the broker user's access checked
 
 A CA directory (``fedge ca init --dir CA``) holds everything the fleet's trust rests on::
@@ -31,6 +32,7 @@ the password file by ``mosquitto_passwd`` (fed on stdin, so the password never s
 process list) or, where it is not installed, in its ``$7$`` PBKDF2-SHA512 format directly.
 """
 
+from fedge_cli.pki.acl import privileged_names
 from fedge_cli.pki.broker_config import (
     PRODUCTION_TEMPLATE,
     render_broker_config,
@@ -50,6 +52,7 @@ __all__ = [
     "enroll",
     "hash_password",
     "init_ca",
+    "privileged_names",
     "remove_password",
     "render_broker_config",
     "revoke",
