@@ -115,6 +115,8 @@ class Aggregator:
         self._deadline: Timer | None = None
         self.version, self.last_round, self.failed_rounds = 0, 0, 0
         self.weights: dict[str, np.ndarray] = {}
+        # The ranges the last int8 twin was built from: the next merge is bounded by them.
+        self.calib_ranges: dict[str, tuple[float, float]] | None = None
         self.keyring = KeyRing(config.device_keys) if config.device_keys else None
         self.publisher = ModelPublisher(
             self.arch,
@@ -358,7 +360,9 @@ class Aggregator:
             from aggregator.calibration import RangeMerger
             from models.int8 import calibration_tensor_names
 
-            self.round.calib = RangeMerger(calibration_tensor_names(self.publisher.onnx))
+            self.round.calib = RangeMerger(
+                calibration_tensor_names(self.publisher.onnx), previous=self.calib_ranges
+            )
         delay = max(0.0, task.deadline - time.time())
         self._deadline = self.mux.call_later(delay, self._on_deadline)
         if self.sharded is not None:
@@ -463,6 +467,7 @@ class Aggregator:
         if rnd.calib is not None:
             ranges = rnd.calib.merged() if rnd.calib.reports else None
             metrics.update(self.publisher.render_int8(self.version, ranges))
+            self.calib_ranges = ranges or self.calib_ranges
         self._publish_model()
         if self.config.keep_versions:
             self.registry.prune(self.config.keep_versions)
