@@ -47,7 +47,7 @@ from fedge.envelopes import (
 )
 from fedge.errors import AggregationError, ConfigError, ProtocolError
 from fedge.identity import load_signing_key
-from fedge.limits import DEFAULT_LIMITS, Limits
+from fedge.limits import DEFAULT_LIMITS, MAX_STATUS_BYTES, Limits
 from fedge.tensors import spec_of
 from fedge.topics import Topics
 from fedge.transport.mqtt import BrokerURL, publish_packet_size
@@ -139,6 +139,8 @@ class Aggregator:
                 ca_cert=str(tls.ca_cert) if tls else None,
                 client_cert=str(tls.client_cert) if tls and tls.client_cert else None,
                 client_key=str(tls.client_key) if tls and tls.client_key else None,
+                # Devices must not park payloads in the broker: see _on_message.
+                watch_retained=(self.topics.all_updates, self.topics.all_statuses),
             ),
             subscriptions=[
                 ShardTopics(self.topics).all_partials
@@ -564,13 +566,21 @@ class Aggregator:
             return
         device = self.topics.device_of(topic, "update")
         if device is not None:
+            if self.session.current_retained:
+                # An update topic never holds a retained copy: a device parking one there
+                # grows the broker's memory and database (issue 17). Cleared, then handled.
+                self._clear_retained(topic, "retained_update", len(payload))
             self._on_update(device, topic, payload)
             return
         device = self.topics.device_of(topic, "status")
         if device is not None:
             try:
+                if len(payload) > MAX_STATUS_BYTES:
+                    raise ProtocolError("too_large", f"{len(payload)} bytes > {MAX_STATUS_BYTES}")
                 st = DeviceStatus.from_bytes(payload, self.limits)
-            except ProtocolError:
+            except ProtocolError as e:
+                if payload and self.session.current_retained:
+                    self._clear_retained(topic, f"bad_status ({e.reason})", len(payload))
                 return
             if device in self.config.shard_workers:
                 self._on_worker_status(device, st)
@@ -581,6 +591,12 @@ class Aggregator:
                 self._maybe_close_early()
             else:
                 self.online.add(device)
+
+    def _clear_retained(self, topic: str, why: str, size: int) -> None:
+        """Delete the retained copy a device left on ``topic`` (an empty retained publish)."""
+        log.warning("cleared the retained message on %s: %s, %d bytes", topic, why, size)
+        self.metrics.event("retained_cleared")
+        self.session.publish(topic, b"", qos=1, retain=True)
 
     def _on_update(self, device: str, topic: str, payload: bytes) -> None:
         if self.round is None:

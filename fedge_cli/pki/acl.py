@@ -1,4 +1,10 @@
-"""What the broker's ACL files say about identities: the names no device may take.
+"""The broker's ACL: rendered for one fleet, and the names no device may take.
+
+``render_acl`` pins a shipped ACL (``broker_config/acl``, ``acl.sharded``), written for any
+fleet (``fedge/+/...``, ``fedge/#``), to one fleet: ``fedge/<fleet>/...``. With the ``+``, a
+device could publish retained messages on ``fedge/<any name>/update/<itself>`` and
+``.../status/<itself>``, one per fleet name it invents, and grow the broker without bound
+(issue 17: 150 x 1 MiB took it from 26 to 171 MB). Pinned, a device owns two topics.
 
 Mosquitto gives a ``user NAME`` section of an ACL file rights beyond the ``pattern`` lines
 every client has (``aggregator`` writes the model; a shard worker ``aggregator-N`` of
@@ -15,12 +21,31 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-__all__ = ["SHIPPED_ACLS", "acl_users", "privileged_names"]
+from fedge.topics import validate_device_id
+
+__all__ = ["SHIPPED_ACLS", "acl_users", "privileged_names", "render_acl"]
 
 SHIPPED_ACLS = Path(__file__).resolve().parents[2] / "broker_config"
 
 # Mosquitto reads "user <name>" with the rest of the line as the name (spaces included).
 _USER_LINE = re.compile(r"^user\s+(.+?)\s*$")
+
+
+def render_acl(text: str, fleet: str) -> str:
+    """``text`` (an ACL for every fleet) with each topic pinned to ``fleet``.
+
+    Only ``pattern`` and ``topic`` lines change: ``fedge/+/`` becomes ``fedge/<fleet>/`` and a
+    whole-tree ``fedge/#`` becomes ``fedge/<fleet>/#``; comments stay as written.
+    """
+    validate_device_id(fleet)  # a fleet name is one topic level, like a device id
+    out = []
+    for line in text.splitlines(keepends=True):
+        words = line.split()
+        if words and words[0] in ("pattern", "topic"):
+            line = line.replace("fedge/+/", f"fedge/{fleet}/")
+            line = re.sub(r"fedge/#(?=\s|$)", f"fedge/{fleet}/#", line)
+        out.append(line)
+    return "".join(out)
 
 
 def acl_users(text: str) -> set[str]:
