@@ -9,8 +9,8 @@ either, so the ``Assembler`` trusts only the manifest, and only once its signatu
 does (protocol §5.5). Chunks of the verified manifest are bounded by its ``size`` and checked
 against its ``count`` and ``sha256``, the whole file against its hash. Chunks that come before
 their manifest (the aggregator publishes them first) wait in a small buffer: twice the size of
-the last model seen (at least ``MIN_EARLY_BYTES``), or ``FIRST_EARLY_BYTES`` while no model
-size is known, never ``Limits.max_model_bytes``.
+the last complete model (at least ``MIN_EARLY_BYTES``), or ``FIRST_EARLY_BYTES`` while none
+is known, never ``Limits.max_model_bytes``.
 
 ``ModelReceiver`` sits in front of the assembler for whoever follows the model topics (the
 device, a shard worker): payload in, complete model out, with the version floor and the
@@ -76,7 +76,7 @@ class Assembler:
         # Chunks of no manifest held yet, by (version, sha256, count), then index.
         self._early: dict[tuple[int, str, int], dict[int, bytes]] = {}
         self._early_bytes = 0
-        self._seen_size = 0  # size of the last model assembled or announced
+        self._seen_size = 0  # size of the last complete model (assembled, or inline)
         self.evicted = 0  # groups of early chunks dropped to make room for a nearer version
 
     @property
@@ -107,12 +107,10 @@ class Assembler:
             if (m.version, m.sha256) == (held.version, held.sha256):
                 return None if self._done else self._complete()  # retained re-delivery
         self.manifest, self._chunks, self._bytes, self._done = m, {}, 0, False
-        self._seen_size = m.size
         early = self._early.pop((m.version, m.sha256, m.chunks), {})
         for key in [k for k in self._early if k[0] <= m.version]:
             del self._early[key]
         self._early_bytes = sum(len(d) for g in self._early.values() for d in g.values())
-        self._make_room(0, version=-1)  # the cap may have shrunk to this model's size
         if sum(len(d) for d in early.values()) <= m.size:
             self._chunks = early
             self._bytes = sum(len(d) for d in early.values())
@@ -168,6 +166,8 @@ class Assembler:
         if len(data) != m.size or hashlib.sha256(data).hexdigest() != m.sha256:
             raise ProtocolError("bad_hash", f"assembled model v{m.version} does not match manifest")
         self._done = True
+        # Only a complete model (hash checked) sizes the buffer: a manifest's claim could not.
+        self.note_model_size(len(data))
         return m.with_onnx(data)
 
 
@@ -217,7 +217,6 @@ class ModelReceiver:
             if m.is_manifest:
                 self._refuse_stale(m)  # before it can reset the assembler
                 if (m.version, m.sha256) == self.held:
-                    self._assembler.note_model_size(m.size)
                     return None  # the retained manifest of the model we hold
                 full = self._assembler.offer_manifest(m)
             else:

@@ -279,3 +279,16 @@ def test_a_full_early_buffer_makes_room_for_a_nearer_version() -> None:
     assert full is not None
     assert full.onnx == b"a" * 3000
     assert asm.evicted == 1
+
+
+def test_a_manifests_size_claim_does_not_widen_the_early_buffer() -> None:
+    asm = Assembler(1 << 30, first_early=4096, min_early=1024)  # no key: the demo profile
+    m1, c1 = manifest_and_chunks(b"a" * 3000, 1, 1000)
+    asm.offer_manifest(m1)
+    for c in c1:
+        asm.offer_chunk(c)
+    huge = replace(manifest_and_chunks(b"x", 2, 1)[0], size=1 << 30, chunks=1 << 20)
+
+    asm.offer_manifest(huge)  # unverifiable here, so taken, but it sizes nothing
+
+    assert asm.early_cap == 6000
