@@ -484,3 +484,37 @@ def test_render_broker_config_leaves_only_runtime_placeholders(ca: pki.CaDir) ->
     assert left == {"port", "data_dir", "log_file"}
     assert f"crlfile {ca.crl}" in text
     assert f"password_file {ca.passwd}" in text
+
+
+def test_the_intake_refuses_an_update_whose_ranges_were_rewritten(tmp_path: Path) -> None:
+    # Prepare: dev1 signs an update with calibration ranges; a relay widens them
+    from dataclasses import replace
+
+    import numpy as np
+
+    from aggregator.rounds import OpenRound
+    from aggregator.validation import validate_update
+    from fedge.codecs import parse_codec
+    from fedge.envelopes import ModelUpdate, RoundTask, TrainHyper
+    from fedge.key_registry import KeyRegistry
+    from fedge.limits import DEFAULT_LIMITS
+
+    key = SigningKey.generate()
+    KeyRegistry(tmp_path).create().add("dev1", key.verify_key)
+    task = RoundTask(3, 2, 1000.0, "fp32", TrainHyper(calibrate=True), bytes(16))
+    delta = {"w": np.ones(4, np.float32)}
+    u = ModelUpdate("dev1", 3, 2, "u", bytes(16), 10, "fp32", parse_codec("fp32").encode(delta),
+                    calib={"input": (0.0, 16.0)})  # fmt: skip
+    u = replace(u, signature=key.sign(u.digest()))
+    relayed = replace(u, calib={"input": (-1e30, 1e30)})
+
+    def check(x: ModelUpdate) -> object:
+        rnd = OpenRound(task=task, opened_at=0.0)
+        ring = KeyRing(tmp_path)
+        return validate_update("dev1", x.to_bytes(), rnd, {"w": (4,)}, DEFAULT_LIMITS, 10**5, ring)
+
+    # Execute / Assert
+    assert check(u) is not None
+    with pytest.raises(InvalidUpdate) as e:
+        check(relayed)
+    assert e.value.reason == "bad_signature"
