@@ -1,19 +1,29 @@
 """Federated calibration: merge the activation ranges devices report, build the int8 model.
 
 Each device reports {activation name: (min, max)} measured on its own samples through the
-round's global model (`edge_agent.calibration.compute_ranges`). Merging takes the min of the
-mins and the max of the maxes, with no weighting: that is exactly the range onnxruntime's
-MinMax calibrator would find on the union of all the devices' samples. The merge is also
-idempotent, so a QoS 1 duplicate of a report changes nothing.
+round's global model (`edge_agent.calibration.compute_ranges`), inside its signed update
+(`fedge.identity.update_digest` covers ``calib``). The ranges set the int8 grid of every
+activation for the whole fleet, so one device must not be able to set them: a range of
+[-1e30, 1e30] turns every activation into one grid step (the int8 twin fell from 0.644 to 0.100
+accuracy, issue 17). The merge is therefore robust, per activation:
+
+1. **Trimmed across devices.** Of n reports, the ``t = min(ceil(TRIM * n), (n - 1) // 2)``
+   lowest minima and ``t`` highest maxima are dropped; the range is the lowest remaining min
+   and the highest remaining max. With 3 to 10 devices one outlier on each side goes; with
+   1 or 2 nothing can be trimmed (and it is min of mins, max of maxes, which is what
+   onnxruntime's MinMax calibrator finds on the union of the devices' samples).
+2. **Bounded by the previous version.** With the ranges the previous version was built from,
+   each bound may move outward at most ``GROWTH`` times that range's width (or magnitude,
+   whichever is larger) per version (with ``GROWTH = 1`` a range at most triples in width
+   per version), so devices that outnumber the trim can only widen it step by step. The
+   previous ranges live in the aggregator's memory: the first version after a restart is
+   trimmed but not bounded.
 
 Reports come from the network, so each is validated whole before it counts (`ProtocolError`
 with reason ``bad_calibration`` otherwise, and the merged state is left untouched): a map of
 at most `max_tensors` names, each an activation the model calibrates, each a pair of finite
-float32 numbers with min <= max.
-
-A single device can still widen a range on purpose (a huge max coarsens that activation's grid
-for everyone); robust merges (e.g. a quantile of the reported maxima) would need more than one
-number per device and are not done here.
+float32 numbers with min <= max. The intake folds one report per counted update (duplicates
+are refused before), and memory is O(reports x activations).
 
 `build_int8` is what the service calls once per version; it returns no model, and says why,
 when no device reported ranges (version 0, or a round of devices that skipped calibration):
@@ -33,7 +43,9 @@ from fedge.errors import ProtocolError
 from models.int8 import MissingRanges, quantize_int8
 
 __all__ = [
+    "GROWTH",
     "MAX_CALIB_TENSORS",
+    "TRIM",
     "Int8Build",
     "RangeMerger",
     "build_int8",
@@ -48,6 +60,8 @@ log = logging.getLogger(__name__)
 MAX_CALIB_TENSORS = 1024
 _MAX_NAME = 256
 _REASON = "bad_calibration"
+TRIM = 0.1  # share of devices trimmed at each end of every range (at least one from n = 3)
+GROWTH = 1.0  # a bound moves at most this many previous widths outward per version
 
 Ranges = dict[str, tuple[float, float]]
 
@@ -76,47 +90,76 @@ def validate_ranges(
     return out
 
 
-def merge_ranges(reports: Iterable[Mapping[str, tuple[float, float]]]) -> Ranges:
-    """Min of mins and max of maxes per name, over already validated reports."""
-    merged: Ranges = {}
+def merge_ranges(
+    reports: Iterable[Mapping[str, tuple[float, float]]],
+    previous: Mapping[str, tuple[float, float]] | None = None,
+    *,
+    trim: float = TRIM,
+    growth: float = GROWTH,
+) -> Ranges:
+    """The robust merge of already validated reports (module docstring), sorted by name."""
+    lows: dict[str, list[float]] = {}
+    highs: dict[str, list[float]] = {}
     for report in reports:
         for name, (low, high) in report.items():
-            if name in merged:
-                old_low, old_high = merged[name]
-                merged[name] = (min(old_low, low), max(old_high, high))
-            else:
-                merged[name] = (low, high)
-    return dict(sorted(merged.items()))
+            lows.setdefault(name, []).append(low)
+            highs.setdefault(name, []).append(high)
+    merged: Ranges = {}
+    for name in sorted(lows):
+        lo_sorted, hi_sorted = sorted(lows[name]), sorted(highs[name])
+        n = len(lo_sorted)
+        t = min(math.ceil(trim * n), (n - 1) // 2)
+        low, high = lo_sorted[t], hi_sorted[n - 1 - t]
+        if previous is not None and name in previous:
+            low, high = _bounded(low, high, previous[name], growth)
+        merged[name] = (low, high)
+    return merged
+
+
+def _bounded(
+    low: float, high: float, before: tuple[float, float], growth: float
+) -> tuple[float, float]:
+    b_low, b_high = before
+    slack = growth * max(b_high - b_low, abs(b_high), abs(b_low), 1e-6)
+    floor, ceiling = b_low - slack, b_high + slack
+    low = min(max(low, floor), ceiling)
+    high = min(max(high, floor), ceiling)
+    return (low, max(low, high))
 
 
 class RangeMerger:
     """The streaming form for one round: `add` each device's report as it arrives.
 
-    Memory is O(activations), whatever the number of devices.
+    ``previous``: the ranges the previous version's int8 model was built from (each bound
+    then moves at most ``growth`` widths per version); None for the first one.
     """
 
-    def __init__(self, allowed: Iterable[str], *, max_tensors: int = MAX_CALIB_TENSORS) -> None:
+    def __init__(
+        self,
+        allowed: Iterable[str],
+        *,
+        max_tensors: int = MAX_CALIB_TENSORS,
+        previous: Mapping[str, tuple[float, float]] | None = None,
+    ) -> None:
         self._allowed = frozenset(allowed)
         if not self._allowed:
             raise ValueError("a model with no calibrated activation cannot merge ranges")
         self._max_tensors = max_tensors
-        self._merged: Ranges = {}
-        self._reports = 0
+        self._previous = dict(previous) if previous else None
+        self._reports: list[Ranges] = []
 
     def add(self, report: object) -> None:
-        """Validate and fold one report; on `ProtocolError` the merged state is unchanged."""
-        ranges = validate_ranges(report, self._allowed, max_tensors=self._max_tensors)
-        self._merged = merge_ranges([self._merged, ranges])
-        self._reports += 1
+        """Validate and keep one report; on `ProtocolError` the merged state is unchanged."""
+        self._reports.append(validate_ranges(report, self._allowed, max_tensors=self._max_tensors))
 
     @property
     def reports(self) -> int:
-        """Reports folded so far (a duplicate counts again, but cannot change the ranges)."""
-        return self._reports
+        """Reports folded so far."""
+        return len(self._reports)
 
     def merged(self) -> Ranges:
-        """A copy of the merged ranges, sorted by name."""
-        return dict(self._merged)
+        """The robust merge of the reports so far, sorted by name."""
+        return merge_ranges(self._reports, self._previous)
 
 
 @dataclass(frozen=True)

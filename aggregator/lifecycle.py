@@ -91,6 +91,9 @@ class RoundLifecycle:
         self.presence = parts.presence
         self.metrics = parts.metrics
         self.state = ServiceState(parts.state_file)
+        # The ranges the last int8 twin was built from: the next merge is bounded by them
+        # (in memory only: the first twin after a restart is trimmed but not bounded).
+        self.calib_ranges: dict[str, tuple[float, float]] | None = None
         self.round: OpenRound | None = None
         self.ctx: RoundContext | None = None
         self._deadline: Cancellable | None = None
@@ -202,7 +205,9 @@ class RoundLifecycle:
             from aggregator.calibration import RangeMerger
             from models.int8 import calibration_tensor_names
 
-            rnd.calib = RangeMerger(calibration_tensor_names(self.publisher.onnx))
+            rnd.calib = RangeMerger(
+                calibration_tensor_names(self.publisher.onnx), previous=self.calib_ranges
+            )
         delay = max(0.0, task.deadline - time.time())
         self._deadline = self.parts.loop.call_later(delay, self._on_deadline)
         self._began(rnd, spec)
@@ -307,6 +312,7 @@ class RoundLifecycle:
         if rnd.calib is not None:
             ranges = rnd.calib.merged() if rnd.calib.reports else None
             metrics.update(pub.render_int8(self.state.version, ranges))
+            self.calib_ranges = ranges or self.calib_ranges
         pub.publish(self.session)
         if self.config.keep_versions:
             self.parts.registry.prune(self.config.keep_versions)

@@ -38,7 +38,7 @@ from aggregator.strategies.base import Strategy
 from fedge.envelopes import DeviceStatus, ModelArch
 from fedge.errors import ConfigError, ProtocolError
 from fedge.identity import load_signing_key
-from fedge.limits import DEFAULT_LIMITS, Limits
+from fedge.limits import DEFAULT_LIMITS, MAX_STATUS_BYTES, Limits
 from fedge.topics import Topics
 from fedge.transport.base import Loop, SessionFactory, SessionRequest
 from fedge.transport.mqtt import BrokerURL
@@ -74,6 +74,7 @@ class Aggregator:
         self.journal = RoundJournal(self.state_dir / "journal")
         self.metrics = MetricsLog(config.metrics_path)
         sink = MetricsFanout([self.metrics, *metrics_sinks]) if metrics_sinks else self.metrics
+        self._sink: MetricsSink = sink
         self.strategy = _strategy(config)
         self.adaptive = AdaptiveLR(config, self.strategy, has_eval=self.eval_set is not None)
         self.keyring = KeyRing(config.device_keys) if config.device_keys else None
@@ -89,6 +90,8 @@ class Aggregator:
                 on_connected=self._on_connected,
                 # An update is acknowledged only once it is in the journal.
                 manual_ack=True,
+                # Devices must not park payloads in the broker: see _on_message.
+                watch_retained=(self.topics.all_updates, self.topics.all_statuses),
             )
         )
         self.intake = UpdateIntake(
@@ -146,15 +149,29 @@ class Aggregator:
             return
         device = self.topics.device_of(topic, "update")
         if device is not None:
+            if self.session.current_retained:
+                # An update topic never holds a retained copy: a device parking one there
+                # grows the broker's memory and database (issue 17). Cleared, then handled.
+                self._clear_retained(topic, "retained_update", len(payload))
             self.rounds.on_update(device, topic, payload)
             return
         device = self.topics.device_of(topic, "status")
         if device is not None:
             try:
+                if len(payload) > MAX_STATUS_BYTES:
+                    raise ProtocolError("too_large", f"{len(payload)} bytes > {MAX_STATUS_BYTES}")
                 st = DeviceStatus.from_bytes(payload, self.limits)
-            except ProtocolError:
+            except ProtocolError as e:
+                if payload and self.session.current_retained:
+                    self._clear_retained(topic, f"bad_status ({e.reason})", len(payload))
                 return
             self.rounds.on_status(device, st)
+
+    def _clear_retained(self, topic: str, why: str, size: int) -> None:
+        """Delete the retained copy a device left on ``topic`` (an empty retained publish)."""
+        log.warning("cleared the retained message on %s: %s, %d bytes", topic, why, size)
+        self._sink.event("retained_cleared")
+        self.session.publish(topic, b"", qos=1, retain=True)
 
     # -- what tests, the simulation and the CLI read ----------------------------------------
     @property

@@ -2,10 +2,15 @@
 
 The aggregator publishes chunk ``i`` of version ``v`` retained on ``{p}/model/chunk/{i}``,
 then the manifest (a ``GlobalModel`` with ``chunks`` > 0 and no ``onnx``) on
-``{p}/model/global``. Messages on different topics may arrive in any order, so the
-``Assembler`` keeps chunks of the newest version it has heard of and completes when it holds
-the manifest and every chunk. Memory is bounded by the manifest's ``size`` (itself bounded by
-``Limits.max_model_bytes``); the result is checked against the manifest's sha256.
+``{p}/model/global``. Messages on different topics may arrive in any order, and anyone who can
+publish there (on the demo profile anyone; in production a compromised broker) may forge
+either, so the ``Assembler`` trusts only the manifest, and only once its signature verifies
+(when it holds the aggregator's key): a manifest moves the version it assembles, a chunk never
+does (protocol §5.5). Chunks of the verified manifest are bounded by its ``size`` and checked
+against its ``count`` and ``sha256``, the whole file against its hash. Chunks that come before
+their manifest (the aggregator publishes them first) wait in a small buffer: twice the size of
+the last complete model (at least ``MIN_EARLY_BYTES``), or ``FIRST_EARLY_BYTES`` while none
+is known, never ``Limits.max_model_bytes``.
 
 ``ModelReceiver`` sits in front of the assembler for whoever follows the model topics (the
 device, a shard worker): payload in, complete model out, with the version floor and the
@@ -19,10 +24,16 @@ import hashlib
 from fedge.envelopes import GlobalModel, ModelChunk
 from fedge.errors import ProtocolError
 from fedge.identity import VerifyKey
-from fedge.limits import DEFAULT_LIMITS, Limits
+from fedge.limits import DEFAULT_LIMITS, MAX_PACKET_SIZE, Limits
 from fedge.topics import Topics
 
-__all__ = ["Assembler", "ModelReceiver", "split_model"]
+__all__ = ["FIRST_EARLY_BYTES", "MIN_EARLY_BYTES", "Assembler", "ModelReceiver", "split_model"]
+
+FIRST_EARLY_BYTES = 4 * MAX_PACKET_SIZE
+"""Chunks held before a manifest while no model size is known (64 MiB): a device that
+subscribed before the aggregator published its first version gets that version chunks first."""
+MIN_EARLY_BYTES = 1024 * 1024
+"""The smallest bound once a model size is known (2 x a tiny model would be smaller)."""
 
 
 def split_model(version: int, onnx: bytes, sha256: str, chunk_bytes: int) -> list[ModelChunk]:
@@ -33,51 +44,118 @@ def split_model(version: int, onnx: bytes, sha256: str, chunk_bytes: int) -> lis
     ]
 
 
-class Assembler:
-    """Collects the chunks of the newest announced version."""
+def _signed_by(key: VerifyKey, m: GlobalModel) -> bool:
+    return bool(m.signature) and key.verify(m.digest(), m.signature)
 
-    def __init__(self, max_bytes: int) -> None:
+
+class Assembler:
+    """Collects the chunks of the newest verified manifest (protocol §5.5).
+
+    With ``verify_key``, a manifest whose signature does not verify raises ``bad_signature``
+    and changes nothing. Without it (the demo profile) manifests are taken as they come, but
+    chunks still never move the version. ``max_bytes`` bounds any one model; what is held
+    before a manifest is bounded by ``early_cap``.
+    """
+
+    def __init__(
+        self,
+        max_bytes: int,
+        *,
+        verify_key: VerifyKey | None = None,
+        first_early: int = FIRST_EARLY_BYTES,
+        min_early: int = MIN_EARLY_BYTES,
+    ) -> None:
         self.max_bytes = max_bytes
+        self.verify_key = verify_key
+        self.first_early = first_early
+        self.min_early = min_early
         self.manifest: GlobalModel | None = None
-        self._version = -1
-        self._chunks: dict[int, bytes] = {}
+        self._chunks: dict[int, bytes] = {}  # chunks of self.manifest
         self._bytes = 0
+        self._done = False  # self.manifest was assembled and handed out
+        # Chunks of no manifest held yet, by (version, sha256, count), then index.
+        self._early: dict[tuple[int, str, int], dict[int, bytes]] = {}
+        self._early_bytes = 0
+        self._seen_size = 0  # size of the last complete model (assembled, or inline)
+        self.evicted = 0  # groups of early chunks dropped to make room for a nearer version
+
+    @property
+    def early_cap(self) -> int:
+        """Bytes of chunks held before their manifest (module docstring)."""
+        if self._seen_size <= 0:
+            return min(self.max_bytes, self.first_early)
+        return min(self.max_bytes, max(self.min_early, 2 * self._seen_size))
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._bytes + self._early_bytes
+
+    def note_model_size(self, size: int) -> None:
+        """A model of ``size`` bytes came another way (inline): the early buffer scales to it."""
+        self._seen_size = max(0, size)
+        self._make_room(0, version=-1)
 
     def offer_manifest(self, m: GlobalModel) -> GlobalModel | None:
-        if m.version < self._version:
-            return None
-        if m.version > self._version:
-            self._reset(m.version)
-        self.manifest = m
-        # Chunks that arrived before the manifest were not yet bounded by its size.
-        if self._bytes > m.size or any(i >= m.chunks for i in self._chunks):
-            self._reset(m.version)
-            self.manifest = m
+        if self.verify_key is not None and not _signed_by(self.verify_key, m):
+            raise ProtocolError(
+                "bad_signature", f"refused manifest v{m.version}: missing or bad signature"
+            )
+        held = self.manifest
+        if held is not None:
+            if m.version < held.version:
+                return None
+            if (m.version, m.sha256) == (held.version, held.sha256):
+                return None if self._done else self._complete()  # retained re-delivery
+        self.manifest, self._chunks, self._bytes, self._done = m, {}, 0, False
+        early = self._early.pop((m.version, m.sha256, m.chunks), {})
+        for key in [k for k in self._early if k[0] <= m.version]:
+            del self._early[key]
+        self._early_bytes = sum(len(d) for g in self._early.values() for d in g.values())
+        if sum(len(d) for d in early.values()) <= m.size:
+            self._chunks = early
+            self._bytes = sum(len(d) for d in early.values())
         return self._complete()
 
     def offer_chunk(self, c: ModelChunk) -> GlobalModel | None:
-        if c.version < self._version:
-            return None
-        if c.version > self._version:
-            self._reset(c.version)
         m = self.manifest
-        if m is not None and (c.count != m.chunks or c.sha256 != m.sha256):
-            raise ProtocolError(
-                "bad_chunk", f"chunk {c.index} of v{c.version} disagrees with manifest"
-            )
-        if c.index not in self._chunks:
-            limit = m.size if m is not None else self.max_bytes
-            if self._bytes + len(c.data) > limit:
-                raise ProtocolError("too_large", f"chunks of v{c.version} exceed size {limit}")
+        if m is not None and c.version == m.version:
+            if c.count != m.chunks or c.sha256 != m.sha256:
+                raise ProtocolError(
+                    "bad_chunk", f"chunk {c.index} of v{c.version} disagrees with its manifest"
+                )
+            if self._done or c.index in self._chunks:
+                return None  # first copy wins; a finished model is not assembled again
+            if self._bytes + len(c.data) > m.size:
+                raise ProtocolError("too_large", f"chunks of v{c.version} exceed size {m.size}")
             self._chunks[c.index] = c.data
             self._bytes += len(c.data)
-        return self._complete()
+            return self._complete()
+        if m is not None and c.version < m.version:
+            return None  # older than the model being assembled or held: nothing to do
+        key = (c.version, c.sha256, c.count)
+        if c.index in self._early.get(key, {}):
+            return None
+        self._make_room(len(c.data), c.version)
+        if self._early_bytes + len(c.data) > self.early_cap:
+            raise ProtocolError(
+                "too_large",
+                f"chunk {c.index} of v{c.version} refused: chunks without a verified manifest "
+                f"already hold {self._early_bytes} bytes (cap {self.early_cap})",
+            )
+        self._early.setdefault(key, {})[c.index] = c.data
+        self._early_bytes += len(c.data)
+        return None
 
-    def _reset(self, version: int) -> None:
-        self._version = version
-        self._chunks = {}
-        self._bytes = 0
-        self.manifest = None
+    def _make_room(self, need: int, version: int) -> None:
+        """Drop groups of chunks held aside, farthest future first, until ``need`` more bytes
+        fit, but none of ``version`` or lower. The next honest version is the nearest one, so
+        chunks claiming version 2^31 cannot keep it out."""
+        while self._early_bytes + need > self.early_cap and self._early:
+            victim = max(self._early, key=lambda k: k[0])
+            if victim[0] <= version:
+                return
+            self._early_bytes -= sum(len(d) for d in self._early.pop(victim).values())
+            self.evicted += 1
 
     def _complete(self) -> GlobalModel | None:
         m = self.manifest
@@ -87,6 +165,9 @@ class Assembler:
         self._chunks, self._bytes = {}, 0
         if len(data) != m.size or hashlib.sha256(data).hexdigest() != m.sha256:
             raise ProtocolError("bad_hash", f"assembled model v{m.version} does not match manifest")
+        self._done = True
+        # Only a complete model (hash checked) sizes the buffer: a manifest's claim could not.
+        self.note_model_size(len(data))
         return m.with_onnx(data)
 
 
@@ -120,7 +201,7 @@ class ModelReceiver:
         self.limits = limits
         self.verify_key = verify_key
         self.held = held  # (version, sha256) of the model the caller holds
-        self._assembler = Assembler(limits.max_model_bytes)
+        self._assembler = Assembler(limits.max_model_bytes, verify_key=verify_key)
 
     def wants(self, topic: str) -> bool:
         """Whether ``topic`` is one of the model topics this receiver assembles from."""
@@ -133,7 +214,13 @@ class ModelReceiver:
     def offer(self, topic: str, payload: bytes) -> GlobalModel | None:
         if topic == self.topics.model:
             m = GlobalModel.from_bytes(payload, self.limits)
-            full = self._assembler.offer_manifest(m) if m.is_manifest else m
+            if m.is_manifest:
+                self._refuse_stale(m)  # before it can reset the assembler
+                if (m.version, m.sha256) == self.held:
+                    return None  # the retained manifest of the model we hold
+                full = self._assembler.offer_manifest(m)
+            else:
+                full = m
         elif payload and self._is_chunk(topic):
             full = self._assembler.offer_chunk(ModelChunk.from_bytes(payload, self.limits))
         else:
@@ -143,18 +230,20 @@ class ModelReceiver:
     def _is_chunk(self, topic: str) -> bool:
         return self.topics.device_of(topic, "model/chunk") is not None
 
+    def _refuse_stale(self, m: GlobalModel) -> None:
+        if self.held is not None and m.version < self.held[0]:
+            raise ProtocolError(
+                "stale_model", f"refused model v{m.version} older than held v{self.held[0]}"
+            )
+
     def _admit(self, m: GlobalModel) -> GlobalModel | None:
-        if self.held is not None:
-            version, sha256 = self.held
-            if m.version < version:
-                raise ProtocolError(
-                    "stale_model", f"refused model v{m.version} older than held v{version}"
-                )
-            if m.version == version and m.sha256 == sha256:
-                return None  # a re-publish of what we hold (reconnect, retained)
+        self._refuse_stale(m)
+        if self.held is not None and (m.version, m.sha256) == self.held:
+            return None  # a re-publish of what we hold (reconnect, retained)
         key = self.verify_key
-        if key is not None and not (m.signature and key.verify(m.digest(), m.signature)):
+        if key is not None and not _signed_by(key, m):
             raise ProtocolError(
                 "bad_signature", f"refused model v{m.version}: missing or bad signature"
             )
+        self._assembler.note_model_size(len(m.onnx))
         return m

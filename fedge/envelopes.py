@@ -285,6 +285,7 @@ class ModelUpdate:
             base_version=self.base_version,
             num_samples=self.num_samples,
             codec=self.codec,
+            calib=self.calib,
         )
 
     def to_bytes(self) -> bytes:

@@ -6,12 +6,18 @@ a fixed, domain-separated byte layout, not a msgpack map, so a device written in
 language can build it without a canonical msgpack encoder. Both layouts are in
 ``docs/security.md``; in short (integers big-endian, strings ASCII):
 
-    update_digest = b"fedge.update.v1\\x00"                    16 bytes
+    update_digest = b"fedge.update.v2\\x00"                    16 bytes
                     u8 len(device) | device                     1 + 1..64
                     u32 round | u32 base_version | u64 num_samples
                     u8 len(codec) | codec                       1 + 1..255
                     u8 len(nonce) | nonce                       1 + 0..255 (16 in v1 tasks)
                     sha256(delta bytes as sent)                 32
+                    sha256(calib_block(calib))                  32
+
+    calib_block   = u16 count, then per range in UTF-8 byte order of the names:
+                    u16 len(name) | name (UTF-8) | f64 min | f64 max
+
+(``v2``: the calibration ranges joined the signed bytes; a ``v1`` signature never verifies.)
 
     model_digest  = b"fedge.model.v1\\x00\\x00"                  16 bytes
                     u32 version
@@ -26,6 +32,7 @@ import hashlib
 import os
 import stat
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +50,7 @@ __all__ = [
     "UPDATE_TAG",
     "SigningKey",
     "VerifyKey",
+    "calib_block",
     "load_signing_key",
     "load_verify_key",
     "model_digest",
@@ -53,7 +61,7 @@ __all__ = [
 
 KEY_BYTES = 32
 SIGNATURE_BYTES = 64
-UPDATE_TAG = b"fedge.update.v1\x00"
+UPDATE_TAG = b"fedge.update.v2\x00"
 MODEL_TAG = b"fedge.model.v1\x00\x00"
 _U32 = 2**32
 _U64 = 2**64
@@ -253,12 +261,14 @@ def update_digest(
     base_version: int,
     num_samples: int,
     codec: str,
+    calib: Mapping[str, tuple[float, float]] | None = None,
 ) -> bytes:
     """The bytes a device signs for one update (layout in the module docstring).
 
     ``payload_sha256`` is sha256 of the ``delta`` field exactly as sent (after the codec and
     zstd), as 32 bytes or 64 hex digits. ``num_samples`` and ``base_version`` are signed too:
-    they weigh and place the update, so a relay that could change them could skew the round.
+    they weigh and place the update, so a relay that could change them could skew the round;
+    so is ``calib`` (the activation ranges that set the int8 model's grid; none = empty).
     """
     dev = validate_device_id(device).encode("ascii")
     if not isinstance(nonce, bytes):
@@ -280,8 +290,21 @@ def update_digest(
             _short(codec_b, "codec", 1),
             _short(nonce, "nonce"),
             _sha256_bytes(payload_sha256, "payload_sha256"),
+            hashlib.sha256(calib_block(calib or {})).digest(),
         )
     )
+
+
+def calib_block(calib: Mapping[str, tuple[float, float]]) -> bytes:
+    """The calibration ranges as signed: u16 count, then per name (in UTF-8 byte order)
+    u16 length, the UTF-8 name, and min and max as big-endian float64."""
+    named = sorted((name.encode("utf-8"), r) for name, r in calib.items())
+    if len(named) >= 2**16 or any(len(n) >= 2**16 for n, _ in named):
+        raise ValueError("calibration ranges must be fewer than 65536, names shorter than 64 KiB")
+    parts = [struct.pack(">H", len(named))]
+    for name, (low, high) in named:
+        parts.append(struct.pack(">H", len(name)) + name + struct.pack(">dd", low, high))
+    return b"".join(parts)
 
 
 def model_digest(version: int, sha256: bytes | str) -> bytes:

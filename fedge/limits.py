@@ -10,10 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DEFAULT_LIMITS", "MAX_PACKET_SIZE", "Limits"]
+__all__ = ["DEFAULT_LIMITS", "MAX_PACKET_SIZE", "MAX_STATUS_BYTES", "Limits"]
 
 MAX_PACKET_SIZE = 16 * 1024 * 1024
 """Must equal ``max_packet_size`` in broker_config/*.conf."""
+
+MAX_STATUS_BYTES = 1024
+"""A DeviceStatus is about 100 bytes. Mosquitto cannot bound the size of a retained message
+per topic (``max_packet_size`` and ``message_size_limit`` are global), so the aggregator
+refuses a longer status and clears it if it was retained (protocol §5.6)."""
 
 # Fixed header (5) + topic length (2) + topic + packet id (2) + properties (a few bytes).
 _PUBLISH_OVERHEAD_ALLOWANCE = 1024

@@ -10,7 +10,9 @@ import argparse
 from pathlib import Path
 
 from fedge_cli.pki import (
+    ACL_TEMPLATE,
     CRL_DAYS,
+    DEFAULT_FLEET,
     DEFAULT_HOSTS,
     enroll,
     init_ca,
@@ -23,8 +25,9 @@ __all__ = ["add_arguments"]
 
 
 def _ca_init(args: argparse.Namespace) -> None:
-    ca = init_ca(args.dir, tuple(args.host or DEFAULT_HOSTS))
+    ca = init_ca(args.dir, tuple(args.host or DEFAULT_HOSTS), args.fleet)
     print(f"CA in {ca.root}; broker files in {ca.broker}; aggregator identity in {ca.aggregator}")
+    print(f"the broker's ACL ({ca.acl}) allows fleet {args.fleet!r} only")
 
 
 def _ca_crl(args: argparse.Namespace) -> None:
@@ -42,6 +45,8 @@ def _broker_config(args: argparse.Namespace) -> None:
         mtls_port=args.mtls_port,
         bind=args.bind,
         user=args.user,
+        fleet=args.fleet,
+        acl_template=args.acl_template,
     )
     print(f"wrote {args.out}; run: mosquitto -c {args.out}")
     print(
@@ -75,6 +80,9 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         default=None,
         help="broker host name or IP for its certificate (repeat; default localhost, 127.0.0.1)",
     )
+    init.add_argument(
+        "--fleet", default=DEFAULT_FLEET, help="the one fleet the broker's ACL allows (default)"
+    )
     init.set_defaults(func=_ca_init)
     crl = csub.add_parser("crl", help="re-sign the CRL before its nextUpdate date")
     crl.add_argument("--dir", type=Path, required=True)
@@ -89,6 +97,15 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     bc.add_argument("--mtls-port", type=int, default=8884)
     bc.add_argument("--bind", default="0.0.0.0")
     bc.add_argument("--user", default="mosquitto", help="user the broker drops to as root")
+    bc.add_argument(
+        "--fleet", default=None, help="re-render CA/broker/acl for this fleet (default: keep it)"
+    )
+    bc.add_argument(
+        "--acl-template",
+        type=Path,
+        default=ACL_TEMPLATE,
+        help="ACL to pin with --fleet, e.g. broker_config/acl.sharded",
+    )
     bc.set_defaults(func=_broker_config)
     en = sub.add_parser("enroll", help="make a device's broker password, certificate, signing key")
     en.add_argument("device")

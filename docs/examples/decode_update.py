@@ -171,17 +171,28 @@ def decode_delta(codec: str, blob: bytes) -> dict[str, np.ndarray]:
     return out
 
 
+def calib_block(calib: dict[str, Any]) -> bytes:
+    """The calibration ranges as signed: u16 count, then per name in UTF-8 byte order
+    u16 length, name, f64 min, f64 max (big-endian)."""
+    named = sorted((name.encode("utf-8"), pair) for name, pair in calib.items())
+    parts = [struct.pack(">H", len(named))]
+    for name, (low, high) in named:
+        parts.append(struct.pack(">H", len(name)) + name + struct.pack(">dd", low, high))
+    return b"".join(parts)
+
+
 def signed_digest(msg: dict[str, Any]) -> bytes:
     """The bytes the device signed (docs/protocol.md 5.3.1; fedge/identity.py)."""
     dev, codec = msg["device"].encode("ascii"), msg["codec"].encode("ascii")
     return b"".join(
         (
-            b"fedge.update.v1\x00",
+            b"fedge.update.v2\x00",
             bytes([len(dev)]) + dev,
             struct.pack(">IIQ", msg["round"], msg["base_version"], msg["num_samples"]),
             bytes([len(codec)]) + codec,
             bytes([len(msg["nonce"])]) + msg["nonce"],
             hashlib.sha256(msg["delta"]).digest(),
+            hashlib.sha256(calib_block(msg["calib"])).digest(),
         )
     )
 

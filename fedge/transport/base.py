@@ -58,6 +58,12 @@ class RoleSession(Protocol):
         """From inside a handler (manual ack): leave the message unacked, return its ack."""
         ...
 
+    @property
+    def current_retained(self) -> bool:
+        """From inside a handler: the message carries the retain flag (on a ``watch_retained``
+        subscription, the publisher asked the broker to retain it)."""
+        ...
+
 
 @dataclass(frozen=True)
 class SessionRequest:
@@ -72,6 +78,9 @@ class SessionRequest:
     will: tuple[str, bytes] | None = None
     keepalive: int = 30
     session_expiry: int = 24 * 3600
+    # Subscriptions taken with Retain As Published and No Local (MQTT 5): the handler sees
+    # ``current_retained`` as the publisher set it, and never its own clearing publishes.
+    watch_retained: tuple[str, ...] = ()
 
 
 SessionFactory = Callable[[SessionRequest], RoleSession]

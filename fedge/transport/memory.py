@@ -51,6 +51,7 @@ class _Message:
     topic: str
     payload: bytes
     acked: bool = False
+    retain: bool = False  # as MQTT 5 sets it: sent from the retained store, or as published
 
 
 class MemorySession:
@@ -117,6 +118,10 @@ class MemorySession:
         if on_done is not None:
             on_done(True, "memory")
         return size
+
+    @property
+    def current_retained(self) -> bool:
+        return self._current is not None and self._current.retain
 
     def defer_ack(self) -> Callable[[], None]:
         msg = self._current
@@ -187,7 +192,10 @@ class MemoryBroker:
                 if f.startswith("$share/"):
                     groups.setdefault(f.split("/", 2)[1], []).append(s)
                 else:
-                    self.enqueue(s, _Message(topic, payload))
+                    # Retain As Published on watched filters; a live delivery is not retained
+                    # otherwise (MQTT 5 §3.3.1.3).
+                    watched = retain and f in s.request.watch_retained
+                    self.enqueue(s, _Message(topic, payload, retain=watched))
                 break
         for members in groups.values():
             live = [s for s in members if s.connected] or members
@@ -197,7 +205,7 @@ class MemoryBroker:
     def send_retained(self, s: MemorySession) -> None:
         for topic, payload in self.retained.items():
             if any(topic_matches(f, topic) for f in s.request.subscriptions):
-                self.enqueue(s, _Message(topic, payload))
+                self.enqueue(s, _Message(topic, payload, retain=True))
 
     def enqueue(self, s: MemorySession, m: _Message) -> None:
         self._queue.append((s, m))

@@ -20,6 +20,7 @@ from typing import Any
 
 from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_SUCCESS, Client, MQTTMessage
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedge.errors import ProtocolError
 from fedge.limits import DEFAULT_LIMITS, MAX_PACKET_SIZE
@@ -44,6 +45,10 @@ class SessionOptions:
     ca_cert: str | None = None  # mqtts://: CA to trust (default: the system's)
     client_cert: str | None = None  # mutual TLS: this client's certificate and key
     client_key: str | None = None
+    # Subscriptions taken with Retain As Published and No Local (MQTT 5): the role sees in
+    # ``Session.current_retained`` whether the publisher asked the broker to retain the
+    # message, and never receives its own publishes there (clearing a retained copy).
+    watch_retained: tuple[str, ...] = ()
 
 
 class Session:
@@ -159,7 +164,13 @@ class Session:
         if self._link is not None:
             self._link.connected_ok()
         if self.subscriptions:
-            client.subscribe([(t, 1) for t in self.subscriptions])
+            watched = self.options.watch_retained
+            client.subscribe(
+                [
+                    (t, SubscribeOptions(1, noLocal=t in watched, retainAsPublished=t in watched))
+                    for t in self.subscriptions
+                ]
+            )
         if self._on_connected is not None:
             self._on_connected()
 
@@ -168,6 +179,12 @@ class Session:
             log.info("%s: disconnected (%s)", self.options.client_id, rc)
         self.connected = False
         self.connects = max(self.connects, 1)
+
+    @property
+    def current_retained(self) -> bool:
+        """From inside a message handler: the message has its retain flag set (on a
+        ``watch_retained`` subscription: the publisher asked the broker to retain it)."""
+        return self._current is not None and bool(self._current.retain)
 
     def defer_ack(self) -> Callable[[], None]:
         """From inside a message handler (``manual_ack``): leave this message unacked when the
@@ -229,6 +246,7 @@ class MqttSessions:
             session_expiry=request.session_expiry,
             will=request.will,
             manual_ack=request.manual_ack,
+            watch_retained=request.watch_retained,
             ca_cert=self.ca_cert,
             client_cert=self.client_cert,
             client_key=self.client_key,

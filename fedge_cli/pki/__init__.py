@@ -9,6 +9,7 @@ The commands (``fedge ca init|crl|broker-config``, ``fedge enroll``, ``fedge rev
     passwords.py      Mosquitto's password file (``$7$`` PBKDF2-SHA512)
     credentials.py    one identity's password, client certificate and signing key
     enrolment.py      ``enroll`` / ``revoke``
+    acl.py            the ACL pinned to one fleet; the names it gives more than a device's rights
     broker_config.py  ``production.conf`` rendered for a CA, with the broker user's access checked
 
 A CA directory (``fedge ca init --dir CA``) holds everything the fleet's trust rests on::
@@ -31,26 +32,32 @@ the password file by ``mosquitto_passwd`` (fed on stdin, so the password never s
 process list) or, where it is not installed, in its ``$7$`` PBKDF2-SHA512 format directly.
 """
 
+from fedge_cli.pki.acl import privileged_names, render_acl
 from fedge_cli.pki.broker_config import (
+    ACL_TEMPLATE,
     PRODUCTION_TEMPLATE,
     render_broker_config,
     write_broker_config,
 )
-from fedge_cli.pki.ca import CRL_DAYS, DEFAULT_HOSTS, init_ca, write_crl
+from fedge_cli.pki.ca import CRL_DAYS, DEFAULT_FLEET, DEFAULT_HOSTS, init_ca, write_crl
 from fedge_cli.pki.cadir import AGGREGATOR, CaDir
 from fedge_cli.pki.enrolment import enroll, revoke
 from fedge_cli.pki.passwords import hash_password, remove_password, set_password, verify_password
 
 __all__ = [
+    "ACL_TEMPLATE",
     "AGGREGATOR",
     "CRL_DAYS",
+    "DEFAULT_FLEET",
     "DEFAULT_HOSTS",
     "PRODUCTION_TEMPLATE",
     "CaDir",
     "enroll",
     "hash_password",
     "init_ca",
+    "privileged_names",
     "remove_password",
+    "render_acl",
     "render_broker_config",
     "revoke",
     "set_password",

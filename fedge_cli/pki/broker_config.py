@@ -63,9 +63,22 @@ def write_broker_config(
     mtls_port: int,
     bind: str,
     user: str,
+    fleet: str | None = None,
+    acl_template: Path = ACL_TEMPLATE,
 ) -> CaDir:
-    """Check the broker user's access (module docstring), render the config, write ``out``."""
+    """Check the broker user's access (module docstring), render the config, write ``out``.
+
+    With ``fleet``, ``CA/broker/acl`` is first rendered anew from ``acl_template`` pinned to
+    that fleet (``fedge_cli.pki.acl.render_acl``); without it the CA's ACL stays as it is
+    (``fedge ca init`` pinned it to its ``--fleet``).
+    """
+    from fedge_cli.pki.acl import render_acl
+
     ca = CaDir(Path(ca_dir)).require()
+    if fleet is not None:
+        acl = render_acl(Path(acl_template).read_text(), fleet)
+        atomic_write(ca.acl, acl.encode())
+        os.chmod(ca.acl, 0o644)
     if not data_dir.is_dir():
         raise ConfigError(
             f"data directory {data_dir} does not exist; create it for the broker user"

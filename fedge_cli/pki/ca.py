@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 
 from fedge.errors import ConfigError
 from fedge.key_registry import KeyRegistry
+from fedge_cli.pki.acl import render_acl
 from fedge_cli.pki.broker_config import ACL_TEMPLATE
 from fedge_cli.pki.cadir import AGGREGATOR, CaDir, revoked_certificates, write_file
 from fedge_cli.pki.certs import (
@@ -27,14 +28,18 @@ from fedge_cli.pki.certs import (
 from fedge_cli.pki.credentials import give_aggregator_key, issue_credentials
 from fedge_cli.pki.passwords import PASSWD_MODE
 
-__all__ = ["CRL_DAYS", "DEFAULT_HOSTS", "init_ca", "write_crl"]
+__all__ = ["CRL_DAYS", "DEFAULT_FLEET", "DEFAULT_HOSTS", "init_ca", "write_crl"]
 
 CRL_DAYS = 365
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+DEFAULT_FLEET = "default"  # the roles' default fleet (fedge.topics.Topics)
 
 
-def init_ca(ca_dir: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS) -> CaDir:
-    """A new CA, the broker's server certificate, an empty CRL, and the aggregator identity."""
+def init_ca(
+    ca_dir: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, fleet: str = DEFAULT_FLEET
+) -> CaDir:
+    """A new CA, the broker's server certificate, an empty CRL, the aggregator identity, and
+    the broker's ACL pinned to ``fleet`` (``fedge_cli.pki.acl.render_acl``)."""
     ca = CaDir(Path(ca_dir))
     if ca.ca_crt.exists():
         raise ConfigError(f"{ca.root} already holds a CA; choose another --dir")
@@ -53,7 +58,7 @@ def init_ca(ca_dir: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS) -> CaDir:
     server = issue_certificate(ca, hosts[0], server_key, server_names=hosts)
     write_file(ca.server_key, key_pem(server_key), 0o640)
     write_file(ca.server_crt, cert_pem(server), 0o644)
-    write_file(ca.acl, ACL_TEMPLATE.read_bytes(), 0o644)
+    write_file(ca.acl, render_acl(ACL_TEMPLATE.read_text(), fleet).encode(), 0o644)
     write_file(ca.passwd, b"", PASSWD_MODE)
     write_crl(ca.root)
     issue_credentials(ca, AGGREGATOR, ca.aggregator)

@@ -13,6 +13,7 @@ from pathlib import Path
 from fedge.errors import ConfigError
 from fedge.key_registry import KeyRegistry
 from fedge.topics import validate_device_id
+from fedge_cli.pki.acl import privileged_names
 from fedge_cli.pki.ca import write_crl
 from fedge_cli.pki.cadir import AGGREGATOR, CaDir, load_record, mark_revoked, save_record
 from fedge_cli.pki.certs import now
@@ -22,11 +23,21 @@ from fedge_cli.pki.passwords import remove_password
 __all__ = ["check_device", "enroll", "revoke"]
 
 
-def check_device(device: str) -> str:
-    """``device`` if it is a valid device id and not the aggregator's reserved name."""
+def check_device(device: str, ca: CaDir | None = None) -> str:
+    """``device`` if it is a valid device id that no ACL grants more than a device's rights.
+
+    With ``ca``, the names of the ``user`` sections of its ``broker/acl`` and of the shipped
+    ACLs are refused too (``fedge_cli.pki.acl``): a device enrolled as ``aggregator-1`` would
+    read every device's updates under ``acl.sharded``.
+    """
     validate_device_id(device)
     if device == AGGREGATOR:
         raise ConfigError(f"{AGGREGATOR!r} is the aggregator's identity, not a device name")
+    if ca is not None and device in privileged_names([ca.acl]):
+        raise ConfigError(
+            f"{device!r} has its own section in a broker ACL (more rights than a device): "
+            "choose another device name"
+        )
     return device
 
 
@@ -37,7 +48,7 @@ def _registry(ca: CaDir, keyring: Path | None) -> KeyRegistry:
 def enroll(ca_dir: Path, device: str, out: Path, keyring: Path | None = None) -> Path:
     """Make ``device``'s credentials in ``out`` and register its public key; returns ``out``."""
     ca = CaDir(Path(ca_dir)).require()
-    check_device(device)
+    check_device(device, ca)
     registry = _registry(ca, keyring)
     if registry.is_enrolled(device):
         raise ConfigError(f"{device} is already enrolled; revoke it first: fedge revoke {device}")
@@ -55,6 +66,7 @@ def revoke(ca_dir: Path, device: str, keyring: Path | None = None) -> list[str]:
     SIGHUP; ``aggregator.keyring`` notices the key registry change by itself.
     """
     ca = CaDir(Path(ca_dir)).require()
+    # Without the ACL check: a name enrolled before it became privileged must stay revocable.
     check_device(device)
     registry = _registry(ca, keyring)
     record = load_record(ca, device)

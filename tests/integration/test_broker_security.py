@@ -34,6 +34,7 @@ from simulation.broker import MosquittoBroker, MosquittoNotFound, find_mosquitto
 pytestmark = pytest.mark.integration
 
 WAIT = 5.0
+FLEET = "secure"  # the one fleet the CA's ACL allows (fedge ca init --fleet)
 NOT_AUTHORIZED = 0x87
 ACCEPTED = (0x00, 0x10)  # 0x10: no matching subscribers, still a success
 
@@ -75,7 +76,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     except MosquittoNotFound as exc:
         pytest.skip(str(exc))
     root = tmp_path_factory.mktemp("secure")
-    ca = pki.init_ca(root / "ca")
+    ca = pki.init_ca(root / "ca", fleet=FLEET)
     for device in ("dev1", "dev2", "dev3"):
         pki.enroll(ca.root, device, root / device)
     mtls_port = _free_port()
@@ -83,6 +84,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     template.write_text(pki.render_broker_config(ca.root, mtls_port=mtls_port, bind="127.0.0.1"))
     with MosquittoBroker(root / "broker", template=template, acl=ca.acl) as broker:
         yield Fleet(ca, broker, mtls_port, root)
+
+
+@pytest.fixture
+def prefix() -> str:
+    """The CA's fleet: its ACL refuses every other (tests clear what they retain)."""
+    return f"fedge/{FLEET}"
 
 
 class _TrackedSSLSocket(ssl.SSLSocket):
@@ -281,10 +288,12 @@ def test_device_cannot_publish_a_retained_global_model(
     task = dev1.publish(f"{prefix}/round/current", b"FORGED task", retain=True)
     late = device(clients, fleet, "dev3")
     late.subscribe(topic)
+    received = late.next_message()
+    aggregator.publish(topic, b"", retain=True)  # the fleet is shared by this module's tests
     # Assert: refused, and a device arriving later still gets the aggregator's model
     assert forged == [NOT_AUTHORIZED, NOT_AUTHORIZED]
     assert task == NOT_AUTHORIZED
-    assert late.next_message() == (topic, b"model v1", True)
+    assert received == (topic, b"model v1", True)
 
 
 def test_certificate_identity_overrides_the_claimed_username(
@@ -317,7 +326,7 @@ def test_wrong_password_is_refused(fleet: Fleet, clients: list[Client], password
     impostor = open_client(clients, fleet, username="dev1", password=password)
     # Assert: refused, and the real dev1 keeps its session
     assert_refused(impostor)
-    assert dev1.publish("fedge/sentinel/update/dev1", b"still here") in ACCEPTED
+    assert dev1.publish(f"fedge/{FLEET}/update/dev1", b"still here") in ACCEPTED
     assert not dev1.lost.is_set()
 
 
@@ -493,7 +502,7 @@ def test_enrolled_fleet_trains_over_tls_with_signed_updates_and_models(
 
     data = make_federated("digits", 3, "iid", seed=0)
     url = f"mqtts://localhost:{fleet.broker.port}"
-    topics = Topics(f"s{uuid.uuid4().hex[:8]}")
+    topics = Topics(FLEET)
     agg_id = fleet.identity(pki.AGGREGATOR)
     cfg = AggregatorConfig(
         broker=url,

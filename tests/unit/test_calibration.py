@@ -242,3 +242,32 @@ def test_incomplete_ranges_skip_int8_and_complete_ones_build_it(
     assert built.onnx == quantize_int8(fp32, ranges)
     assert built.skipped is None
     assert built.tensors == len(ranges)
+
+
+# --- robust merge: one device cannot set the fleet's grid (issue 17, item 7) ----------------
+
+
+def test_one_hostile_report_among_three_is_trimmed() -> None:
+    honest = [{"a": (-1.0, 2.0)}, {"a": (-0.5, 3.0)}]
+    hostile = {"a": (-1e30, 1e30)}
+
+    merged = merge_ranges([honest[0], hostile, honest[1]])
+
+    assert merged == {"a": (-1.0, 3.0)}  # exactly the honest union
+
+
+def test_a_range_moves_at_most_one_previous_width_per_version() -> None:
+    previous = {"a": (0.0, 10.0), "b": (-1.0, 1.0)}
+    reports = [{"a": (0.0, 1e6), "b": (-0.5, 0.5)}, {"a": (-3.0, 12.0), "b": (-0.4, 0.6)}]
+
+    merged = merge_ranges(reports, previous)  # two devices: nothing to trim
+
+    assert merged == {"a": (-3.0, 20.0), "b": (-0.5, 0.6)}  # narrowing is not bounded
+
+
+def test_the_merger_bounds_by_the_previous_ranges() -> None:
+    merger = RangeMerger(["a"], previous={"a": (0.0, 4.0)})
+    merger.add({"a": [-100.0, 100.0]})
+
+    assert merger.merged() == {"a": (-4.0, 8.0)}
+    assert merger.reports == 1

@@ -184,7 +184,7 @@ def test_receiver_with_a_key_wants_the_aggregators_signature() -> None:
     assert rx.offer(TOPICS.model, good.to_bytes()) == good
 
 
-def test_receiver_checks_the_signature_of_an_assembled_model() -> None:
+def test_receiver_checks_the_signature_of_a_manifest_before_it_counts() -> None:
     key = SigningKey.generate()
     m, chunks = manifest_and_chunks(b"big" * 1000, 1, 1000)
     rx = ModelReceiver(TOPICS, verify_key=key.verify_key)
@@ -195,13 +195,63 @@ def test_receiver_checks_the_signature_of_an_assembled_model() -> None:
         rx.offer(TOPICS.model, m.to_bytes())
     assert e.value.reason == "bad_signature"
 
-    signed = replace(m, signature=key.sign(m.digest()))
-    assert rx.offer(TOPICS.model, signed.to_bytes()) is None
-    done = [rx.offer(TOPICS.model_chunk(c.index), c.to_bytes()) for c in chunks]
-    full = done[-1]
-    assert done[:-1] == [None] * (len(chunks) - 1)
+    # The forged manifest changed nothing: the chunks held still complete the signed one.
+    full = rx.offer(TOPICS.model, replace(m, signature=key.sign(m.digest())).to_bytes())
     assert full is not None
     assert full.onnx == b"big" * 1000
+
+
+def signed_manifest(
+    data: bytes, version: int, k: int, key: SigningKey
+) -> tuple[GlobalModel, list[ModelChunk]]:
+    m, chunks = manifest_and_chunks(data, version, k)
+    return replace(m, signature=key.sign(m.digest())), chunks
+
+
+def test_a_forged_newer_chunk_or_manifest_does_not_stall_the_assembler() -> None:
+    key = SigningKey.generate()
+    asm = Assembler(1 << 20, verify_key=key.verify_key)
+    forged_chunk = ModelChunk(2**31, 0, 1, "f" * 64, b"x")
+    forged_manifest, _ = manifest_and_chunks(b"evil", 2**31, 10)
+
+    assert asm.offer_chunk(forged_chunk) is None  # held aside, version unchanged
+    with pytest.raises(ProtocolError) as e:
+        asm.offer_manifest(forged_manifest)
+    m5, c5 = signed_manifest(b"five" * 500, 5, 700, key)
+    m6, c6 = signed_manifest(b"six!" * 500, 6, 700, key)
+    got5 = [asm.offer_manifest(m5), *(asm.offer_chunk(c) for c in c5)]
+    got6 = [*(asm.offer_chunk(c) for c in c6), asm.offer_manifest(m6)]
+
+    assert e.value.reason == "bad_signature"
+    assert got5[-1] is not None
+    assert got5[-1].onnx == b"five" * 500
+    assert got6[-1] is not None
+    assert got6[-1].onnx == b"six!" * 500
+    assert asm.buffered_bytes <= 1  # the forged chunk, at most
+
+
+def test_chunks_before_a_manifest_are_bounded_by_the_last_model_not_max_bytes() -> None:
+    key = SigningKey.generate()
+    asm = Assembler(1 << 30, verify_key=key.verify_key, first_early=4096, min_early=1024)
+    m1, c1 = signed_manifest(b"a" * 3000, 1, 1000, key)
+    for c in c1:
+        asm.offer_chunk(c)
+    assert asm.offer_manifest(m1) is not None  # 3000 B waited for the manifest: within 4096
+    reasons = []
+    for v in range(2, 40):  # forged chunks of versions no manifest announces
+        try:
+            asm.offer_chunk(ModelChunk(v, 0, 2, "e" * 64, b"z" * 1000))
+        except ProtocolError as e:
+            reasons.append(e.reason)
+    refused = reasons.count("too_large")
+
+    assert asm.early_cap == 6000  # twice the last model (3000 B), above the floor
+    assert asm.buffered_bytes <= 6000
+    assert refused == len(reasons) == 38 - 6  # newer than every version held: refused once full
+    m2, c2 = signed_manifest(b"b" * 3000, 2, 1000, key)
+    done = [asm.offer_manifest(m2), *(asm.offer_chunk(c) for c in c2)]
+    assert done[-1] is not None
+    assert done[-1].onnx == b"b" * 3000
 
 
 def test_receiver_bounds_chunks_by_its_limits() -> None:
@@ -213,3 +263,32 @@ def test_receiver_bounds_chunks_by_its_limits() -> None:
     with pytest.raises(ProtocolError) as e:
         rx.offer(TOPICS.model_chunk(2), chunks[2].to_bytes())
     assert e.value.reason == "too_large"
+
+
+def test_a_full_early_buffer_makes_room_for_a_nearer_version() -> None:
+    key = SigningKey.generate()
+    asm = Assembler(1 << 30, verify_key=key.verify_key, first_early=4096, min_early=1024)
+    for i in range(4):  # forged far-future chunks fill the buffer
+        asm.offer_chunk(ModelChunk(2**31, i, 8, "e" * 64, b"z" * 1000))
+    m1, c1 = signed_manifest(b"a" * 3000, 1, 1000, key)
+
+    pending = [asm.offer_chunk(c) for c in c1]
+    full = asm.offer_manifest(m1)
+
+    assert pending == [None] * 3
+    assert full is not None
+    assert full.onnx == b"a" * 3000
+    assert asm.evicted == 1
+
+
+def test_a_manifests_size_claim_does_not_widen_the_early_buffer() -> None:
+    asm = Assembler(1 << 30, first_early=4096, min_early=1024)  # no key: the demo profile
+    m1, c1 = manifest_and_chunks(b"a" * 3000, 1, 1000)
+    asm.offer_manifest(m1)
+    for c in c1:
+        asm.offer_chunk(c)
+    huge = replace(manifest_and_chunks(b"x", 2, 1)[0], size=1 << 30, chunks=1 << 20)
+
+    asm.offer_manifest(huge)  # unverifiable here, so taken, but it sizes nothing
+
+    assert asm.early_cap == 6000

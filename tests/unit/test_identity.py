@@ -24,6 +24,7 @@ from fedge.errors import ConfigError, InvalidUpdate
 from fedge.identity import (
     SigningKey,
     VerifyKey,
+    calib_block,
     load_signing_key,
     load_verify_key,
     model_digest,
@@ -144,7 +145,7 @@ def test_update_digest_layout() -> None:
     payload_hash = hashlib.sha256(b"delta").digest()
     nonce = bytes(range(16))
     expected = (
-        b"fedge.update.v1\x00"
+        b"fedge.update.v2\x00"
         + b"\x02d1"
         + bytes.fromhex("00000007")  # round 7
         + bytes.fromhex("00000003")  # base version 3
@@ -153,6 +154,7 @@ def test_update_digest_layout() -> None:
         + b"\x10"
         + nonce
         + payload_hash
+        + hashlib.sha256(b"\x00\x00").digest()  # no calibration ranges: count 0
     )
     # Execute
     got = update_digest("d1", 7, nonce, payload_hash, base_version=3, num_samples=100, codec="fp32")
@@ -183,14 +185,51 @@ def test_signature_vectors_of_docs_security_md() -> None:
         codec="fp32",
     )
     model = model_digest(42, hashlib.sha256(b"onnx").hexdigest())
+    calibrated = update_digest(
+        "d1",
+        7,
+        bytes(range(16)),
+        hashlib.sha256(b"delta").digest(),
+        base_version=3,
+        num_samples=100,
+        codec="fp32",
+        calib={"logits": (-7.5, 9.25), "input": (0.0, 16.0)},
+    )
     assert key.sign(update).hex() == (
-        "421005b6d2404c0b2f97dc969be0afec6c87ccff99f6fb1314678c3209b028b2"
-        "ddf090f28c9ec6f36c9ef5e8a019421338f585748a4fb5104d19efe731771608"
+        "39c33cddb7e7d451548edd097426a913e5347ecc02dee640b5db1d875babb156"
+        "e5201f6530dd084250fc7521be4c84861c1b1e49a4907fa832ab23fe4c644b09"
+    )
+    assert key.sign(calibrated).hex() == (
+        "b4ff871a223a5a25a231acfbc40d40decc0ca34c2d051fb34a191b7be8ddc7c4"
+        "e1b11bc0af50850094532378e7d5ada880c28d06cbdc7782b8a5a9980df1990d"
     )
     assert key.sign(model).hex() == (
         "6a1dc828f682458e7795ce68395dbbb42749889318200d74a76f16065db3d454"
         "8ccf5b2a4bbbb7017269d071c5185433d12e507b7cbaf67fb6d6e1163ca93f07"
     )
+
+
+def test_calibration_ranges_are_signed() -> None:
+    # Prepare: a signed update with ranges, and what a relay could make of them
+    from dataclasses import replace
+
+    from fedge.envelopes import ModelUpdate
+
+    key = SigningKey.generate()
+    u = ModelUpdate("d1", 1, 0, "u", bytes(16), 10, "fp32", b"blob", calib={"x": (0.0, 1.0)})
+    u = replace(u, signature=key.sign(u.digest()))
+    # Execute
+    back = ModelUpdate.from_bytes(u.to_bytes())
+    widened = replace(back, calib={"x": (0.0, 1e30)})
+    dropped = replace(back, calib={})
+    # Assert
+    assert key.verify_key.verify(back.digest(), back.signature)
+    assert not key.verify_key.verify(widened.digest(), back.signature)
+    assert not key.verify_key.verify(dropped.digest(), back.signature)
+    assert calib_block({"b": (1.0, 2.0), "a": (0.0, 1.0)}) == (
+        bytes.fromhex("0002") + b"\x00\x01a" + bytes.fromhex("0000000000000000 3ff0000000000000")
+        + b"\x00\x01b" + bytes.fromhex("3ff0000000000000 4000000000000000")
+    )  # fmt: skip
 
 
 def test_update_and_model_digests_never_coincide() -> None:
@@ -445,3 +484,37 @@ def test_render_broker_config_leaves_only_runtime_placeholders(ca: pki.CaDir) ->
     assert left == {"port", "data_dir", "log_file"}
     assert f"crlfile {ca.crl}" in text
     assert f"password_file {ca.passwd}" in text
+
+
+def test_the_intake_refuses_an_update_whose_ranges_were_rewritten(tmp_path: Path) -> None:
+    # Prepare: dev1 signs an update with calibration ranges; a relay widens them
+    from dataclasses import replace
+
+    import numpy as np
+
+    from aggregator.rounds import OpenRound
+    from aggregator.validation import validate_update
+    from fedge.codecs import parse_codec
+    from fedge.envelopes import ModelUpdate, RoundTask, TrainHyper
+    from fedge.key_registry import KeyRegistry
+    from fedge.limits import DEFAULT_LIMITS
+
+    key = SigningKey.generate()
+    KeyRegistry(tmp_path).create().add("dev1", key.verify_key)
+    task = RoundTask(3, 2, 1000.0, "fp32", TrainHyper(calibrate=True), bytes(16))
+    delta = {"w": np.ones(4, np.float32)}
+    u = ModelUpdate("dev1", 3, 2, "u", bytes(16), 10, "fp32", parse_codec("fp32").encode(delta),
+                    calib={"input": (0.0, 16.0)})  # fmt: skip
+    u = replace(u, signature=key.sign(u.digest()))
+    relayed = replace(u, calib={"input": (-1e30, 1e30)})
+
+    def check(x: ModelUpdate) -> object:
+        rnd = OpenRound(task=task, opened_at=0.0)
+        ring = KeyRing(tmp_path)
+        return validate_update("dev1", x.to_bytes(), rnd, {"w": (4,)}, DEFAULT_LIMITS, 10**5, ring)
+
+    # Execute / Assert
+    assert check(u) is not None
+    with pytest.raises(InvalidUpdate) as e:
+        check(relayed)
+    assert e.value.reason == "bad_signature"
