@@ -27,6 +27,7 @@ from fedge.errors import ProtocolError
 from fedge.limits import DEFAULT_LIMITS, MAX_PACKET_SIZE
 from fedge.transport.base import PublishDone, SessionRequest
 from fedge.transport.mqtt import publish_packet_size
+from fedge.transport.mux import Timer  # the same timer record as the real loop's
 
 __all__ = ["ManualLoop", "MemoryBroker", "MemorySession", "topic_matches"]
 
@@ -227,17 +228,6 @@ class MemoryBroker:
         return [p for t, p, _ in self.published if topic_matches(topic_filter, t)]
 
 
-@dataclass(order=True)
-class _Timer:
-    when: float
-    seq: int
-    fn: Callable[[], Any] = field(compare=False)
-    cancelled: bool = field(default=False, compare=False)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
 class ManualLoop:
     """A ``Loop`` on a virtual clock: ``run()`` does the hand-overs, ``advance(s)`` moves the
     clock and fires the timers that came due, in order."""
@@ -245,14 +235,14 @@ class ManualLoop:
     def __init__(self) -> None:
         self.now = 0.0
         self._calls: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
-        self._timers: list[_Timer] = []
+        self._timers: list[Timer] = []
         self._seq = itertools.count()
 
     def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
         self._calls.append((fn, args))
 
-    def call_later(self, delay: float, fn: Callable[[], Any]) -> _Timer:
-        t = _Timer(self.now + delay, next(self._seq), fn)
+    def call_later(self, delay: float, fn: Callable[[], Any]) -> Timer:
+        t = Timer(self.now + delay, next(self._seq), fn)
         heapq.heappush(self._timers, t)
         return t
 
