@@ -106,6 +106,14 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-sign", action="store_true", help="do not sign updates and models")
     p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus /metrics and the live dashboard (/) on 127.0.0.1:PORT "
+        "(0: any free port; default off)",
+    )
+    p.add_argument(
         "--broker-config",
         default="local",
         help="broker_config/NAME.conf.template for the started Mosquitto "
@@ -160,6 +168,7 @@ def _simulate(args: argparse.Namespace) -> None:
         shard_workers=args.shard_workers,
         early_stop_patience=args.early_stop_patience,
         adaptive_server_lr=args.adaptive_server_lr,
+        metrics_port=args.metrics_port,
     )
     s = simulate(cfg)
     print(

@@ -1,0 +1,121 @@
+"""The live view over a real fleet and a real Mosquitto: Prometheus /metrics, the fleet JSON,
+and the dashboard page as headless Chromium renders it."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aggregator.config import HyperConfig
+from simulation.broker import MosquittoBroker
+from simulation.datasets import FederatedData, make_federated
+from tests.integration.fleet_helpers import Fleet, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def digits3() -> FederatedData:
+    return make_federated("digits", 3, "iid", seed=0)
+
+
+def get(url: str) -> tuple[int, str, bytes]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.status, r.headers["Content-Type"], r.read()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics: (name, sorted labels) -> value."""
+    _, ctype, body = get(url + "metrics")
+    assert ctype.startswith("text/plain")
+    out = {}
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def started(fleet_factory: Any, data: FederatedData, **cfg: Any) -> Any:
+    fleet = fleet_factory(
+        data,
+        metrics_port=0,
+        target_devices=3,
+        min_devices=3,
+        round_timeout=30,
+        **{"hyper": HyperConfig(epochs=1), **cfg},
+    )
+    fleet.start_aggregator()
+    for i in range(3):
+        fleet.add_agent(i)
+    return fleet
+
+
+def test_metrics_count_what_the_fleet_did(fleet_factory: Any, digits3: FederatedData) -> None:
+    fleet = started(fleet_factory, digits3, rounds=3)
+    agg = fleet.aggregator
+    assert agg.web is not None
+    url = agg.web.url
+    assert url.startswith("http://127.0.0.1:")
+
+    wait_until(lambda: len(agg.online) == 3, 20, "three devices online")
+    live = scrape(url)
+    assert live[("fedge_devices", (("state", "online"),))] == 3
+    wait_until(lambda: agg.done.is_set(), 60, "three versions")
+    m = scrape(url)
+
+    records = fleet.records
+    assert m[("fedge_rounds_total", (("outcome", "published"),))] == agg.version == 3
+    assert m[("fedge_model_version", ())] == 3
+    accepted = m[("fedge_updates_total", (("reason", ""), ("result", "accepted")))]
+    assert accepted == sum(r["devices"] for r in records) == 9
+    up = m[("fedge_bytes_total", (("codec", "fp32"), ("direction", "up"), ("kind", "update")))]
+    assert up == sum(r["uplink_bytes"] for r in records) > 0
+    down = m[("fedge_bytes_total", (("codec", "onnx"), ("direction", "down"), ("kind", "model")))]
+    assert down == sum(r["model_bytes"] for r in records) > 0
+    assert m[("fedge_round_duration_seconds_count", ())] == 3
+    assert m[("fedge_central_accuracy", ())] == pytest.approx(records[-1]["accuracy"])
+    assert m[("fedge_central_loss", ())] == pytest.approx(records[-1]["loss"])
+    assert m[("fedge_devices", (("state", "known"),))] == 3
+    assert m[("fedge_journal_append_seconds_count", ())] == 9
+    assert m[("fedge_checkpoint_write_seconds_count", ())] >= 3
+    assert m[("fedge_update_staleness_versions_count", ())] == 9
+
+    _, ctype, body = get(url + "api/fleet")
+    snap = json.loads(body)
+    assert ctype == "application/json"
+    assert [d["device"] for d in snap["devices"]] == ["dev-0", "dev-1", "dev-2"]
+    assert all(d["rounds_counted"] == 3 and d["last_update_bytes"] > 0 for d in snap["devices"])
+    assert [r["version"] for r in snap["history"]] == [1, 2, 3]
+
+
+def test_two_services_in_one_process_keep_their_own_metrics(
+    broker: MosquittoBroker, fresh_broker: MosquittoBroker, tmp_path: Path, digits3: FederatedData
+) -> None:
+    # Two brokers: two aggregators of one broker share the client id and kick each other off.
+    a = Fleet(broker, tmp_path / "a", digits3, metrics_port=0, rounds=1)
+    b = Fleet(fresh_broker, tmp_path / "b", digits3, metrics_port=0, rounds=1)
+    raw = None
+    try:
+        a.start_aggregator()
+        b.start_aggregator()
+        assert a.aggregator.web is not None
+        assert b.aggregator.web is not None
+        raw = a.raw_device("dev-x")
+        raw.wait_task(1)
+        raw.send(b"\xc1 not msgpack")
+        key = ("fedge_updates_total", (("reason", "bad_msgpack"), ("result", "rejected")))
+        wait_until(lambda: scrape(a.aggregator.web.url).get(key) == 1, 10, "the rejection")
+        assert key not in scrape(b.aggregator.web.url)
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            get(a.aggregator.web.url + "nothing-here")
+    finally:
+        if raw is not None:
+            raw.close()
+        a.close()
+        b.close()
