@@ -167,5 +167,7 @@ class UpdateIntake:
                 # The weights still count; only the ranges are refused.
                 self.reject(answered, e.reason, f"{device}: calibration ranges: {e.detail}", device)
         building.account(acc.num_samples, acc.update.metrics, answered.task.hyper.epochs)
-        self.metrics.accept(device=device, staleness=staleness)
+        self.metrics.accept(
+            device=device, staleness=staleness, base_version=answered.task.base_version
+        )
         return True

@@ -28,8 +28,16 @@ class MetricsSink(Protocol):
     def event(self, name: str) -> None:
         """Something worth counting that refused nothing (``clamped_samples``)."""
 
-    def accept(self, count: int = 1, *, device: str | None = None, staleness: int = 0) -> None:
-        """``count`` updates counted into a round (``staleness``: versions behind)."""
+    def accept(
+        self,
+        count: int = 1,
+        *,
+        device: str | None = None,
+        staleness: int = 0,
+        base_version: int | None = None,
+    ) -> None:
+        """``count`` updates counted into a round; ``staleness``: versions between the
+        ``base_version`` the device trained on and the version they go into."""
 
     def received(self, device: str, packet_bytes: int) -> None:
         """An update message arrived, accepted or not: its MQTT PUBLISH packet size."""
@@ -57,7 +65,14 @@ class MetricsLog:
     def event(self, name: str) -> None:
         self.events[name] += 1
 
-    def accept(self, count: int = 1, *, device: str | None = None, staleness: int = 0) -> None:
+    def accept(
+        self,
+        count: int = 1,
+        *,
+        device: str | None = None,
+        staleness: int = 0,
+        base_version: int | None = None,
+    ) -> None:
         self.accepted += count
 
     def received(self, device: str, packet_bytes: int) -> None:
@@ -80,7 +95,14 @@ class NullMetrics:
     def event(self, name: str) -> None:
         pass
 
-    def accept(self, count: int = 1, *, device: str | None = None, staleness: int = 0) -> None:
+    def accept(
+        self,
+        count: int = 1,
+        *,
+        device: str | None = None,
+        staleness: int = 0,
+        base_version: int | None = None,
+    ) -> None:
         pass
 
     def received(self, device: str, packet_bytes: int) -> None:
@@ -107,9 +129,16 @@ class MetricsFanout:
         for s in self.sinks:
             s.event(name)
 
-    def accept(self, count: int = 1, *, device: str | None = None, staleness: int = 0) -> None:
+    def accept(
+        self,
+        count: int = 1,
+        *,
+        device: str | None = None,
+        staleness: int = 0,
+        base_version: int | None = None,
+    ) -> None:
         for s in self.sinks:
-            s.accept(count, device=device, staleness=staleness)
+            s.accept(count, device=device, staleness=staleness, base_version=base_version)
 
     def received(self, device: str, packet_bytes: int) -> None:
         for s in self.sinks:

@@ -35,7 +35,9 @@ class DeviceRow:
     device: str
     state: str  # online | offline | revoked | unannounced (sent updates, never a status)
     last_seen: float | None  # Unix time: its last status or update, whichever is newer
-    model_version: int | None  # the version its last status says it holds
+    # The newer of the version its last status names and the base of its newest counted
+    # update: an agent announces its version only when it connects.
+    model_version: int | None
     rounds_counted: int  # versions its updates went into
     last_update_bytes: int | None  # MQTT packet size of its last update
     rejected: tuple[tuple[str, int], ...]  # (reason, count), most frequent first
@@ -125,6 +127,7 @@ class _DeviceStats:
     rounds_counted: int = 0
     last_update_bytes: int | None = None
     last_update_at: float | None = None
+    trained_on: int | None = None  # base version of its newest counted update
     rejected: Counter[str] = field(default_factory=Counter)
 
 
@@ -157,8 +160,18 @@ class FleetView:
     def event(self, name: str) -> None:
         pass
 
-    def accept(self, count: int = 1, *, device: str | None = None, staleness: int = 0) -> None:
+    def accept(
+        self,
+        count: int = 1,
+        *,
+        device: str | None = None,
+        staleness: int = 0,
+        base_version: int | None = None,
+    ) -> None:
         self.accepted += count
+        st = self._stats(device) if device is not None else None
+        if st is not None and base_version is not None:
+            st.trained_on = max(st.trained_on or 0, base_version)
 
     def received(self, device: str, packet_bytes: int) -> None:
         self.uplink_bytes += packet_bytes
@@ -206,7 +219,7 @@ class FleetView:
                     device=d,
                     state=state,
                     last_seen=max(seen) if seen else None,
-                    model_version=status.version if status else None,
+                    model_version=_newest(status.version if status else None, st.trained_on),
                     rounds_counted=st.rounds_counted,
                     last_update_bytes=st.last_update_bytes,
                     rejected=tuple(st.rejected.most_common()),
@@ -241,3 +254,8 @@ class FleetView:
             rejected=tuple(self.rejected.most_common()),
             uplink_bytes=self.uplink_bytes,
         )
+
+
+def _newest(*versions: int | None) -> int | None:
+    known = [v for v in versions if v is not None]
+    return max(known) if known else None

@@ -108,7 +108,14 @@ class PrometheusSink:
     def event(self, name: str) -> None:
         self.events.labels(name).inc()
 
-    def accept(self, count: int = 1, *, device: str | None = None, staleness: int = 0) -> None:
+    def accept(
+        self,
+        count: int = 1,
+        *,
+        device: str | None = None,
+        staleness: int = 0,
+        base_version: int | None = None,
+    ) -> None:
         self.updates.labels("accepted", "").inc(count)
         for _ in range(count):
             self.staleness.observe(staleness)

@@ -4,6 +4,9 @@ and the dashboard page as headless Chromium renders it."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -15,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from aggregator.config import HyperConfig
 from simulation.broker import MosquittoBroker
 from simulation.datasets import FederatedData, make_federated
+from simulation.fleet import DelayedExecutor
 from tests.integration.fleet_helpers import Fleet, wait_until
 
 pytestmark = pytest.mark.integration
@@ -41,7 +45,11 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
-def started(fleet_factory: Any, data: FederatedData, **cfg: Any) -> Any:
+def started(
+    fleet_factory: Any, data: FederatedData, delays: tuple[float, ...] = (), **cfg: Any
+) -> Any:
+    """Three agents; with ``delays``, agent i holds its result back ``delays[i]`` seconds (a
+    timer, as ``fedge simulate --device-delay``), so rounds stay open long enough to watch."""
     fleet = fleet_factory(
         data,
         metrics_port=0,
@@ -52,7 +60,10 @@ def started(fleet_factory: Any, data: FederatedData, **cfg: Any) -> Any:
     )
     fleet.start_aggregator()
     for i in range(3):
-        fleet.add_agent(i)
+        if delays:
+            fleet.add_agent(i, executor=DelayedExecutor(fleet.executor, fleet.dev_mux, delays[i]))
+        else:
+            fleet.add_agent(i)
     return fleet
 
 
@@ -67,11 +78,13 @@ def test_metrics_count_what_the_fleet_did(fleet_factory: Any, digits3: Federated
     live = scrape(url)
     assert live[("fedge_devices", (("state", "online"),))] == 3
     wait_until(lambda: agg.done.is_set(), 60, "three versions")
+    # Counters are live; gauges come from a snapshot at most max_age (0.5 s) old.
+    version = ("fedge_model_version", ())
+    wait_until(lambda: scrape(url).get(version) == 3, 5, "the gauges to catch up")
     m = scrape(url)
 
     records = fleet.records
     assert m[("fedge_rounds_total", (("outcome", "published"),))] == agg.version == 3
-    assert m[("fedge_model_version", ())] == 3
     accepted = m[("fedge_updates_total", (("reason", ""), ("result", "accepted")))]
     assert accepted == sum(r["devices"] for r in records) == 9
     up = m[("fedge_bytes_total", (("codec", "fp32"), ("direction", "up"), ("kind", "update")))]
@@ -119,3 +132,64 @@ def test_two_services_in_one_process_keep_their_own_metrics(
             raw.close()
         a.close()
         b.close()
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip(
+            "chromium not found (scripts/ensure-test-tools.sh installs Debian's package as root)"
+        )
+    return exe
+
+
+def headless(exe: str, tmp: Path, *args: str) -> str:
+    """Run headless Chromium on loopback only; its stdout."""
+    cmd = [
+        exe,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp / 'chromium-profile'}",
+        *args,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_the_dashboard_shows_the_fleet_and_its_rounds_in_chromium(
+    fleet_factory: Any, digits3: FederatedData, tmp_path: Path
+) -> None:
+    exe = chromium()
+    # Rounds of about a second, one device late in each: the page sees an open round.
+    fleet = started(fleet_factory, digits3, delays=(0.1, 0.3, 1.0), rounds=20)
+    agg = fleet.aggregator
+    assert agg.web is not None
+    wait_until(lambda: agg.version >= 2, 60, "two versions")
+    wait_until(lambda: agg.rounds.strategy.count >= 1, 10, "an update in the open round")
+
+    dom = headless(exe, tmp_path, "--dump-dom", agg.web.url)
+
+    for dev in ("dev-0", "dev-1", "dev-2"):
+        assert f'<tr data-device="{dev}">' in dom
+    rounds = re.search(r'id="chart-quality"[^>]*data-rounds="([0-9,]*)"', dom)
+    assert rounds is not None
+    assert len(rounds.group(1).split(",")) >= 2
+    assert dom.count('class="pt-accuracy"') >= 2
+    bars = re.search(r'id="chart-bytes"[^>]*data-rounds="([0-9,]*)"', dom)
+    assert bars is not None
+    assert {"1", "2"} <= set(bars.group(1).split(","))
+    assert "online" in dom
+    assert re.search(r'id="round-count">\d+ / 3 counted<', dom)
+
+    shot = tmp_path / "dashboard.png"
+    headless(exe, tmp_path, f"--screenshot={shot}", "--window-size=1280,900", agg.web.url)
+    assert shot.stat().st_size > 10_000
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

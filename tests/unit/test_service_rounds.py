@@ -215,8 +215,15 @@ class Recorder:
     def event(self, name: str) -> None:
         self.calls.append(("event", name))
 
-    def accept(self, count: int = 1, *, device: str | None = None, staleness: int = 0) -> None:
-        self.calls.append(("accept", (count, device, staleness)))
+    def accept(
+        self,
+        count: int = 1,
+        *,
+        device: str | None = None,
+        staleness: int = 0,
+        base_version: int | None = None,
+    ) -> None:
+        self.calls.append(("accept", (count, device, staleness, base_version)))
 
     def received(self, device: str, packet_bytes: int) -> None:
         self.calls.append(("received", device))
@@ -254,7 +261,7 @@ def test_an_extra_metrics_sink_sees_what_the_jsonl_log_counts(tmp_path: Path) ->
         ("reject", ("bad_msgpack", 1, "dev-a")),
         ("received", "dev-a"),
         ("event", "clamped_samples"),
-        ("accept", (1, "dev-a", 0)),
+        ("accept", (1, "dev-a", 0, 0)),
         ("write", 1),
     ]
     assert {c[1] for c in rec.calls if c[0] == "timing"} == {"journal_append", "checkpoint"}
