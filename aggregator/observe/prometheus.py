@@ -46,9 +46,16 @@ def round_outcome(record: Mapping[str, Any]) -> str:
 
 
 class PrometheusSink:
-    def __init__(self, registry: CollectorRegistry, *, codec: str, prefix: str = "fedge") -> None:
-        """``codec``: the codec of the service's rounds (the ``codec`` label of uplink bytes)."""
-        self.codec = codec
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        *,
+        codec: str | Callable[[], str],
+        prefix: str = "fedge",
+    ) -> None:
+        """``codec``: the codec of the rounds (the ``codec`` label of uplink bytes), or where
+        to read it when it is known only later (a shard worker learns it from the task)."""
+        self._codec = codec
         p = prefix
         self.rounds = Counter(
             f"{p}_rounds", "Rounds that ended, by outcome", ["outcome"], registry=registry
@@ -98,7 +105,8 @@ class PrometheusSink:
         for outcome in ("published", "quorum_not_met"):
             self.rounds.labels(outcome)
         self.updates.labels("accepted", "")
-        self.bytes.labels("up", "update", codec)
+        if isinstance(codec, str):
+            self.bytes.labels("up", "update", codec)
         self.bytes.labels("down", "model", "onnx")
         self.bytes.labels("down", "task", "msgpack")
 
@@ -121,7 +129,8 @@ class PrometheusSink:
             self.staleness.observe(staleness)
 
     def received(self, device: str, packet_bytes: int) -> None:
-        self.bytes.labels("up", "update", self.codec).inc(packet_bytes)
+        codec = self._codec if isinstance(self._codec, str) else self._codec()
+        self.bytes.labels("up", "update", codec).inc(packet_bytes)
 
     def timing(self, name: str, seconds: float) -> None:
         h = self._timings.get(name)
