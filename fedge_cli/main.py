@@ -245,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     strat.set_defaults(func=_strategies)
     models = sub.add_parser("models", help="list model architectures")
     models.set_defaults(func=_models)
+    from fedge_cli import status
+
+    st = sub.add_parser(
+        "status", help="the devices and the open round of a fleet, read from its broker"
+    )
+    status.add_arguments(st)
+    st.set_defaults(func=status.run)
     from fedge_cli import admin  # ca init|crl|broker-config, enroll, revoke
 
     admin.add_arguments(sub)
