@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import urllib.error
 import urllib.request
@@ -16,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.config import HyperConfig
+from fedge.errors import ConfigError
 from simulation.broker import MosquittoBroker
 from simulation.datasets import FederatedData, make_federated
 from simulation.fleet import DelayedExecutor
@@ -193,3 +195,18 @@ def test_the_dashboard_shows_the_fleet_and_its_rounds_in_chromium(
     headless(exe, tmp_path, f"--screenshot={shot}", "--window-size=1280,900", agg.web.url)
     assert shot.stat().st_size > 10_000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_taken_metrics_port_is_one_clear_error(
+    broker: MosquittoBroker, tmp_path: Path, digits3: FederatedData
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        fleet = Fleet(broker, tmp_path, digits3, metrics_port=port, rounds=1)
+        try:
+            with pytest.raises(ConfigError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+                fleet.start_aggregator()
+        finally:
+            fleet.close()
