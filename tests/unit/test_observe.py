@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, generate_latest
+
+from aggregator.config import AggregatorConfig, ModelConfig
 from aggregator.observe.fleetview import FleetSnapshot, FleetView
-from aggregator.observe.prometheus import round_outcome
+from aggregator.observe.prometheus import FleetCollector, round_outcome
 from aggregator.observe.server import Snapshots, dashboard_html
+from aggregator.service import Aggregator
+from fedge.envelopes import DeviceState, DeviceStatus
+from fedge.transport.memory import ManualLoop, MemoryBroker
+
+ONLINE, OFFLINE = DeviceState.ONLINE, DeviceState.OFFLINE
 
 
 class InlineLoop:
@@ -109,3 +118,55 @@ def test_the_page_inlines_the_snapshot_without_letting_a_device_id_close_the_scr
     inline = re.search(r"const INITIAL = (.*);\n", page)
     assert inline is not None
     assert json.loads(inline.group(1))["devices"][0]["device"] == "</script><b>x"
+
+
+class RevokedOnly:
+    """A key ring that has revoked exactly ``devices``."""
+
+    def __init__(self, *devices: str) -> None:
+        self.devices = set(devices)
+
+    def is_revoked(self, device: str) -> bool:
+        return device in self.devices
+
+
+def test_device_states_in_the_snapshot_and_the_gauges(tmp_path: Path) -> None:
+    config = AggregatorConfig(
+        broker="mqtt://127.0.0.1:1",
+        fleet="f",
+        state_dir=tmp_path / "aggregator",
+        model=ModelConfig(name="logreg", input_dim=8, num_classes=3),
+    )
+    loop = ManualLoop()
+    agg = Aggregator(config, loop, session_factory=MemoryBroker().session)
+    agg.start()
+    view = FleetView()
+    for d, state in (("dev-a", ONLINE), ("dev-b", OFFLINE), ("dev-c", ONLINE)):
+        agg.presence.update(d, DeviceStatus(d, state, 0, 1000.0))
+    view.received("dev-d", 42)  # sent an update, never a status
+    view.reject("bad_signature", device="dev-d")
+
+    snap = view.snapshot(
+        config=config, presence=agg.presence, rounds=agg.rounds, keyring=RevokedOnly("dev-c")
+    )
+
+    states = {d.device: d.state for d in snap.devices}
+    assert states == {
+        "dev-a": "online",
+        "dev-b": "offline",
+        "dev-c": "revoked",
+        "dev-d": ("unannounced"),
+    }
+    assert snap.devices[3].rejected == (("bad_signature", 1),)
+    assert snap.devices[3].last_update_bytes == 42
+    registry = CollectorRegistry()
+    registry.register(FleetCollector(lambda: snap))
+    text = generate_latest(registry).decode()
+    for state, n in (("online", 1), ("offline", 1), ("revoked", 1), ("unannounced", 1)):
+        assert f'fedge_devices{{state="{state}"}} {n:.1f}' in text
+    assert 'fedge_devices{state="known"} 3.0' in text
+    assert "fedge_round_open 1.0" in text  # the memory broker connected it: round 1 opened
+    assert "fedge_round_id 1.0" in text
+    assert "fedge_round_target_updates 10.0" in text
+    agg.stop()
+    loop.run()
