@@ -210,3 +210,26 @@ def test_a_taken_metrics_port_is_one_clear_error(
                 fleet.start_aggregator()
         finally:
             fleet.close()
+
+
+def test_a_restarted_aggregator_serves_on_the_same_port_again(
+    broker: MosquittoBroker, tmp_path: Path, digits3: FederatedData
+) -> None:
+    with socket.socket() as probe:  # a port that is free now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    fleet = Fleet(broker, tmp_path, digits3, metrics_port=port, rounds=2)
+    try:
+        fleet.start_aggregator()
+        key = ("fedge_round_id", ())
+        url = f"http://127.0.0.1:{port}/"
+        wait_until(lambda: scrape(url).get(key) == 1, 10, "round 1 served")
+
+        fleet.restart_aggregator()
+
+        # The new process's round (the resumed one) is served on the same port.
+        wait_until(lambda: scrape(url).get(key) == 1, 10, "round 1 served after the restart")
+        assert fleet.aggregator.web is not None
+        assert fleet.aggregator.web.port == port
+    finally:
+        fleet.close()
