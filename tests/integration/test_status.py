@@ -4,13 +4,18 @@ as the read-only monitor identity sees them, without disturbing the aggregator."
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
 import pytest
+from paho.mqtt.client import CallbackAPIVersion, Client
+from paho.mqtt.enums import MQTTProtocolVersion
 
+from fedge.transport.mqtt import BrokerURL
 from fedge_cli.main import main
+from simulation.broker import MosquittoBroker
 from simulation.datasets import make_federated
-from tests.integration.fleet_helpers import wait_until
+from tests.integration.fleet_helpers import RawDevice, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -53,3 +58,41 @@ def test_status_refuses_to_connect_as_the_aggregator() -> None:
     with pytest.raises(SystemExit, match="never connects as aggregator"):
         main(["status", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--username",
               "aggregator"])  # fmt: skip
+
+
+def test_the_monitor_identity_reads_statuses_and_can_write_nothing(
+    broker: MosquittoBroker, prefix: str
+) -> None:
+    url = BrokerURL.parse(broker.url)
+    device = RawDevice(url.host, url.port, "dev-1", prefix)
+    device.client.publish(f"{prefix}/status/dev-1", b"online", qos=1, retain=True).wait_for_publish(
+        5
+    )
+    outcome: dict[int, bool] = {}
+    got: list[str] = []
+    acked = threading.Event()
+    monitor = Client(
+        CallbackAPIVersion.VERSION2, client_id="monitor", protocol=MQTTProtocolVersion.MQTTv5
+    )
+    monitor.username_pw_set("monitor")
+
+    def on_publish(_c: Any, _u: Any, mid: int, rc: Any, _p: Any) -> None:
+        outcome[mid] = rc.is_failure
+        acked.set()
+
+    monitor.on_publish = on_publish
+    monitor.on_message = lambda _c, _u, m: got.append(m.topic)
+    monitor.connect(url.host, url.port)
+    monitor.loop_start()
+    try:
+        monitor.subscribe([(f"{prefix}/status/+", 1)])
+        wait_until(lambda: got == [f"{prefix}/status/dev-1"], 5, "the retained device status")
+        for topic in ("update/monitor", "status/monitor", "round/current", "model/global"):
+            acked.clear()
+            info = monitor.publish(f"{prefix}/{topic}", b"x", qos=1)
+            assert acked.wait(5)
+            assert outcome[info.mid], f"monitor may publish on {topic}"
+    finally:
+        monitor.loop_stop()
+        monitor.disconnect()
+        device.close()
