@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> None:
         flush=True,
     )
     agg.start()
+    if agg.web is not None:
+        print(f"dashboard {agg.web.url}, Prometheus {agg.web.url}metrics", flush=True)
     try:
         wait_for_signal(agg.done)
     finally:

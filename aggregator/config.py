@@ -157,6 +157,18 @@ class AggregatorConfig(BaseModel):
     tls: TLSConfig | None = None
     eval_data: Path | None = Field(default=None, description=".npz with x, y for central eval")
     metrics_file: Path | None = Field(default=None, description="default: STATE_DIR/metrics.jsonl")
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve /metrics (Prometheus), /api/fleet and the dashboard (/) on this "
+        "port; None = off; 0 = any free port",
+    )
+    metrics_bind: str = Field(
+        default="127.0.0.1",
+        description="address the metrics port listens on; 0.0.0.0 exposes the read-only "
+        "dashboard to the network",
+    )
 
     @field_validator("broker")
     @classmethod

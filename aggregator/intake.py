@@ -16,6 +16,7 @@ sealed) calls the steps ``parse``, ``check`` and ``take`` itself. Runs on the ro
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from aggregator.journal import RoundJournal
@@ -65,8 +66,10 @@ class UpdateIntake:
         self.keyring = keyring
         self._prefix = f"{name}: " if name else ""
 
-    def reject(self, rnd: OpenRound | None, reason: str, detail: str) -> None:
-        self.metrics.reject(reason)
+    def reject(
+        self, rnd: OpenRound | None, reason: str, detail: str, device: str | None = None
+    ) -> None:
+        self.metrics.reject(reason, device=device)
         if rnd is not None:
             rnd.rejected[reason] = rnd.rejected.get(reason, 0) + 1
         log.warning("%srejected update: %s: %s", self._prefix, reason, detail)
@@ -104,7 +107,7 @@ class UpdateIntake:
         try:
             return ModelUpdate.from_bytes(payload, self.limits)
         except ProtocolError as e:
-            self.reject(ctx.building, e.reason, e.detail)
+            self.reject(ctx.building, e.reason, e.detail, device)
             return None
 
     def check(
@@ -113,14 +116,14 @@ class UpdateIntake:
         """The boundary checks against the round ``upd`` answers; None when refused."""
         answered = ctx.answered(upd.round)
         if answered is None:
-            self.reject(ctx.building, "too_stale", f"{device}: round no longer accepted")
+            self.reject(ctx.building, "too_stale", f"{device}: round no longer accepted", device)
             return None
         try:
             acc = validate_update(
                 device, upd, answered, ctx.spec, self.limits, self.max_num_samples, self.keyring
             )
         except ProtocolError as e:
-            self.reject(answered, e.reason, e.detail)
+            self.reject(answered, e.reason, e.detail, device)
             if (
                 e.reason == "duplicate"
                 and journal
@@ -140,7 +143,9 @@ class UpdateIntake:
             # Durable before counted and before acked; an OSError propagates, so the session
             # leaves the message unacked and the broker redelivers it.
             crash_point("before_journal")
+            t0 = time.perf_counter()
             self.journal.append(device, payload)
+            self.metrics.timing("journal_append", time.perf_counter() - t0)
             crash_point("after_journal")
             self.receipt(device, acc.update.round, acc.update.update_id)
         if acc.clamped:
@@ -150,7 +155,7 @@ class UpdateIntake:
             ctx.sink.fold(acc.delta, acc.num_samples, staleness=staleness)
         except AggregationError as e:
             # Deterministic: a replay of the journal rejects it the same way.
-            self.reject(answered, "aggregation", f"{device}: {e}")
+            self.reject(answered, "aggregation", f"{device}: {e}", device)
             return False
         building = ctx.building
         answered.counted[device] = acc.update.update_id
@@ -160,7 +165,9 @@ class UpdateIntake:
                 building.calib.add(acc.update.calib)
             except ProtocolError as e:
                 # The weights still count; only the ranges are refused.
-                self.reject(answered, e.reason, f"{device}: calibration ranges: {e.detail}")
+                self.reject(answered, e.reason, f"{device}: calibration ranges: {e.detail}", device)
         building.account(acc.num_samples, acc.update.metrics, answered.task.hyper.epochs)
-        self.metrics.accept()
+        self.metrics.accept(
+            device=device, staleness=staleness, base_version=answered.task.base_version
+        )
         return True

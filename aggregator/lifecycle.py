@@ -118,7 +118,9 @@ class RoundLifecycle:
                 self.parts.loop.call_soon(self._resume_round, RoundTask.from_bytes(ckpt.open_task))
 
     def _checkpoint(self, counted: tuple[str, ...]) -> None:
+        t0 = time.perf_counter()
         self.state.save(self.round, counted=counted, window_tasks=self._window_tasks())
+        self.metrics.timing("checkpoint", time.perf_counter() - t0)
 
     # -- connection and incoming ------------------------------------------------------------------
     def on_connected(self) -> None:
@@ -147,10 +149,12 @@ class RoundLifecycle:
             self._maybe_close_early()
 
     def on_update(self, device: str, topic: str, payload: bytes) -> None:
+        size = publish_packet_size(topic, len(payload))
+        self.metrics.received(device, size)
         if self.round is None:
-            self.intake.reject(None, "no_round", f"{device}: no round is open")
+            self.intake.reject(None, "no_round", f"{device}: no round is open", device)
             return
-        self.round.uplink_bytes += publish_packet_size(topic, len(payload))
+        self.round.uplink_bytes += size
         if self._fold(device, payload, journal=True) and self.strategy.count >= self._target():
             self._close_round()
         else:
@@ -351,6 +355,10 @@ class RoundLifecycle:
 
     def _replaying(self, journaled: list[tuple[str, bytes]]) -> None:
         """Before the journal of a resumed round is folded again."""
+
+    def target(self) -> int:
+        """Counted updates that close the open round at once (what the dashboard shows)."""
+        return self._target()
 
     def _target(self) -> int:
         """Counted updates that close the round at once."""

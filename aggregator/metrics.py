@@ -1,10 +1,13 @@
 """Where the aggregator's numbers go: a ``MetricsSink`` protocol and its implementations.
 
 The service, the intake and the shard worker report through the protocol only: rejected
-messages by reason, events that are not rejections (e.g. a clamped sample count), accepted
-updates, and one record per round (a version or a failed round). ``MetricsLog`` is the JSON
-lines file of docs/operations.md with its counters; another backend (Prometheus, say) is one
-more class, given to the service next to it (``Aggregator(..., metrics_sinks=[...])``).
+messages by reason (and device, when known), events that are not rejections (e.g. a clamped
+sample count), accepted updates (with their staleness), the packet bytes of every update
+received, how long durable writes took, and one record per round (a version or a failed
+round). ``MetricsLog`` is the JSON lines file of docs/operations.md with its counters;
+``aggregator.observe.prometheus.PrometheusSink`` and ``aggregator.observe.fleetview.FleetView``
+are two more, given to the service next to it (``Aggregator(..., metrics_sinks=[...])``).
+Every call comes on the role's loop thread.
 """
 
 from __future__ import annotations
@@ -19,14 +22,28 @@ __all__ = ["MetricsFanout", "MetricsLog", "MetricsSink", "NullMetrics"]
 
 
 class MetricsSink(Protocol):
-    def reject(self, reason: str, count: int = 1) -> None:
+    def reject(self, reason: str, count: int = 1, *, device: str | None = None) -> None:
         """``count`` messages refused for ``reason`` (a ``ProtocolError`` reason)."""
 
     def event(self, name: str) -> None:
         """Something worth counting that refused nothing (``clamped_samples``)."""
 
-    def accept(self, count: int = 1) -> None:
-        """``count`` updates counted into a round."""
+    def accept(
+        self,
+        count: int = 1,
+        *,
+        device: str | None = None,
+        staleness: int = 0,
+        base_version: int | None = None,
+    ) -> None:
+        """``count`` updates counted into a round; ``staleness``: versions between the
+        ``base_version`` the device trained on and the version they go into."""
+
+    def received(self, device: str, packet_bytes: int) -> None:
+        """An update message arrived, accepted or not: its MQTT PUBLISH packet size."""
+
+    def timing(self, name: str, seconds: float) -> None:
+        """A durable write took ``seconds`` (``journal_append``, ``checkpoint``)."""
 
     def write(self, record: Mapping[str, Any]) -> None:
         """The record of a round: a published version, or a failed round."""
@@ -42,14 +59,27 @@ class MetricsLog:
         self.events: Counter[str] = Counter()
         self.accepted = 0
 
-    def reject(self, reason: str, count: int = 1) -> None:
+    def reject(self, reason: str, count: int = 1, *, device: str | None = None) -> None:
         self.rejected[reason] += count
 
     def event(self, name: str) -> None:
         self.events[name] += 1
 
-    def accept(self, count: int = 1) -> None:
+    def accept(
+        self,
+        count: int = 1,
+        *,
+        device: str | None = None,
+        staleness: int = 0,
+        base_version: int | None = None,
+    ) -> None:
         self.accepted += count
+
+    def received(self, device: str, packet_bytes: int) -> None:
+        pass  # the round's uplink_bytes are in its record
+
+    def timing(self, name: str, seconds: float) -> None:
+        pass
 
     def write(self, record: Mapping[str, Any]) -> None:
         with self.path.open("a") as f:
@@ -59,13 +89,26 @@ class MetricsLog:
 class NullMetrics:
     """Counts nothing: a shard worker's default (its numbers travel in its partial sums)."""
 
-    def reject(self, reason: str, count: int = 1) -> None:
+    def reject(self, reason: str, count: int = 1, *, device: str | None = None) -> None:
         pass
 
     def event(self, name: str) -> None:
         pass
 
-    def accept(self, count: int = 1) -> None:
+    def accept(
+        self,
+        count: int = 1,
+        *,
+        device: str | None = None,
+        staleness: int = 0,
+        base_version: int | None = None,
+    ) -> None:
+        pass
+
+    def received(self, device: str, packet_bytes: int) -> None:
+        pass
+
+    def timing(self, name: str, seconds: float) -> None:
         pass
 
     def write(self, record: Mapping[str, Any]) -> None:
@@ -78,17 +121,32 @@ class MetricsFanout:
     def __init__(self, sinks: Iterable[MetricsSink]) -> None:
         self.sinks = tuple(sinks)
 
-    def reject(self, reason: str, count: int = 1) -> None:
+    def reject(self, reason: str, count: int = 1, *, device: str | None = None) -> None:
         for s in self.sinks:
-            s.reject(reason, count)
+            s.reject(reason, count, device=device)
 
     def event(self, name: str) -> None:
         for s in self.sinks:
             s.event(name)
 
-    def accept(self, count: int = 1) -> None:
+    def accept(
+        self,
+        count: int = 1,
+        *,
+        device: str | None = None,
+        staleness: int = 0,
+        base_version: int | None = None,
+    ) -> None:
         for s in self.sinks:
-            s.accept(count)
+            s.accept(count, device=device, staleness=staleness, base_version=base_version)
+
+    def received(self, device: str, packet_bytes: int) -> None:
+        for s in self.sinks:
+            s.received(device, packet_bytes)
+
+    def timing(self, name: str, seconds: float) -> None:
+        for s in self.sinks:
+            s.timing(name, seconds)
 
     def write(self, record: Mapping[str, Any]) -> None:
         for s in self.sinks:

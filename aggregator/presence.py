@@ -23,9 +23,11 @@ class Presence:
         self.config = config
         self.known: set[str] = set()
         self.online: set[str] = set()
+        self.statuses: dict[str, DeviceStatus] = {}  # the last one of each device
 
     def update(self, device: str, status: DeviceStatus) -> None:
         self.known.add(device)
+        self.statuses[device] = status
         if status.state == DeviceState.OFFLINE:
             self.online.discard(device)
         else:

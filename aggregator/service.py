@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from aggregator.keyring import KeyRing
 from aggregator.lifecycle import RoundCallback, RoundLifecycle, RoundParts
 from aggregator.metrics import MetricsFanout, MetricsLog, MetricsSink
 from aggregator.modes import AsyncRounds, SyncRounds
+from aggregator.observe.fleetview import FleetSnapshot
 from aggregator.presence import Presence
 from aggregator.publisher import ModelPublisher
 from aggregator.registry import ModelRegistry
@@ -43,6 +45,10 @@ from fedge.topics import Topics
 from fedge.transport.base import Loop, SessionFactory, SessionRequest
 from fedge.transport.mqtt import BrokerURL
 from fedge.transport.session import MqttSessions
+
+if TYPE_CHECKING:
+    from aggregator.observe.live import LiveView
+    from aggregator.observe.server import ObserveServer
 
 __all__ = ["Aggregator", "RoundCallback"]
 
@@ -73,7 +79,9 @@ class Aggregator:
         self.registry = ModelRegistry(self.state_dir / "models")
         self.journal = RoundJournal(self.state_dir / "journal")
         self.metrics = MetricsLog(config.metrics_path)
-        sink = MetricsFanout([self.metrics, *metrics_sinks]) if metrics_sinks else self.metrics
+        self.observe = _observed(config)
+        extra = [*metrics_sinks, *(self.observe.sinks if self.observe else ())]
+        sink = MetricsFanout([self.metrics, *extra]) if extra else self.metrics
         self._sink: MetricsSink = sink
         self.strategy = _strategy(config)
         self.adaptive = AdaptiveLR(config, self.strategy, has_eval=self.eval_set is not None)
@@ -105,6 +113,7 @@ class Aggregator:
         )
         self.presence = Presence(config)
         self.rounds: RoundLifecycle = mode(self._parts(sink, on_round))
+        self.web: ObserveServer | None = None
 
     def _parts(self, sink: MetricsSink, on_round: RoundCallback | None) -> RoundParts:
         return RoundParts(
@@ -131,10 +140,22 @@ class Aggregator:
     def start(self) -> None:
         """Load or create the model (slow: torch, ONNX export), then connect."""
         self.rounds.restore()
+        if self.observe is not None:
+            self.web = self.observe.serve(self.mux, self._snapshot)
+            log.info("metrics and dashboard on %s", self.web.url)
         self.session.start()
 
     def stop(self) -> None:
+        """Stop serving the dashboard (at once, from the caller's thread), then the session."""
+        if self.web is not None:
+            self.web.stop()
         self.mux.call_soon(self._stop)
+
+    def _snapshot(self) -> FleetSnapshot:
+        assert self.observe is not None
+        return self.observe.view.snapshot(
+            config=self.config, presence=self.presence, rounds=self.rounds, keyring=self.keyring
+        )
 
     def _stop(self) -> None:
         self.journal.close()
@@ -264,6 +285,15 @@ def _mode(config: AggregatorConfig) -> type[RoundLifecycle]:
     if config.shard_workers:
         return ShardedRounds
     return AsyncRounds if config.mode == "async" else SyncRounds
+
+
+def _observed(config: AggregatorConfig) -> LiveView | None:
+    """The Prometheus and dashboard sinks when ``metrics_port`` is set, else None."""
+    if config.metrics_port is None:
+        return None
+    from aggregator.observe.live import LiveView
+
+    return LiveView(config.metrics_bind, config.metrics_port, codec=config.codec)
 
 
 def _mqtt_sessions(config: AggregatorConfig, mux: Loop) -> MqttSessions:

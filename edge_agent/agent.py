@@ -176,6 +176,12 @@ class EdgeAgent:
             elif topic == self.topics.receipt(self.device_id):
                 r = Receipt.from_bytes(payload, self.limits)
                 self.outbox.remove(r.round, r.update_id)
+                log.info(
+                    "%s: receipt: update %s of round %d counted",
+                    self.device_id,
+                    r.update_id[:8],
+                    r.round,
+                )
         except ProtocolError as e:
             self.counters.models_rejected += topic != self.topics.task
             log.warning("%s: ignored message on %s: %s", self.device_id, topic, e)
@@ -196,6 +202,13 @@ class EdgeAgent:
         self._entry = entry
         self.model = HeldModel(m.version, m.arch, m.sha256, entry.onnx)
         self._weights = entry.weights
+        log.info(
+            "%s: model v%d received (%d bytes, sha256 ok, %s)",
+            self.device_id,
+            m.version,
+            len(m.onnx),
+            "signature verified" if self.models.verify_key is not None else "unsigned",
+        )
         self._advance()
 
     def _on_task(self, t: RoundTask) -> None:
@@ -275,6 +288,15 @@ class EdgeAgent:
             self._skip_round(t, "local training returned no result", logging.INFO)
             self._advance()
             return
+        log.info(
+            "%s: round %d: trained %d epochs on %d samples in %.2f s (loss %.4f)",
+            self.device_id,
+            t.round,
+            getattr(result, "epochs", 0) or t.hyper.epochs,
+            result.num_samples,
+            result.seconds,
+            result.loss,
+        )
         calib = calibration(self.uplink, m.onnx, self.data.x, t)
         try:
             up = build_upload(self.uplink, base, result, t, codec, self.residual, calib=calib)
@@ -292,6 +314,15 @@ class EdgeAgent:
         if up.save_residual:
             up.residual.save(self.store.dir)
         self.state = AgentState.UPLOADING
+        # Said before the publish: a refusal or a failure to send is logged after it.
+        log.info(
+            "%s: round %d: sending update %s: %d bytes, codec %s",
+            self.device_id,
+            t.round,
+            uid[:8],
+            len(up.payload),
+            codec.name,
+        )
         self._send(t.round, uid, up.payload, on_done=lambda ok: self._uploaded(t, ok))
 
     def _send(

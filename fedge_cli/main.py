@@ -108,6 +108,14 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-sign", action="store_true", help="do not sign updates and models")
     p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus /metrics and the live dashboard (/) on 127.0.0.1:PORT "
+        "(0: any free port; default off)",
+    )
+    p.add_argument(
         "--broker-config",
         default="local",
         help="broker_config/NAME.conf.template for the started Mosquitto "
@@ -162,6 +170,7 @@ def _simulate(args: argparse.Namespace) -> None:
         shard_workers=args.shard_workers,
         early_stop_patience=args.early_stop_patience,
         adaptive_server_lr=args.adaptive_server_lr,
+        metrics_port=args.metrics_port,
     )
     s = simulate(cfg)
     print(
@@ -238,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     strat.set_defaults(func=_strategies)
     models = sub.add_parser("models", help="list model architectures")
     models.set_defaults(func=_models)
+    from fedge_cli import status
+
+    st = sub.add_parser(
+        "status", help="the devices and the open round of a fleet, read from its broker"
+    )
+    status.add_arguments(st)
+    st.set_defaults(func=status.run)
     from fedge_cli import admin  # ca init|crl|broker-config, enroll, revoke
 
     admin.add_arguments(sub)

@@ -96,6 +96,7 @@ class SimConfig:
     shard_workers: int = 0  # > 0: that many shard workers fold the updates, the aggregator reduces
     early_stop_patience: int = 0  # > 0: devices stop on their held-out loss (10 % held out)
     adaptive_server_lr: bool = False  # halve server_lr after 3 versions without a better accuracy
+    metrics_port: int | None = None  # serve /metrics and the dashboard here (0: any free port)
 
     def __post_init__(self) -> None:
         from aggregator.config import codec_problem
@@ -114,6 +115,8 @@ class SimConfig:
                 f"--shard-workers must be in [0, {_MAX_SIM_WORKERS}] (broker_config/acl.sharded "
                 f"has sections for aggregator-0..{_MAX_SIM_WORKERS - 1}), got {self.shard_workers}"
             )
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
         if self.device_delay is not None:
             lo, hi = self.device_delay
             if not 0.0 <= lo <= hi:
@@ -207,6 +210,7 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
             shard_workers=tuple(f"aggregator-{k}" for k in range(cfg.shard_workers)),
             early_stop_patience=cfg.early_stop_patience,
             adaptive_server_lr=PlateauSettings() if cfg.adaptive_server_lr else None,
+            metrics_port=cfg.metrics_port,
         )
         prev = {"down": 0}
 
@@ -232,6 +236,8 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
         model_cache = ModelCache()  # one copy of each version for all simulated devices
         aggregator = Aggregator(agg_cfg, agg_mux, eval_set=EvalSet(*data.test), on_round=on_round)
         aggregator.start()
+        if aggregator.web is not None:
+            say(f"dashboard {aggregator.web.url}  |  Prometheus {aggregator.web.url}metrics")
         workers = _start_shard_workers(agg_cfg, out, agg_mux)
         for i, (x, y) in enumerate(data.parts):
             agent = build_agent(

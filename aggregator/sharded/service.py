@@ -168,6 +168,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca-cert", default=None, help="mqtts://: the fleet CA (CA/ca.crt)")
     p.add_argument("--client-cert", default=None, help="mutual TLS: this worker's certificate")
     p.add_argument("--client-key", default=None, help="mutual TLS: its key")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus /metrics on this port (0: any free port; default off)",
+    )
+    p.add_argument("--metrics-bind", default="127.0.0.1", help="address of --metrics-port")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -194,12 +202,27 @@ def run(args: argparse.Namespace) -> None:
         from aggregator.keyring import KeyRing
 
         keyring = KeyRing(args.device_keys)
-    worker = ShardWorker(cfg, mux, keyring=keyring)
+    web, metrics = None, None
+    if args.metrics_port is not None:
+        from prometheus_client import CollectorRegistry
+
+        from aggregator.observe.prometheus import PrometheusSink
+        from aggregator.observe.server import ObserveServer
+
+        registry = CollectorRegistry()
+        metrics = PrometheusSink(registry, codec=lambda: worker.task_codec)
+        web = ObserveServer(args.metrics_bind, args.metrics_port, registry)
+    worker = ShardWorker(cfg, mux, keyring=keyring, metrics=metrics)
     print(f"fedge shard-worker {cfg.worker}: {cfg.broker}, fleet {cfg.fleet}", flush=True)
+    if web is not None:
+        web.start()
+        print(f"Prometheus {web.url}metrics", flush=True)
     worker.start()
     try:
         wait_for_signal()
     finally:
+        if web is not None:
+            web.stop()
         worker.stop()
         time.sleep(0.3)
         mux.stop()

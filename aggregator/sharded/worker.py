@@ -122,6 +122,11 @@ class ShardWorker:
             name=self.name,
         )
 
+    @property
+    def task_codec(self) -> str:
+        """The codec of the task held ("unknown" before the first): a metrics label."""
+        return self._task.codec if self._task is not None else "unknown"
+
     def _session_request(self) -> SessionRequest:
         offline = DeviceStatus(self.name, DeviceState.OFFLINE, ts=0.0).to_bytes()
         return SessionRequest(
@@ -236,7 +241,9 @@ class ShardWorker:
         if self.round is None:
             self._hold(device, payload, ack)
             return
-        self.round.uplink_bytes += publish_packet_size(topic, len(payload))
+        size = publish_packet_size(topic, len(payload))
+        self.round.uplink_bytes += size
+        self.intake.metrics.received(device, size)
         if self._fold(device, payload, journal=True, ack=ack) and ack is not None:
             ack()
 

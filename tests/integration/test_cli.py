@@ -45,6 +45,11 @@ def test_unreachable_broker() -> None:
     assert_one_line_error(p, "cannot reach the broker", "127.0.0.1:9")
 
 
+def test_bad_metrics_port() -> None:
+    p = fedge("simulate", "--metrics-port", "70000")
+    assert_one_line_error(p, "--metrics-port must be in [0, 65535]")
+
+
 def test_bad_config_key(tmp_path: Path) -> None:
     cfg = tmp_path / "agent.yaml"
     cfg.write_text("brokr: mqtt://x:1\n")
@@ -115,6 +120,8 @@ def test_simulate_flags_reach_the_aggregator(broker: object, tmp_path: Path) -> 
         "--strategy-opt",
         "mu=0.5",
         "--int8",
+        "--metrics-port",
+        "0",
         "--broker",
         broker.url,  # type: ignore[attr-defined]
         "--out",
@@ -123,6 +130,7 @@ def test_simulate_flags_reach_the_aggregator(broker: object, tmp_path: Path) -> 
     )
 
     assert p.returncode == 0, p.stderr
+    assert "dashboard http://127.0.0.1:" in p.stdout
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["devices"] for r in records] == [2, 2]  # async: K=2 updates per version
     assert all("int8_bytes" in r or "int8_skipped" in r for r in records)

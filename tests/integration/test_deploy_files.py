@@ -226,3 +226,87 @@ def test_the_sharded_override_fits_its_aggregator_config_and_acl() -> None:
             source = str(volume).split(":", 1)[0]
             if source.startswith("./"):
                 assert (ROOT / source).is_file(), source
+
+
+# --- monitoring: Prometheus and Grafana (profile "monitoring") --------------------------------
+
+PROMETHEUS_FILE = ROOT / "docker" / "prometheus" / "prometheus.yml"
+GRAFANA_DASHBOARD = ROOT / "docker" / "grafana" / "fedge-dashboard.json"
+
+
+def test_docker_compose_validates_the_monitoring_profile() -> None:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose not installed; validated by parsing only")
+    result = subprocess.run(
+        [exe, "--profile", "monitoring", "config", "--services"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert {"prometheus", "grafana"} <= set(result.stdout.split())
+
+
+def test_monitoring_services_stay_behind_their_profile_and_on_loopback() -> None:
+    services = _services()
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"], f"{name} would start by default"
+    for name in ("prometheus", "grafana", "aggregator"):
+        for port in services[name].get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name}: {port!r} reaches other hosts"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [ROOT / "docker/config/aggregator.yaml", ROOT / "docker/config/aggregator.sharded.yaml"],
+    ids=lambda p: p.name,
+)
+def test_prometheus_scrapes_the_port_the_aggregator_serves(path: Path) -> None:
+    config = load_aggregator_config(path)
+    prom = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    targets = [
+        t for job in prom["scrape_configs"] for s in job["static_configs"] for t in s["targets"]
+    ]
+    assert targets == [f"aggregator:{config.metrics_port}"]
+    assert config.metrics_bind == "0.0.0.0"  # reachable from the prometheus container
+    published = _services()["aggregator"]["ports"]
+    assert any(str(p).endswith(f":{config.metrics_port}") for p in published)
+
+
+def _served_metric_names() -> set[str]:
+    """Every sample name the aggregator's registry serves (the real sink and collector)."""
+    from prometheus_client import CollectorRegistry
+
+    from aggregator.observe.fleetview import FleetSnapshot, OpenRoundRow, RoundRow
+    from aggregator.observe.prometheus import FleetCollector, PrometheusSink
+
+    registry = CollectorRegistry()
+    sink = PrometheusSink(registry, codec="fp32")
+    sink.accept(device="d", staleness=0)
+    sink.timing("journal_append", 0.001)
+    sink.timing("checkpoint", 0.01)
+    record = {"round": 1, "version": 1, "seconds": 1.0, "accuracy": 0.5, "loss": 1.0, "ts": 0.0}
+    sink.write(record)
+    snap = FleetSnapshot(
+        "f", "sync", "fedavg", "fp32", 1, 0, 0, (),
+        OpenRoundRow(2, 1, 0, 3, 2, None, 0.0, 60.0), (RoundRow.from_record(record),), 1, (), 0,
+    )  # fmt: skip
+    registry.register(FleetCollector(lambda: snap))
+    return {s.name for fam in registry.collect() for s in fam.samples}
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_served() -> None:
+    import json
+
+    dash = json.loads(GRAFANA_DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    assert exprs
+    served = _served_metric_names()
+    queried = {m for e in exprs for m in re.findall(r"\bfedge_[a-z_]+", e)}
+    assert queried, exprs
+    assert queried <= served, f"not served: {sorted(queried - served)}"
+    ds = yaml.safe_load((ROOT / "docker/grafana/datasource.yml").read_text())["datasources"][0]
+    assert all(p["datasource"]["uid"] == ds["uid"] for p in dash["panels"])

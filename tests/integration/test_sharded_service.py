@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.sharded.worker import ShardWorker, WorkerConfig
 from fedge.codecs import parse_codec
@@ -189,7 +191,8 @@ def test_shard_worker_processes_from_the_cli_serve_the_reducer_service(
         subprocess.Popen(
             [sys.executable, "-m", "fedge_cli.main", "shard-worker", "--broker", str(fleet.url),
              "--fleet", fleet.topics.fleet, "--worker", name, "--state-dir",
-             str(tmp_path / name), "--password-file", str(tmp_path / "pw")],
+             str(tmp_path / name), "--password-file", str(tmp_path / "pw"),
+             "--metrics-port", "0"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -197,6 +200,10 @@ def test_shard_worker_processes_from_the_cli_serve_the_reducer_service(
         )
         for name in WORKERS
     ]  # fmt: skip
+    # Each worker prints its name, then where its Prometheus metrics are.
+    heads = [[p.stdout.readline(), p.stdout.readline()] for p in procs]  # type: ignore[union-attr]
+    urls = [h[1].split()[-1] for h in heads]
+    assert all(u.startswith("http://127.0.0.1:") and u.endswith("/metrics") for u in urls), heads
     devices = [fleet.raw_device(f"dev-{i}") for i in range(4)]
     try:
         base = dict(fleet.aggregator.weights)
@@ -206,12 +213,26 @@ def test_shard_worker_processes_from_the_cli_serve_the_reducer_service(
         assert sorted(fleet.records[-1]["counted"]) == [d.device_id for d in devices]
         for d in devices:
             wait_until(lambda d=d: len(d.receipts) == 1, WAIT, "a receipt from a worker process")
+        # The workers' own counters: together they took the four updates.
+        accepted = up = 0.0
+        for url in urls:
+            text = urllib.request.urlopen(url, timeout=5).read().decode()
+            for fam in text_string_to_metric_families(text):
+                for smp in fam.samples:
+                    if smp.name == "fedge_updates_total" and smp.labels["result"] == "accepted":
+                        accepted += smp.value
+                    if smp.name == "fedge_bytes_total" and smp.labels["direction"] == "up":
+                        up += smp.value
+        assert accepted == 4
+        assert up > 0
     finally:
         for d in devices:
             d.close()
         for p in procs:
             p.send_signal(signal.SIGTERM)
-        outs = [p.communicate(timeout=WAIT)[0] for p in procs]
+        outs = [
+            "".join(h) + p.communicate(timeout=WAIT)[0] for h, p in zip(heads, procs, strict=True)
+        ]
         fleet.close()
     assert [p.returncode for p in procs] == [0, 0], outs
     assert all("fedge shard-worker aggregator-" in o for o in outs), outs

@@ -209,14 +209,27 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
 
-    def reject(self, reason: str, count: int = 1) -> None:
-        self.calls.append(("reject", (reason, count)))
+    def reject(self, reason: str, count: int = 1, *, device: str | None = None) -> None:
+        self.calls.append(("reject", (reason, count, device)))
 
     def event(self, name: str) -> None:
         self.calls.append(("event", name))
 
-    def accept(self, count: int = 1) -> None:
-        self.calls.append(("accept", count))
+    def accept(
+        self,
+        count: int = 1,
+        *,
+        device: str | None = None,
+        staleness: int = 0,
+        base_version: int | None = None,
+    ) -> None:
+        self.calls.append(("accept", (count, device, staleness, base_version)))
+
+    def received(self, device: str, packet_bytes: int) -> None:
+        self.calls.append(("received", device))
+
+    def timing(self, name: str, seconds: float) -> None:
+        self.calls.append(("timing", name))
 
     def write(self, record: Any) -> None:
         self.calls.append(("write", record["round"]))
@@ -243,12 +256,15 @@ def test_an_extra_metrics_sink_sees_what_the_jsonl_log_counts(tmp_path: Path) ->
     agg.stop()
     loop.run()
 
-    assert rec.calls == [
-        ("reject", ("bad_msgpack", 1)),
+    assert [c for c in rec.calls if c[0] != "timing"] == [
+        ("received", "dev-a"),
+        ("reject", ("bad_msgpack", 1, "dev-a")),
+        ("received", "dev-a"),
         ("event", "clamped_samples"),
-        ("accept", 1),
+        ("accept", (1, "dev-a", 0, 0)),
         ("write", 1),
     ]
+    assert {c[1] for c in rec.calls if c[0] == "timing"} == {"journal_append", "checkpoint"}
     assert (dict(agg.metrics.rejected), dict(agg.metrics.events)) == (
         {"bad_msgpack": 1},
         {"clamped_samples": 1},
