@@ -174,7 +174,7 @@ class RoundLifecycle:
         )
         hyper = self.parts.adaptive.hyper(hyper)
         accepts_from = self._accepts_from()
-        task = RoundTask(
+        unsigned = RoundTask(
             round=self.state.last_round,
             base_version=self.state.version,
             deadline=now + c.round_timeout,
@@ -185,6 +185,7 @@ class RoundLifecycle:
             issued=now,
             accepts_from=accepts_from,
         )
+        task = self.publisher.sign_task(unsigned)
         rnd = self._start_round(task)
         # Persist the open round before anyone can answer it: a restart resumes it, and its
         # id is never reused.
@@ -233,7 +234,8 @@ class RoundLifecycle:
         assert rnd is not None
         if self._deadline is not None:
             self._deadline.cancel()
-        rnd.task = replace(rnd.task, deadline=time.time() + self.config.round_timeout)
+        extended = replace(rnd.task, deadline=time.time() + self.config.round_timeout)
+        rnd.task = self.publisher.sign_task(extended)
         self._checkpoint(counted=())
         self._deadline = self.parts.loop.call_later(self.config.round_timeout, self._on_deadline)
         self.session.publish(self.parts.topics.task, rnd.task.to_bytes(), retain=True)

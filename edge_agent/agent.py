@@ -23,6 +23,7 @@ from edge_agent.privacy import LocalDP
 from edge_agent.residual import Residual
 from edge_agent.states import AgentCounters, AgentState, next_state
 from edge_agent.store import AgentStore, HeldModel
+from edge_agent.task_check import check_task, plausible_last_round
 from edge_agent.uplink import TrainOutcome, Uplink, build_upload, calibration
 from fedge.chunks import ModelReceiver
 from fedge.codecs import Codec, parse_codec
@@ -83,6 +84,17 @@ class EdgeAgent:
         self._weights: dict[str, np.ndarray] | None = None
         self.task: RoundTask | None = None
         self.last_round = store.last_round()
+        held = self.model.version if self.model else None
+        if not plausible_last_round(self.last_round, held, limits):
+            log.warning(
+                "%s: stored last round %d is implausible for model v%d (a forged task?): forgotten",
+                device_id,
+                self.last_round,
+                held,
+            )
+            self.last_round = 0
+            store.set_last_round(0)
+        self._aggregator_key = aggregator_key
         self.models = ModelReceiver(
             topics,
             limits,
@@ -172,12 +184,16 @@ class EdgeAgent:
                 if full is not None:
                     self._on_model(full)
             elif topic == self.topics.task:
-                self._on_task(RoundTask.from_bytes(payload, self.limits))
+                task = RoundTask.from_bytes(payload, self.limits)
+                self._on_task(check_task(task, self._aggregator_key, self.limits))
             elif topic == self.topics.receipt(self.device_id):
                 r = Receipt.from_bytes(payload, self.limits)
                 self.outbox.remove(r.round, r.update_id)
         except ProtocolError as e:
-            self.counters.models_rejected += topic != self.topics.task
+            if topic == self.topics.task:
+                self.counters.tasks_rejected += 1
+            else:
+                self.counters.models_rejected += 1
             log.warning("%s: ignored message on %s: %s", self.device_id, topic, e)
 
     def _on_model(self, m: GlobalModel) -> None:
