@@ -116,9 +116,10 @@ class UpdateIntake:
             self.reject(ctx.building, "too_stale", f"{device}: round no longer accepted")
             return None
         try:
-            acc = validate_update(
-                device, upd, answered, ctx.spec, self.limits, self.max_num_samples, self.keyring
-            )
+            cap = self.max_num_samples
+            if ctx.max_weight is not None:
+                cap = min(cap, ctx.max_weight)
+            acc = validate_update(device, upd, answered, ctx.spec, self.limits, cap, self.keyring)
         except ProtocolError as e:
             self.reject(answered, e.reason, e.detail)
             if (

@@ -39,6 +39,7 @@ from aggregator.registry import ModelRegistry
 from aggregator.rounds import OpenRound, RoundContext
 from aggregator.state import ServiceState
 from aggregator.strategies.base import Strategy
+from aggregator.weighting import SampleCap, lower_median
 from fedge.envelopes import DeviceState, DeviceStatus, RoundTask
 from fedge.errors import AggregationError
 from fedge.limits import Limits
@@ -198,7 +199,15 @@ class RoundLifecycle:
         rnd = self.round = OpenRound(task, time.time())
         spec = spec_of(self.state.weights)  # once per round, for every update of it
         self.strategy.begin_round(spec)
-        self.ctx = RoundContext(rnd, self.state.version, spec, self.strategy, self._accepting())
+        cap = SampleCap(self.config.max_num_samples, self.config.max_sample_ratio)
+        self.ctx = RoundContext(
+            rnd,
+            self.state.version,
+            spec,
+            self.strategy,
+            self._accepting(),
+            max_weight=cap.cap(self.state.weight_reference),
+        )
         if task.hyper.calibrate:
             from aggregator.calibration import RangeMerger
             from models.int8 import calibration_tensor_names
@@ -289,6 +298,8 @@ class RoundLifecycle:
             return
         self.state.weights = new
         self.state.version += 1
+        if rnd.weights:  # a sharded reducer folds partial sums, not weights
+            self.state.weight_reference = lower_median(rnd.weights)
         self.round = None
         self._ended()
         self._checkpoint(counted=tuple(rnd.counted))

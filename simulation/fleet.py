@@ -309,6 +309,7 @@ def _start_shard_workers(agg: AggregatorConfig, out: Path, mux: Mux) -> list[Sha
             out / "shards" / name,
             clip_norm=clip,
             max_num_samples=agg.max_num_samples,
+            max_sample_ratio=agg.max_sample_ratio,
         )
         w = ShardWorker(cfg, mux, keyring=keyring)
         w.start()

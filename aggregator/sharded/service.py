@@ -157,6 +157,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, required=True, help="the worker's round journal")
     p.add_argument("--group", default="aggregators", help="shared subscription group")
     p.add_argument("--max-num-samples", type=int, default=100_000)
+    p.add_argument(
+        "--max-sample-ratio",
+        type=float,
+        default=4.0,
+        help="the aggregator's max_sample_ratio (weight cap relative to the last round)",
+    )
     p.add_argument("--clip-norm", type=float, default=0.0, help="the strategy's clip_norm")
     p.add_argument(
         "--device-keys",
@@ -183,6 +189,7 @@ def run(args: argparse.Namespace) -> None:
         group=args.group,
         password=_password(args),
         max_num_samples=args.max_num_samples,
+        max_sample_ratio=args.max_sample_ratio,
         clip_norm=args.clip_norm,
         ca_cert=args.ca_cert,
         client_cert=args.client_cert,

@@ -22,6 +22,7 @@ class WorkerConfig:
     group: str = "aggregators"
     password: str | None = None
     max_num_samples: int = 100_000  # the aggregator's clamp of reported sample counts
+    max_sample_ratio: float = 4.0  # the aggregator's cap relative to the last round's median
     clip_norm: float = 0.0  # norm bounding per update, as the strategies' clip_norm
     session_expiry: int = 24 * 3600
     max_pending: int = 10_000  # updates held while the worker has no open round
