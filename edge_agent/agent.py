@@ -127,6 +127,8 @@ class EdgeAgent:
                     topics.task,
                     topics.receipt(device_id),
                 ],
+                # Only the newest model, chunk set and task matter, and they are retained.
+                latest_only=[topics.model, topics.all_model_chunks, topics.task],
                 on_message=self._on_message,
                 on_connected=self._on_connected,
                 keepalive=keepalive,
@@ -177,7 +179,8 @@ class EdgeAgent:
 
     # -- incoming -----------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
-        self.counters.rx_bytes += publish_packet_size(topic, len(payload))
+        qos = 1 if topic == self.topics.receipt(self.device_id) else 0  # latest-only: QoS 0
+        self.counters.rx_bytes += publish_packet_size(topic, len(payload), qos)
         try:
             if self.models.wants(topic):
                 full = self.models.offer(topic, payload)

@@ -72,6 +72,10 @@ class SessionRequest:
     will: tuple[str, bytes] | None = None
     keepalive: int = 30
     session_expiry: int = 24 * 3600
+    # Filters (also in ``subscriptions``) of retained topics where only the newest message
+    # matters: subscribed at QoS 0, so the broker queues nothing for them while the session
+    # is away; the retained copy arrives after every (re)subscribe (docs/protocol.md §2.1).
+    latest_only: Sequence[str] = ()
 
 
 SessionFactory = Callable[[SessionRequest], RoleSession]

@@ -57,11 +57,13 @@ class Session:
         subscriptions: Sequence[str],
         on_message: Callable[[str, bytes], None],
         on_connected: Callable[[], None] | None = None,
+        latest_only: Sequence[str] = (),
     ) -> None:
         self.mux = mux
         self.url = url
         self.options = options
         self.subscriptions = tuple(subscriptions)
+        self.latest_only = frozenset(latest_only)
         self._on_message = on_message
         self._on_connected = on_connected
         self.client: Client = make_client(
@@ -159,7 +161,11 @@ class Session:
         if self._link is not None:
             self._link.connected_ok()
         if self.subscriptions:
-            client.subscribe([(t, 1) for t in self.subscriptions])
+            # QoS 0 for latest-only topics: a QoS 1 subscription of a persistent session makes
+            # the broker queue every model, chunk and task published while the device is away
+            # and replay them all (9.98 MB after 257 versions, issue 17); the retained copy
+            # that follows this SUBSCRIBE is all a device uses.
+            client.subscribe([(t, 0 if t in self.latest_only else 1) for t in self.subscriptions])
         if self._on_connected is not None:
             self._on_connected()
 
@@ -240,4 +246,5 @@ class MqttSessions:
             subscriptions=request.subscriptions,
             on_message=request.on_message,
             on_connected=request.on_connected,
+            latest_only=request.latest_only,
         )
