@@ -116,10 +116,16 @@ class UpdateIntake:
             self.reject(ctx.building, "too_stale", f"{device}: round no longer accepted")
             return None
         try:
-            cap = self.max_num_samples
-            if ctx.max_weight is not None:
-                cap = min(cap, ctx.max_weight)
-            acc = validate_update(device, upd, answered, ctx.spec, self.limits, cap, self.keyring)
+            acc = validate_update(
+                device,
+                upd,
+                answered,
+                ctx.spec,
+                self.limits,
+                self.max_num_samples,
+                self.keyring,
+                max_weight=ctx.max_weight,
+            )
         except ProtocolError as e:
             self.reject(answered, e.reason, e.detail)
             if (
@@ -148,7 +154,7 @@ class UpdateIntake:
             self.metrics.event("clamped_samples")
         staleness = ctx.staleness(answered)
         try:
-            ctx.sink.fold(acc.delta, acc.num_samples, staleness=staleness)
+            ctx.sink.fold(acc.delta, acc.weight, staleness=staleness)
         except AggregationError as e:
             # Deterministic: a replay of the journal rejects it the same way.
             self.reject(answered, "aggregation", f"{device}: {e}")
@@ -162,6 +168,8 @@ class UpdateIntake:
             except ProtocolError as e:
                 # The weights still count; only the ranges are refused.
                 self.reject(answered, e.reason, f"{device}: calibration ranges: {e.detail}")
-        building.account(acc.num_samples, acc.update.metrics, answered.task.hyper.epochs)
+        building.account(
+            acc.num_samples, acc.update.metrics, answered.task.hyper.epochs, weight=acc.weight
+        )
         self.metrics.accept()
         return True

@@ -40,7 +40,8 @@ from aggregator.rounds import OpenRound, RoundContext
 from aggregator.state import ServiceState
 from aggregator.strategies.base import Strategy
 from aggregator.weighting import SampleCap, lower_median
-from fedge.envelopes import DeviceState, DeviceStatus, RoundTask
+from fedge.codecs import parse_codec
+from fedge.envelopes import DeviceState, DeviceStatus, ModelUpdate, RoundTask
 from fedge.errors import AggregationError
 from fedge.limits import Limits
 from fedge.tensors import TensorSpec, spec_of
@@ -288,6 +289,7 @@ class RoundLifecycle:
             self._deadline.cancel()
         try:
             self._gather(rnd)
+            self._refold_first_round(rnd)
             new = self.strategy.finish(self.state.weights)
         except AggregationError as e:
             self._fail_round(rnd, f"aggregation failed: {e}")
@@ -312,6 +314,37 @@ class RoundLifecycle:
             self.parts.done.set()
         else:
             self._open_round()
+
+    def _refold_first_round(self, rnd: OpenRound) -> None:
+        """A round without a weight reference (a new fleet's first) took each update as it came,
+        with only the absolute clamp: once all its counts are known, if one is above the cap
+        its own lower median gives, fold the round again from its journal with that cap
+        (aggregator/weighting.py). One update in memory at a time; sync mode only."""
+        ctx = self.ctx
+        if ctx is None or ctx.window is not None or self.state.weight_reference or not rnd.weights:
+            return
+        cap = SampleCap(self.config.max_num_samples, self.config.max_sample_ratio)
+        limit = cap.cap(lower_median(rnd.weights))
+        if max(rnd.weights) <= limit:
+            return
+        limits = self.parts.limits
+        self.strategy.begin_round(ctx.spec)
+        weights = []
+        for device, payload in self.journal.records(rnd.round):
+            upd = ModelUpdate.from_bytes(payload, limits)  # validated when it came
+            if rnd.counted.get(device) != upd.update_id:
+                continue  # journaled, then refused by the strategy
+            w = min(upd.num_samples, limit)
+            self.strategy.fold(parse_codec(upd.codec).decode(upd.delta, ctx.spec, limits), w)
+            weights.append(w)
+        log.info(
+            "round %d: a count above %d (%.1f x the round's lower median): folded again with "
+            "that cap",
+            rnd.round,
+            limit,
+            self.config.max_sample_ratio,
+        )
+        rnd.weights = weights
 
     def _publish_version(self, rnd: OpenRound) -> dict[str, Any]:
         """Render, evaluate, publish the new version; step the schedules; its record."""

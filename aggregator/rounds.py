@@ -37,10 +37,18 @@ class OpenRound:
     def round(self) -> int:
         return self.task.round
 
-    def account(self, num_samples: int, metrics: Mapping[str, float], epochs_asked: int) -> None:
-        """Add a counted update's sample count and reported training metrics."""
+    def account(
+        self,
+        num_samples: int,
+        metrics: Mapping[str, float],
+        epochs_asked: int,
+        *,
+        weight: int | None = None,
+    ) -> None:
+        """Add a counted update's sample count (as reported, clamped), its weight and its
+        reported training metrics."""
         self.samples += num_samples
-        self.weights.append(num_samples)
+        self.weights.append(num_samples if weight is None else weight)
         self.train_loss_sum += metrics.get("loss", 0.0) * num_samples
         epochs = metrics.get("epochs")
         if epochs is not None:

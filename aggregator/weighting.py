@@ -10,8 +10,11 @@ the lower median of the weights that went into the previous version:
   folds with the same cap (the reference is in the checkpoint).
 - The lower median of a round's weights moves only if more than half of its devices move it,
   and by at most ``max_sample_ratio`` per round (the weights it is taken from were capped).
-- Until a version exists (a new fleet's first round), and in a shard worker until it has
-  served a round, the reference is unknown and only ``max_num_samples`` applies.
+- Until a version exists (a new fleet's first round) the reference is unknown: the round
+  takes updates with only ``max_num_samples``, and at its close, if one weight is above the
+  cap its own lower median gives, it is folded again from its journal with that cap
+  (``RoundLifecycle._refold_first_round``; sync mode). An async fleet's first version and a
+  shard worker's first round after it starts keep only ``max_num_samples``.
 """
 
 from __future__ import annotations
