@@ -23,7 +23,6 @@ from edge_agent.privacy import LocalDP
 from edge_agent.residual import Residual
 from edge_agent.states import AgentCounters, AgentState, next_state
 from edge_agent.store import AgentStore, HeldModel
-from edge_agent.task_check import check_task, plausible_last_round
 from edge_agent.uplink import TrainOutcome, Uplink, build_upload, calibration
 from fedge.chunks import ModelReceiver
 from fedge.codecs import Codec, parse_codec
@@ -32,6 +31,7 @@ from fedge.errors import ProtocolError
 from fedge.identity import SigningKey, VerifyKey
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.support.faults import crash_point
+from fedge.task_check import check_task, plausible_last_round
 from fedge.topics import Topics
 from fedge.transport.base import SessionFactory, SessionRequest
 from fedge.transport.mqtt import BrokerURL, publish_packet_size

@@ -158,6 +158,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", default="aggregators", help="shared subscription group")
     p.add_argument("--max-num-samples", type=int, default=100_000)
     p.add_argument(
+        "--aggregator-key",
+        type=Path,
+        default=None,
+        help="the aggregator's public key: tasks not signed by it are refused",
+    )
+    p.add_argument(
         "--max-sample-ratio",
         type=float,
         default=4.0,
@@ -178,6 +184,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from fedge.identity import load_verify_key
     from fedge.support.runtime import setup_logging, wait_for_signal
 
     setup_logging(args.log_level)
@@ -190,6 +197,7 @@ def run(args: argparse.Namespace) -> None:
         password=_password(args),
         max_num_samples=args.max_num_samples,
         max_sample_ratio=args.max_sample_ratio,
+        aggregator_key=load_verify_key(args.aggregator_key) if args.aggregator_key else None,
         clip_norm=args.clip_norm,
         ca_cert=args.ca_cert,
         client_cert=args.client_cert,

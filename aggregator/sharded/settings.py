@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedge.identity import VerifyKey
 from fedge.topics import validate_device_id
 from fedge.transport.base import Loop, SessionFactory
 from fedge.transport.mqtt import BrokerURL
@@ -29,6 +30,9 @@ class WorkerConfig:
     ca_cert: str | None = None  # mqtts://: the CA to trust; mutual TLS: cert and key
     client_cert: str | None = None
     client_key: str | None = None
+    # The aggregator's public key: tasks not signed by it are refused (fedge.task_check);
+    # None: tasks are taken as they come (an unsigned fleet).
+    aggregator_key: VerifyKey | None = None
 
     def __post_init__(self) -> None:
         validate_device_id(self.worker)

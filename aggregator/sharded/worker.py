@@ -44,6 +44,7 @@ from fedge.envelopes import (
 )
 from fedge.errors import AggregationError, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
+from fedge.task_check import check_task
 from fedge.tensors import TensorSpec, spec_of
 from fedge.topics import Topics
 from fedge.transport.base import Cancellable, Loop, SessionFactory, SessionRequest
@@ -177,7 +178,10 @@ class ShardWorker:
             return
         try:
             if topic == self.topics.task:
-                self._task = RoundTask.from_bytes(payload, self.limits)
+                task = RoundTask.from_bytes(payload, self.limits)
+                # Verified before it is held: a forged round 2**31 would make every real
+                # task look stale and discard the journals of the rounds below it.
+                self._task = check_task(task, self.config.aggregator_key, self.limits)
                 self._maybe_open()
             elif topic == self.shard_topics.request:
                 self._on_request(PartialRequest.from_bytes(payload, self.limits))

@@ -1,4 +1,5 @@
-"""What a device checks on a round task before it holds it (or lets it touch its state).
+"""What a receiver checks on a round task before it holds it (or lets it touch its state):
+devices (``edge_agent``) and shard workers (``aggregator.sharded``) alike.
 
 A task decides what the device does next and, once answered, the round id it persists as done
 (``AgentStore.set_last_round``): a forged task with round 2**31 would make every later round
