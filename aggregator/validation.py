@@ -29,7 +29,7 @@ class Accepted:
     delta: dict[str, np.ndarray]
     num_samples: int  # after the absolute clamp (max_num_samples)
     clamped: bool  # the weight is below the reported count
-    weight: int = 0  # what the update weighs: num_samples, at most the round's cap
+    weight: int  # what the update weighs: num_samples, at most the round's cap
 
 
 def validate_update(
