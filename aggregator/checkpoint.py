@@ -41,6 +41,9 @@ class Checkpoint:
     # duplicate.
     recent_tasks: tuple[bytes, ...] = ()
     recent_counted: dict[int, dict[str, str]] = field(default_factory=dict)
+    # The lower median of the last version's update weights: the next round's cap reference
+    # (aggregator/weighting.py); 0 before the first version.
+    weight_reference: int = 0
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
@@ -54,6 +57,7 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
             "open_task": ckpt.open_task,
             "recent_tasks": list(ckpt.recent_tasks),
             "recent_counted": [[r, c] for r, c in ckpt.recent_counted.items()],
+            "weight_reference": ckpt.weight_reference,
             "state_scalars": {k: v for k, v in ckpt.state.items() if not isinstance(v, np.ndarray)},
             "state_arrays": encode_records(
                 [
@@ -94,6 +98,7 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
         state=_load_state(obj, big),
         recent_tasks=tuple(obj.get("recent_tasks", ())),
         recent_counted={int(r): dict(c) for r, c in obj.get("recent_counted", ())},
+        weight_reference=int(obj.get("weight_reference", 0)),
     )
 
 

@@ -137,6 +137,12 @@ class AggregatorConfig(BaseModel):
     min_devices: int = Field(default=2, ge=1, description="quorum needed at the deadline")
     round_timeout: float = Field(default=120.0, gt=0, description="seconds from task to deadline")
     max_num_samples: int = Field(default=100_000, ge=1, description="clamp for reported counts")
+    max_sample_ratio: float = Field(
+        default=4.0,
+        ge=0,
+        description="an update weighs at most this times the previous round's median "
+        "sample count (0 = only max_num_samples)",
+    )
     keep_versions: int = Field(
         default=0, ge=0, description="model versions kept in the registry; 0 = all"
     )

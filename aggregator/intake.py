@@ -120,7 +120,14 @@ class UpdateIntake:
             return None
         try:
             acc = validate_update(
-                device, upd, answered, ctx.spec, self.limits, self.max_num_samples, self.keyring
+                device,
+                upd,
+                answered,
+                ctx.spec,
+                self.limits,
+                self.max_num_samples,
+                self.keyring,
+                max_weight=ctx.max_weight,
             )
         except ProtocolError as e:
             self.reject(answered, e.reason, e.detail, device)
@@ -152,7 +159,7 @@ class UpdateIntake:
             self.metrics.event("clamped_samples")
         staleness = ctx.staleness(answered)
         try:
-            ctx.sink.fold(acc.delta, acc.num_samples, staleness=staleness)
+            ctx.sink.fold(acc.delta, acc.weight, staleness=staleness)
         except AggregationError as e:
             # Deterministic: a replay of the journal rejects it the same way.
             self.reject(answered, "aggregation", f"{device}: {e}", device)
@@ -166,7 +173,9 @@ class UpdateIntake:
             except ProtocolError as e:
                 # The weights still count; only the ranges are refused.
                 self.reject(answered, e.reason, f"{device}: calibration ranges: {e.detail}", device)
-        building.account(acc.num_samples, acc.update.metrics, answered.task.hyper.epochs)
+        building.account(
+            acc.num_samples, acc.update.metrics, answered.task.hyper.epochs, weight=acc.weight
+        )
         self.metrics.accept(
             device=device, staleness=staleness, base_version=answered.task.base_version
         )

@@ -46,6 +46,10 @@ class RoundJournal:
         self._round = round_id
         return records
 
+    def records(self, round_id: int) -> list[tuple[str, bytes]]:
+        """The records of ``round_id`` so far, read only (the journal stays as it is)."""
+        return self._read(self._path(round_id))[0]
+
     def append(self, device: str, payload: bytes) -> None:
         """Durably record one update; returns only after fsync."""
         if self._f is None:

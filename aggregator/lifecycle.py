@@ -39,7 +39,9 @@ from aggregator.registry import ModelRegistry
 from aggregator.rounds import OpenRound, RoundContext
 from aggregator.state import ServiceState
 from aggregator.strategies.base import Strategy
-from fedge.envelopes import DeviceState, DeviceStatus, RoundTask
+from aggregator.weighting import SampleCap, lower_median
+from fedge.codecs import parse_codec
+from fedge.envelopes import DeviceState, DeviceStatus, ModelUpdate, RoundTask
 from fedge.errors import AggregationError
 from fedge.limits import Limits
 from fedge.tensors import TensorSpec, spec_of
@@ -181,7 +183,7 @@ class RoundLifecycle:
         )
         hyper = self.parts.adaptive.hyper(hyper)
         accepts_from = self._accepts_from()
-        task = RoundTask(
+        unsigned = RoundTask(
             round=self.state.last_round,
             base_version=self.state.version,
             deadline=now + c.round_timeout,
@@ -192,6 +194,7 @@ class RoundLifecycle:
             issued=now,
             accepts_from=accepts_from,
         )
+        task = self.publisher.sign_task(unsigned)
         rnd = self._start_round(task)
         # Persist the open round before anyone can answer it: a restart resumes it, and its
         # id is never reused.
@@ -204,7 +207,15 @@ class RoundLifecycle:
         rnd = self.round = OpenRound(task, time.time())
         spec = spec_of(self.state.weights)  # once per round, for every update of it
         self.strategy.begin_round(spec)
-        self.ctx = RoundContext(rnd, self.state.version, spec, self.strategy, self._accepting())
+        cap = SampleCap(self.config.max_num_samples, self.config.max_sample_ratio)
+        self.ctx = RoundContext(
+            rnd,
+            self.state.version,
+            spec,
+            self.strategy,
+            self._accepting(),
+            max_weight=cap.cap(self.state.weight_reference),
+        )
         if task.hyper.calibrate:
             from aggregator.calibration import RangeMerger
             from models.int8 import calibration_tensor_names
@@ -242,7 +253,8 @@ class RoundLifecycle:
         assert rnd is not None
         if self._deadline is not None:
             self._deadline.cancel()
-        rnd.task = replace(rnd.task, deadline=time.time() + self.config.round_timeout)
+        extended = replace(rnd.task, deadline=time.time() + self.config.round_timeout)
+        rnd.task = self.publisher.sign_task(extended)
         self._checkpoint(counted=())
         self._deadline = self.parts.loop.call_later(self.config.round_timeout, self._on_deadline)
         self.session.publish(self.parts.topics.task, rnd.task.to_bytes(), retain=True)
@@ -286,6 +298,7 @@ class RoundLifecycle:
             self._deadline.cancel()
         try:
             self._gather(rnd)
+            self._refold_first_round(rnd)
             new = self.strategy.finish(self.state.weights)
         except AggregationError as e:
             self._fail_round(rnd, f"aggregation failed: {e}")
@@ -296,6 +309,8 @@ class RoundLifecycle:
             return
         self.state.weights = new
         self.state.version += 1
+        if rnd.weights:  # a sharded reducer folds partial sums, not weights
+            self.state.weight_reference = lower_median(rnd.weights)
         self.round = None
         self._ended()
         self._checkpoint(counted=tuple(rnd.counted))
@@ -308,6 +323,37 @@ class RoundLifecycle:
             self.parts.done.set()
         else:
             self._open_round()
+
+    def _refold_first_round(self, rnd: OpenRound) -> None:
+        """A round without a weight reference (a new fleet's first) took each update as it came,
+        with only the absolute clamp: once all its counts are known, if one is above the cap
+        its own lower median gives, fold the round again from its journal with that cap
+        (aggregator/weighting.py). One update in memory at a time; sync mode only."""
+        ctx = self.ctx
+        if ctx is None or ctx.window is not None or self.state.weight_reference or not rnd.weights:
+            return
+        cap = SampleCap(self.config.max_num_samples, self.config.max_sample_ratio)
+        limit = cap.cap(lower_median(rnd.weights))
+        if max(rnd.weights) <= limit:
+            return
+        limits = self.parts.limits
+        self.strategy.begin_round(ctx.spec)
+        weights = []
+        for device, payload in self.journal.records(rnd.round):
+            upd = ModelUpdate.from_bytes(payload, limits)  # validated when it came
+            if rnd.counted.get(device) != upd.update_id:
+                continue  # journaled, then refused by the strategy
+            w = min(upd.num_samples, limit)
+            self.strategy.fold(parse_codec(upd.codec).decode(upd.delta, ctx.spec, limits), w)
+            weights.append(w)
+        log.info(
+            "round %d: a count above %d (%.1f x the round's lower median): folded again with "
+            "that cap",
+            rnd.round,
+            limit,
+            self.config.max_sample_ratio,
+        )
+        rnd.weights = weights
 
     def _publish_version(self, rnd: OpenRound) -> dict[str, Any]:
         """Render, evaluate, publish the new version; step the schedules; its record."""

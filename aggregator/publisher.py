@@ -16,7 +16,7 @@ import numpy as np
 from aggregator.evaluation import EvalSet, evaluate_onnx
 from aggregator.registry import ModelRegistry
 from fedge.chunks import split_model
-from fedge.envelopes import GlobalModel, ModelArch
+from fedge.envelopes import GlobalModel, ModelArch, RoundTask
 from fedge.errors import ProtocolError
 from fedge.identity import SigningKey
 from fedge.topics import Topics
@@ -58,6 +58,12 @@ class ModelPublisher:
         if self.signing_key is not None:
             msg = replace(msg, signature=self.signing_key.sign(msg.digest()))
         return msg
+
+    def sign_task(self, task: RoundTask) -> RoundTask:
+        """``task`` signed over every field with the model key (unchanged without one)."""
+        if self.signing_key is None:
+            return task
+        return replace(task, signature=self.signing_key.sign(task.digest()))
 
     def render(self, version: int, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
         """Export, evaluate and register ``version``; returns its central metrics."""

@@ -31,14 +31,24 @@ class OpenRound:
     # staleness); in async mode updates to older, still-accepted rounds too.
     folded: list[tuple[str, int, str, int]] = field(default_factory=list)
     calib: Any = None  # aggregator.calibration.RangeMerger when the int8 twin is built
+    weights: list[int] = field(default_factory=list)  # each folded update's weight (capped)
 
     @property
     def round(self) -> int:
         return self.task.round
 
-    def account(self, num_samples: int, metrics: Mapping[str, float], epochs_asked: int) -> None:
-        """Add a counted update's sample count and reported training metrics."""
+    def account(
+        self,
+        num_samples: int,
+        metrics: Mapping[str, float],
+        epochs_asked: int,
+        *,
+        weight: int | None = None,
+    ) -> None:
+        """Add a counted update's sample count (as reported, clamped), its weight and its
+        reported training metrics."""
         self.samples += num_samples
+        self.weights.append(num_samples if weight is None else weight)
         self.train_loss_sum += metrics.get("loss", 0.0) * num_samples
         epochs = metrics.get("epochs")
         if epochs is not None:
@@ -89,6 +99,9 @@ class RoundContext:
     spec: TensorSpec
     sink: FoldSink
     window: Mapping[int, OpenRound] | None = None
+    # The most an update may weigh in this round (aggregator.weighting); None: only the
+    # intake's absolute clamp.
+    max_weight: int | None = None
 
     def answered(self, round_id: int) -> OpenRound | None:
         """The accepted round an update names, None if it is not (or no longer) accepted."""

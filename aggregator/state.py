@@ -27,6 +27,7 @@ class ServiceState:
     def __init__(self, file: StateFile) -> None:
         self.file = file
         self.version, self.last_round, self.failed_rounds = 0, 0, 0
+        self.weight_reference = 0  # aggregator/weighting.py
         self.weights: dict[str, np.ndarray] = {}
         # Rounds still accepted, by id (async mode; empty otherwise), the open one included.
         self.window: dict[int, OpenRound] = {}
@@ -46,6 +47,7 @@ class ServiceState:
         else:
             self.version, self.last_round = ckpt.version, ckpt.last_round
             self.weights, self.failed_rounds = ckpt.weights, ckpt.failed_rounds
+            self.weight_reference = ckpt.weight_reference
             log.info("aggregator: resumed version %d, last round %d", self.version, self.last_round)
         return ckpt
 
@@ -75,5 +77,6 @@ class ServiceState:
             {},
             window_tasks,
             {r: dict(o.counted) for r, o in self.window.items()},
+            weight_reference=self.weight_reference,
         )
         self.file.save(ck)

@@ -27,8 +27,9 @@ __all__ = ["Accepted", "validate_update"]
 class Accepted:
     update: ModelUpdate
     delta: dict[str, np.ndarray]
-    num_samples: int  # after clamping
-    clamped: bool
+    num_samples: int  # after the absolute clamp (max_num_samples)
+    clamped: bool  # the weight is below the reported count
+    weight: int  # what the update weighs: num_samples, at most the round's cap
 
 
 def validate_update(
@@ -39,6 +40,7 @@ def validate_update(
     limits: Limits,
     max_num_samples: int,
     keyring: KeyRing | None = None,
+    max_weight: int | None = None,
 ) -> Accepted:
     """``payload``: the message bytes, or the update a caller already parsed from them with
     ``ModelUpdate.from_bytes`` (to pick its round first: one parse per update)."""
@@ -70,4 +72,5 @@ def validate_update(
         keyring.check_update(upd.device, upd.digest(), upd.signature)
     delta = parse_codec(upd.codec).decode(upd.delta, spec, limits)
     n = min(upd.num_samples, max_num_samples)
-    return Accepted(upd, delta, n, clamped=n != upd.num_samples)
+    w = n if max_weight is None else min(n, max_weight)
+    return Accepted(upd, delta, n, clamped=w != upd.num_samples, weight=w)

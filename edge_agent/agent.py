@@ -31,6 +31,7 @@ from fedge.errors import ProtocolError
 from fedge.identity import SigningKey, VerifyKey
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.support.faults import crash_point
+from fedge.task_check import check_task, plausible_last_round
 from fedge.topics import Topics
 from fedge.transport.base import SessionFactory, SessionRequest
 from fedge.transport.mqtt import BrokerURL, publish_packet_size
@@ -83,6 +84,17 @@ class EdgeAgent:
         self._weights: dict[str, np.ndarray] | None = None
         self.task: RoundTask | None = None
         self.last_round = store.last_round()
+        held = self.model.version if self.model else None
+        if not plausible_last_round(self.last_round, held, limits):
+            log.warning(
+                "%s: stored last round %d is implausible for model v%d (a forged task?): forgotten",
+                device_id,
+                self.last_round,
+                held,
+            )
+            self.last_round = 0
+            store.set_last_round(0)
+        self._aggregator_key = aggregator_key
         self.models = ModelReceiver(
             topics,
             limits,
@@ -115,6 +127,8 @@ class EdgeAgent:
                     topics.task,
                     topics.receipt(device_id),
                 ],
+                # Only the newest model, chunk set and task matter, and they are retained.
+                latest_only=[topics.model, topics.all_model_chunks, topics.task],
                 on_message=self._on_message,
                 on_connected=self._on_connected,
                 keepalive=keepalive,
@@ -165,14 +179,16 @@ class EdgeAgent:
 
     # -- incoming -----------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
-        self.counters.rx_bytes += publish_packet_size(topic, len(payload))
+        qos = 1 if topic == self.topics.receipt(self.device_id) else 0  # latest-only: QoS 0
+        self.counters.rx_bytes += publish_packet_size(topic, len(payload), qos)
         try:
             if self.models.wants(topic):
                 full = self.models.offer(topic, payload)
                 if full is not None:
                     self._on_model(full)
             elif topic == self.topics.task:
-                self._on_task(RoundTask.from_bytes(payload, self.limits))
+                task = RoundTask.from_bytes(payload, self.limits)
+                self._on_task(check_task(task, self._aggregator_key, self.limits))
             elif topic == self.topics.receipt(self.device_id):
                 r = Receipt.from_bytes(payload, self.limits)
                 self.outbox.remove(r.round, r.update_id)
@@ -183,7 +199,10 @@ class EdgeAgent:
                     r.round,
                 )
         except ProtocolError as e:
-            self.counters.models_rejected += topic != self.topics.task
+            if topic == self.topics.task:
+                self.counters.tasks_rejected += 1
+            else:
+                self.counters.models_rejected += 1
             log.warning("%s: ignored message on %s: %s", self.device_id, topic, e)
 
     def _on_model(self, m: GlobalModel) -> None:

@@ -35,6 +35,7 @@ class AgentCounters:
     updates_sent: int = 0
     rounds_skipped: int = 0
     models_rejected: int = 0
+    tasks_rejected: int = 0  # unsigned, badly signed or implausible (fedge.task_check)
 
 
 def next_state(

@@ -19,6 +19,7 @@ __all__ = [
     "key_registry",
     "limits",
     "support",
+    "task_check",
     "tensors",
     "topics",
     "transport",

@@ -192,6 +192,9 @@ class RoundTask:
     # Async mode: the oldest round whose updates are still accepted (None: this round only).
     # A device keeps unreceipted updates of rounds from here on in its outbox.
     accepts_from: int | None = None
+    # Ed25519 by the aggregator over digest(): every field above. Empty when the fleet does
+    # not sign; then it is not sent at all (an optional key added after v1's freeze).
+    signature: bytes = b""
 
     def __post_init__(self) -> None:
         if self.accepts_from is not None and not 1 <= self.accepts_from <= self.round:
@@ -205,8 +208,40 @@ class RoundTask:
         """The oldest round an update may still answer."""
         return self.round if self.accepts_from is None else self.accepts_from
 
+    def digest(self) -> bytes:
+        """What the aggregator signs: fedge.identity.task_digest over every field."""
+        from fedge.identity import task_digest
+
+        h = self.hyper
+        return task_digest(
+            self.round,
+            self.base_version,
+            deadline=self.deadline,
+            issued=self.issued,
+            codec=self.codec,
+            hyper=(
+                h.epochs,
+                h.batch_size,
+                h.lr,
+                h.momentum,
+                h.weight_decay,
+                h.prox_mu,
+                h.qat,
+                h.calibrate,
+                h.early_stop_patience,
+                h.val_fraction,
+            ),
+            nonce=self.nonce,
+            selected=self.selected,
+            accepts_from=self.accepts_from,
+        )
+
     def to_bytes(self) -> bytes:
-        extra = {} if self.accepts_from is None else {"accepts_from": self.accepts_from}
+        extra: dict[str, Any] = {}
+        if self.accepts_from is not None:
+            extra["accepts_from"] = self.accepts_from
+        if self.signature:
+            extra["signature"] = self.signature
         return pack(
             {
                 "v": SCHEMA_VERSION,
@@ -238,6 +273,7 @@ class RoundTask:
             nonce=_nonce(f),
             selected=_opt_tuple(f.str_list("selected", optional=True)),
             accepts_from=accepts_from,
+            signature=f.bytes("signature", max_len=SIGNATURE_BYTES, optional=True) or b"",
         )
         f.done()
         return task

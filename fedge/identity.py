@@ -23,6 +23,16 @@ language can build it without a canonical msgpack encoder. Both layouts are in
                     u32 version
                     sha256(ONNX bytes)                          32
 
+    task_digest   = b"fedge.task.v1\\x00\\x00\\x00"                16 bytes
+                    u32 round | u32 base_version | f64 deadline | f64 issued
+                    u8 len(codec) | codec
+                    hyper: u32 epochs | u32 batch_size | f64 lr | f64 momentum
+                           f64 weight_decay | f64 prox_mu | u8 qat | u8 calibrate
+                           u32 early_stop_patience | f64 val_fraction
+                    u8 len(nonce) | nonce
+                    u8 has_selected, then u32 count | (u8 len(id) | id)*
+                    u32 accepts_from (0: absent)
+
 Ed25519 signs these bytes directly (it hashes internally); a signature is 64 bytes.
 """
 
@@ -32,7 +42,7 @@ import hashlib
 import os
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +57,7 @@ __all__ = [
     "KEY_BYTES",
     "MODEL_TAG",
     "SIGNATURE_BYTES",
+    "TASK_TAG",
     "UPDATE_TAG",
     "SigningKey",
     "VerifyKey",
@@ -56,6 +67,7 @@ __all__ = [
     "model_digest",
     "save_signing_key",
     "save_verify_key",
+    "task_digest",
     "update_digest",
 ]
 
@@ -63,6 +75,7 @@ KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 UPDATE_TAG = b"fedge.update.v2\x00"
 MODEL_TAG = b"fedge.model.v1\x00\x00"
+TASK_TAG = b"fedge.task.v1\x00\x00\x00"
 _U32 = 2**32
 _U64 = 2**64
 
@@ -314,3 +327,65 @@ def model_digest(version: int, sha256: bytes | str) -> bytes:
         + struct.pack(">I", _uint(version, _U32, "version"))
         + _sha256_bytes(sha256, "sha256")
     )
+
+
+def task_digest(
+    round: int,
+    base_version: int,
+    *,
+    deadline: float,
+    issued: float,
+    codec: str,
+    hyper: Sequence[int | float | bool],
+    nonce: bytes,
+    selected: Sequence[str] | None,
+    accepts_from: int | None,
+) -> bytes:
+    """The bytes the aggregator signs for one round task: every field of it.
+
+    ``hyper`` is the ten training settings in the order of the layout (module docstring):
+    epochs, batch_size, lr, momentum, weight_decay, prox_mu, qat, calibrate,
+    early_stop_patience, val_fraction. Floats are IEEE 754 binary64 of the decoded value (a
+    float32 on the wire widens exactly), so any msgpack float width gives the same bytes.
+    """
+    try:
+        codec_b = codec.encode("ascii")
+    except (AttributeError, UnicodeEncodeError):
+        raise ValueError("codec must be an ASCII string") from None
+    if not isinstance(nonce, bytes):
+        raise ValueError("nonce must be bytes")
+    if len(hyper) != 10:
+        raise ValueError("hyper must hold the ten settings of the layout")
+    epochs, batch, lr, momentum, decay, mu, qat, calibrate, patience, val = hyper
+    parts = [
+        TASK_TAG,
+        struct.pack(
+            ">IIdd",
+            _uint(round, _U32, "round"),
+            _uint(base_version, _U32, "base_version"),
+            float(deadline),
+            float(issued),
+        ),
+        _short(codec_b, "codec", 1),
+        struct.pack(
+            ">IIddddBBId",
+            _uint(int(epochs), _U32, "epochs"),
+            _uint(int(batch), _U32, "batch_size"),
+            float(lr),
+            float(momentum),
+            float(decay),
+            float(mu),
+            bool(qat),
+            bool(calibrate),
+            _uint(int(patience), _U32, "early_stop_patience"),
+            float(val),
+        ),
+        _short(nonce, "nonce"),
+    ]
+    if selected is None:
+        parts.append(b"\x00")
+    else:
+        parts.append(b"\x01" + struct.pack(">I", _uint(len(selected), _U32, "len(selected)")))
+        parts += [_short(validate_device_id(d).encode("ascii"), "device id", 1) for d in selected]
+    parts.append(struct.pack(">I", _uint(accepts_from or 0, _U32, "accepts_from")))
+    return b"".join(parts)

@@ -38,6 +38,9 @@ class Limits:
     max_array_len: int = 100_000
     max_num_samples: int = 10_000_000
     max_model_bytes: int = 1024 * 1024 * 1024
+    # A round id may lead its base version by the fleet's failed rounds plus one, no more: a
+    # device refuses a task with round - base_version above this (docs/protocol.md §9.2).
+    max_round_lead: int = 2**20
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():

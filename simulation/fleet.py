@@ -309,6 +309,10 @@ def _start_shard_workers(agg: AggregatorConfig, out: Path, mux: Mux) -> list[Sha
     enforcing what the aggregator does (signatures, norm bound, sample clamp)."""
     from aggregator.keyring import KeyRing
     from aggregator.sharded.worker import WorkerConfig
+    from fedge.identity import load_signing_key
+
+    # Workers verify tasks with the aggregator's key when it signs (fedge.task_check).
+    agg_key = load_signing_key(agg.signing_key).verify_key if agg.signing_key else None
 
     keyring = KeyRing(agg.device_keys) if agg.device_keys is not None else None
     clip = float(agg.strategy_opts.get("clip_norm", 0.0))
@@ -321,6 +325,8 @@ def _start_shard_workers(agg: AggregatorConfig, out: Path, mux: Mux) -> list[Sha
             out / "shards" / name,
             clip_norm=clip,
             max_num_samples=agg.max_num_samples,
+            max_sample_ratio=agg.max_sample_ratio,
+            aggregator_key=agg_key,
         )
         w = ShardWorker(cfg, mux, keyring=keyring)
         w.start()

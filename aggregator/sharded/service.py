@@ -157,6 +157,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, required=True, help="the worker's round journal")
     p.add_argument("--group", default="aggregators", help="shared subscription group")
     p.add_argument("--max-num-samples", type=int, default=100_000)
+    p.add_argument(
+        "--aggregator-key",
+        type=Path,
+        default=None,
+        help="the aggregator's public key: tasks not signed by it are refused",
+    )
+    p.add_argument(
+        "--max-sample-ratio",
+        type=float,
+        default=4.0,
+        help="the aggregator's max_sample_ratio (weight cap relative to the last round)",
+    )
     p.add_argument("--clip-norm", type=float, default=0.0, help="the strategy's clip_norm")
     p.add_argument(
         "--device-keys",
@@ -180,6 +192,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from fedge.identity import load_verify_key
     from fedge.support.runtime import setup_logging, wait_for_signal
 
     setup_logging(args.log_level)
@@ -191,6 +204,8 @@ def run(args: argparse.Namespace) -> None:
         group=args.group,
         password=_password(args),
         max_num_samples=args.max_num_samples,
+        max_sample_ratio=args.max_sample_ratio,
+        aggregator_key=load_verify_key(args.aggregator_key) if args.aggregator_key else None,
         clip_norm=args.clip_norm,
         ca_cert=args.ca_cert,
         client_cert=args.client_cert,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedge.identity import VerifyKey
 from fedge.topics import validate_device_id
 from fedge.transport.base import Loop, SessionFactory
 from fedge.transport.mqtt import BrokerURL
@@ -22,12 +23,16 @@ class WorkerConfig:
     group: str = "aggregators"
     password: str | None = None
     max_num_samples: int = 100_000  # the aggregator's clamp of reported sample counts
+    max_sample_ratio: float = 4.0  # the aggregator's cap relative to the last round's median
     clip_norm: float = 0.0  # norm bounding per update, as the strategies' clip_norm
     session_expiry: int = 24 * 3600
     max_pending: int = 10_000  # updates held while the worker has no open round
     ca_cert: str | None = None  # mqtts://: the CA to trust; mutual TLS: cert and key
     client_cert: str | None = None
     client_key: str | None = None
+    # The aggregator's public key: tasks not signed by it are refused (fedge.task_check);
+    # None: tasks are taken as they come (an unsigned fleet).
+    aggregator_key: VerifyKey | None = None
 
     def __post_init__(self) -> None:
         validate_device_id(self.worker)

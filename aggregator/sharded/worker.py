@@ -34,6 +34,7 @@ from aggregator.rounds import OpenRound, RoundContext
 from aggregator.sharded.partials import PartialRequest, PartialSum, ShardPolicy, ShardTopics
 from aggregator.sharded.settings import WorkerConfig, worker_sessions
 from aggregator.strategies.accumulator import WeightedSum, squared_norm
+from aggregator.weighting import SampleCap, lower_median
 from fedge.chunks import ModelReceiver
 from fedge.envelopes import (
     DeviceState,
@@ -43,6 +44,7 @@ from fedge.envelopes import (
 )
 from fedge.errors import AggregationError, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
+from fedge.task_check import check_task
 from fedge.tensors import TensorSpec, spec_of
 from fedge.topics import Topics
 from fedge.transport.base import Cancellable, Loop, SessionFactory, SessionRequest
@@ -102,6 +104,10 @@ class ShardWorker:
         # unacked, the broker keeps them (and redelivers them if this process dies).
         self._pending: list[tuple[str, bytes, Callable[[], None]]] = []
         self._sealed = 0  # the round the reducer sealed: its later updates are refused
+        # The lower median of the weights this worker folded in its last round: the cap of
+        # its next one (aggregator/weighting.py; the service's rule on this worker's share).
+        self._weight_reference = 0
+        self._cap = SampleCap(config.max_num_samples, config.max_sample_ratio)
         self.policy = ShardPolicy(
             signed=keyring is not None,
             clip_norm=config.clip_norm,
@@ -177,7 +183,10 @@ class ShardWorker:
             return
         try:
             if topic == self.topics.task:
-                self._task = RoundTask.from_bytes(payload, self.limits)
+                task = RoundTask.from_bytes(payload, self.limits)
+                # Verified before it is held: a forged round 2**31 would make every real
+                # task look stale and discard the journals of the rounds below it.
+                self._task = check_task(task, self.config.aggregator_key, self.limits)
                 self._maybe_open()
             elif topic == self.shard_topics.request:
                 self._on_request(PartialRequest.from_bytes(payload, self.limits))
@@ -204,6 +213,8 @@ class ShardWorker:
                 rnd.task = task  # deadline extended after a broker outage
                 self._schedule_deadline(task)
             return
+        if rnd is not None and rnd.weights:
+            self._weight_reference = lower_median(rnd.weights)
         # A newer task means the reducer checkpointed the last round: its journal can go.
         self.journal.discard_through(task.round - 1)
         self._excluded = set()
@@ -220,7 +231,13 @@ class ShardWorker:
         assert self.spec is not None
         self.round = OpenRound(task, time.time())
         sink = ClippedSum(self.spec, self.config.clip_norm)
-        self._ctx = RoundContext(self.round, task.base_version, self.spec, sink)
+        self._ctx = RoundContext(
+            self.round,
+            task.base_version,
+            self.spec,
+            sink,
+            max_weight=self._cap.cap(self._weight_reference),
+        )
         for device, payload in self.journal.open(task.round):
             if device in self._excluded:
                 self.round.counted[device] = "(dropped)"  # later copies are duplicates

@@ -51,6 +51,8 @@ class Codec(Protocol):
 
     def decode(self, blob: bytes, spec: TensorSpec, limits: Limits) -> dict[str, np.ndarray]: ...
 
+    def max_blob_bytes(self, spec: TensorSpec) -> int: ...
+
 
 VALUE_CODECS = ("fp32", "fp16", "int8", "int4")
 
@@ -80,10 +82,17 @@ class _Zstd:
     ) -> bytes:
         return compress(self.inner.encode(delta, rng))
 
+    def max_blob_bytes(self, spec: TensorSpec) -> int:
+        # A frame of incompressible data is a little longer than its content.
+        inner = self.inner.max_blob_bytes(spec)
+        return inner + inner // 128 + 1024
+
     def decode(self, blob: bytes, spec: TensorSpec, limits: Limits) -> dict[str, np.ndarray]:
-        return self.inner.decode(
-            decompress_capped(blob, limits.max_decompressed_bytes), spec, limits
-        )
+        # The cap is what this codec can validly write for this model, so a frame declaring
+        # more is refused before anything is inflated: a bomb costs about one model's
+        # worth of memory, not the global 256 MiB (issue 17, attack 4).
+        cap = min(limits.max_decompressed_bytes, self.inner.max_blob_bytes(spec))
+        return self.inner.decode(decompress_capped(blob, cap), spec, limits)
 
 
 def _unknown(spec: object, why: str = "") -> InvalidValue:

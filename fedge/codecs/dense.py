@@ -30,5 +30,12 @@ class DenseCodec:
             delta = {k: np.clip(v, -limit, limit) for k, v in delta.items()}
         return encode_records([dense_record(k, v, self._dtype) for k, v in delta.items()])
 
+    def max_blob_bytes(self, spec: TensorSpec) -> int:
+        """The largest valid blob for ``spec`` (fedge.codecs.bounds)."""
+        from fedge.codecs.bounds import dense_bound
+        from fedge.codecs.values import VALUES
+
+        return dense_bound(spec, VALUES[self.name])
+
     def decode(self, blob: bytes, spec: TensorSpec, limits: Limits) -> dict[str, np.ndarray]:
         return decode_records(blob, spec, (self._dtype,), limits)

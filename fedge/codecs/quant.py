@@ -50,6 +50,12 @@ class QuantCodec:
             ]
         )
 
+    def max_blob_bytes(self, spec: TensorSpec) -> int:
+        """The largest valid blob for ``spec`` (fedge.codecs.bounds)."""
+        from fedge.codecs.bounds import dense_bound
+
+        return dense_bound(spec, self.values)
+
     def decode(self, blob: bytes, spec: TensorSpec, limits: Limits) -> dict[str, np.ndarray]:
         v = self.values
         by_name = {}

@@ -159,6 +159,17 @@ class TopKCodec:
             records.append([name, TAG, shape, len(idx), encode_gaps(idx), self.values.tag, *fields])
         return encode_records(records)
 
+    def max_blob_bytes(self, spec: TensorSpec) -> int:
+        """The largest valid blob for ``spec``: every entry kept, every gap at its longest."""
+        from fedge.codecs.bounds import HEADER, INT, SHORT_STR, blob_bound, values_bound
+
+        per = {}
+        for name, shape in spec.items():
+            n = math.prod(shape)
+            indices = HEADER + n * varint_max_len(n)
+            per[name] = INT + indices + SHORT_STR + values_bound(self.values, n, 1)
+        return blob_bound(spec, per)
+
     def decode(self, blob: bytes, spec: TensorSpec, limits: Limits) -> dict[str, np.ndarray]:
         by_name = {}
         for rec in unpack_records(blob, spec, limits):

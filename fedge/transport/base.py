@@ -81,6 +81,10 @@ class SessionRequest:
     # Subscriptions taken with Retain As Published and No Local (MQTT 5): the handler sees
     # ``current_retained`` as the publisher set it, and never its own clearing publishes.
     watch_retained: tuple[str, ...] = ()
+    # Filters (also in ``subscriptions``) of retained topics where only the newest message
+    # matters: subscribed at QoS 0, so the broker queues nothing for them while the session
+    # is away; the retained copy arrives after every (re)subscribe (docs/protocol.md §2.1).
+    latest_only: Sequence[str] = ()
 
 
 SessionFactory = Callable[[SessionRequest], RoleSession]

@@ -4,7 +4,8 @@
 sessions of the same broker, with no sockets and no threads. Enough of MQTT for the roles'
 logic: retained messages (an empty retained payload deletes), ``+``/``#`` filters,
 ``$share/<group>/...`` subscriptions (one member of the group gets each message), persistent
-sessions (messages for a disconnected session wait for it), and QoS-1-ish delivery: a message
+sessions (messages for a disconnected session wait for it, except on its ``latest_only``
+filters, which a real broker does not queue at QoS 0), and QoS-1-ish delivery: a message
 whose handler raised, or whose deferred ack never came, is delivered again at the session's
 next ``start()``. Deliveries run on the caller's thread from one FIFO queue, so a handler that
 publishes never re-enters another handler. Not a conformance model of MQTT: integration
@@ -139,8 +140,9 @@ class MemorySession:
 
     def deliver(self, m: _Message) -> None:
         if not self.connected:
-            if not self.closed:
-                self._inbox.append(m)  # persistent session: it waits
+            latest_only = any(topic_matches(f, m.topic) for f in self.request.latest_only)
+            if not self.closed and not latest_only:
+                self._inbox.append(m)  # persistent session: it waits (QoS 1 only)
             return
         self._current, self._deferred = m, False
         try:

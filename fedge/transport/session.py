@@ -62,11 +62,13 @@ class Session:
         subscriptions: Sequence[str],
         on_message: Callable[[str, bytes], None],
         on_connected: Callable[[], None] | None = None,
+        latest_only: Sequence[str] = (),
     ) -> None:
         self.mux = mux
         self.url = url
         self.options = options
         self.subscriptions = tuple(subscriptions)
+        self.latest_only = frozenset(latest_only)
         self._on_message = on_message
         self._on_connected = on_connected
         self.client: Client = make_client(
@@ -164,10 +166,23 @@ class Session:
         if self._link is not None:
             self._link.connected_ok()
         if self.subscriptions:
+            # Watched topics: Retain As Published and No Local (the role sees who asked for a
+            # retained copy, and not its own clearing publishes). QoS 0 for latest-only
+            # topics: a QoS 1 subscription of a persistent session makes the broker queue every
+            # model, chunk and task published while the device is away and replay them all
+            # (9.98 MB after 257 versions, issue 17); the retained copy that follows this
+            # SUBSCRIBE is all a device uses.
             watched = self.options.watch_retained
             client.subscribe(
                 [
-                    (t, SubscribeOptions(1, noLocal=t in watched, retainAsPublished=t in watched))
+                    (
+                        t,
+                        SubscribeOptions(
+                            0 if t in self.latest_only else 1,
+                            noLocal=t in watched,
+                            retainAsPublished=t in watched,
+                        ),
+                    )
                     for t in self.subscriptions
                 ]
             )
@@ -258,4 +273,5 @@ class MqttSessions:
             subscriptions=request.subscriptions,
             on_message=request.on_message,
             on_connected=request.on_connected,
+            latest_only=request.latest_only,
         )

@@ -27,6 +27,12 @@ def test_an_agent_logs_model_training_upload_and_receipt_of_each_round(
     wait_until(
         lambda: all(not a.outbox.pending() for a in fleet.agents.values()), 10, "the receipts"
     )
+    # The version reaches the devices after the aggregator is done: wait for dev-0's line.
+    wait_until(
+        lambda: any(r.getMessage().startswith("dev-0: model v1") for r in list(caplog.records)),
+        10,
+        "dev-0 logs model v1",
+    )
 
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dev-0:")]
     v0, v1 = (fleet.aggregator.registry.path(v).stat().st_size for v in (0, 1))

@@ -179,7 +179,7 @@ def test_docker_broker_conf_settings() -> None:
         "autosave_interval": "1",
         "autosave_on_changes": "true",
         "max_queued_messages": "100000",
-        "max_queued_bytes": "0",
+        "max_queued_bytes": "1073741824",
         "use_username_as_clientid": "true",
     }
     for name, value in expected.items():

@@ -139,3 +139,27 @@ def test_manual_loop_fires_due_timers_in_order_and_skips_cancelled_ones() -> Non
     assert fired == ["soon", "a"]
     loop.advance(5.0)
     assert (fired, loop.now, loop.timers) == (["soon", "a", "b"], 6.0, 0)
+
+
+def test_latest_only_topics_are_not_queued_for_an_absent_session() -> None:
+    """As Mosquitto with a QoS 0 subscription: only the retained copy after reconnecting."""
+    broker = MemoryBroker()
+    pub, _ = client(broker, "pub", [])
+    got: list[tuple[str, bytes]] = []
+    request = SessionRequest(
+        "dev",
+        ["f/model", "f/receipt"],
+        on_message=lambda t, p: got.append((t, p)),
+        latest_only=["f/model"],
+    )
+    dev = broker.session(request)
+    dev.start()
+    dev.drop()  # away, the session persists
+    for v in (b"v1", b"v2", b"v3"):
+        pub.publish("f/model", v, retain=True)
+    pub.publish("f/receipt", b"r1")
+    got.clear()
+
+    broker.session(request).start()
+
+    assert sorted(got) == [("f/model", b"v3"), ("f/receipt", b"r1")]

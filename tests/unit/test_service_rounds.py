@@ -270,3 +270,17 @@ def test_an_extra_metrics_sink_sees_what_the_jsonl_log_counts(tmp_path: Path) ->
         {"clamped_samples": 1},
     )
     assert agg.metrics.accepted == 1
+
+
+def test_sample_cap_is_relative_to_the_lower_median() -> None:
+    from aggregator.weighting import SampleCap, lower_median
+
+    assert lower_median([]) == 0
+    assert lower_median([10, 2**62]) == 10  # one liar of two cannot raise it
+    assert lower_median([5, 1, 9]) == 5
+    cap = SampleCap(max_num_samples=100_000, ratio=4.0)
+    assert cap.cap(0) == 100_000  # no reference yet: the absolute clamp only
+    assert cap.cap(140) == 560
+    assert cap.cap(10**9) == 100_000
+    assert SampleCap(100_000, 0.0).cap(140) == 100_000  # off
+    assert SampleCap(100_000, 0.5).cap(1) == 1
