@@ -98,7 +98,7 @@ def test_each_package_declares_its_face(package: str) -> None:
     assert declared_all(package) == FACES[package]
 
 
-@pytest.mark.parametrize("package", ["fedge.codecs", "aggregator.strategies"])
+@pytest.mark.parametrize("package", ["fedge.codecs", "fedge.envelopes", "aggregator.strategies"])
 def test_single_concept_packages_export_names(package: str) -> None:
     names = declared_all(package)
 

@@ -1,0 +1,64 @@
+"""What every envelope shares: the schema version, the kinds, field readers for device ids and
+nonces, and the sizes of nonces and signatures."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from fedge.errors import InvalidValue, ProtocolError
+from fedge.limits import Limits
+from fedge.topics import validate_device_id
+from fedge.wire import Fields, open_envelope
+
+SCHEMA_VERSION = 1
+
+
+NONCE_BYTES = 16
+
+
+SIGNATURE_BYTES = 64
+
+
+_MAX_ROUND = 2**31
+
+
+class Kind(StrEnum):
+    TASK = "task"
+    UPDATE = "update"
+    MODEL = "model"
+    CHUNK = "chunk"
+    STATUS = "status"
+    RECEIPT = "receipt"
+
+
+class DeviceState(StrEnum):
+    ONLINE = "online"
+    TRAINING = "training"
+    OFFLINE = "offline"
+
+
+def _open(payload: bytes, kind: Kind, limits: Limits) -> Fields:
+    return open_envelope(payload, str(kind), SCHEMA_VERSION, limits)
+
+
+def _device(f: Fields, key: str = "device") -> str:
+    d = f.str(key)
+    try:
+        return validate_device_id(d)
+    except InvalidValue as e:
+        raise ProtocolError("schema", str(e)) from None
+
+
+def _nonce(f: Fields) -> bytes:
+    n: bytes = f.bytes("nonce", max_len=NONCE_BYTES)
+    if len(n) != NONCE_BYTES:
+        raise ProtocolError("schema", f"nonce must be exactly {NONCE_BYTES} bytes, got {len(n)}")
+    return n
+
+
+def _opt_tuple(v: list[str] | None) -> tuple[str, ...] | None:
+    return None if v is None else tuple(v)
+
+
+def _opt(v: int | None, default: int) -> int:
+    return default if v is None else v

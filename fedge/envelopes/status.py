@@ -1,0 +1,83 @@
+"""``DeviceStatus`` (retained, last will: offline) and ``Receipt`` (the aggregator's word that an
+update counts) (protocol §5.6, §5.7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Self
+
+from fedge.envelopes.common import (
+    _MAX_ROUND,
+    SCHEMA_VERSION,
+    DeviceState,
+    Kind,
+    _device,
+    _open,
+)
+from fedge.limits import DEFAULT_LIMITS, Limits
+from fedge.wire import pack
+
+
+@dataclass(frozen=True)
+class DeviceStatus:
+    """Retained liveness of a device; its last will publishes the offline form."""
+
+    device: str
+    state: DeviceState
+    version: int | None = None
+    ts: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        return pack(
+            {
+                "v": SCHEMA_VERSION,
+                "kind": str(Kind.STATUS),
+                "device": self.device,
+                "state": str(self.state),
+                "version": self.version,
+                "ts": float(self.ts),
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Self:
+        f = _open(payload, Kind.STATUS, limits)
+        st = cls(
+            device=_device(f),
+            state=DeviceState(f.str("state", choices=tuple(s.value for s in DeviceState))),
+            version=f.int("version", 0, _MAX_ROUND, optional=True),
+            ts=f.float("ts", 0.0),
+        )
+        f.done()
+        return st
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """The aggregator's word that an update is durably recorded: until it arrives the device
+    keeps the update in its outbox and resends it after every reconnect (the broker's PUBACK
+    alone is not enough: a broker crash can lose a message in flight to the aggregator)."""
+
+    device: str
+    round: int
+    update_id: str
+
+    def to_bytes(self) -> bytes:
+        return pack(
+            {
+                "v": SCHEMA_VERSION,
+                "kind": str(Kind.RECEIPT),
+                "device": self.device,
+                "round": self.round,
+                "update_id": self.update_id,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Self:
+        f = _open(payload, Kind.RECEIPT, limits)
+        r = cls(
+            device=_device(f), round=f.int("round", 1, _MAX_ROUND), update_id=f.str("update_id")
+        )
+        f.done()
+        return r
