@@ -4,7 +4,8 @@
      ├── ConfigError          a config file or command-line value is wrong (one line for the user)
      ├── InvalidValue         a value fedge parses is not valid (also a ValueError, see below):
      │                        codec name, device id or fleet name, TrainHyper, ONNX model bytes,
-     │                        strategy name and options, staleness weight
+     │                        strategy name and options, staleness weight, broker URL,
+     │                        raw Ed25519 key bytes
      ├── ProtocolError        a message breaks the wire contract (size, msgpack, schema, tensors)
      │    └── InvalidUpdate   a well-formed update the round cannot accept (round, nonce, duplicate)
      ├── TransportError       the broker cannot be reached or refuses us

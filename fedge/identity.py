@@ -50,7 +50,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, InvalidValue
 from fedge.topics import validate_device_id
 
 __all__ = [
@@ -89,7 +89,7 @@ class VerifyKey:
     @classmethod
     def from_bytes(cls, raw: bytes) -> VerifyKey:
         if not isinstance(raw, bytes) or len(raw) != KEY_BYTES:
-            raise ValueError(f"an Ed25519 public key is {KEY_BYTES} raw bytes")
+            raise InvalidValue(f"an Ed25519 public key is {KEY_BYTES} raw bytes")
         return cls(Ed25519PublicKey.from_public_bytes(raw))
 
     def to_bytes(self) -> bytes:
@@ -134,7 +134,7 @@ class SigningKey:
     @classmethod
     def from_bytes(cls, raw: bytes) -> SigningKey:
         if not isinstance(raw, bytes) or len(raw) != KEY_BYTES:
-            raise ValueError(f"an Ed25519 private key is a {KEY_BYTES}-byte seed")
+            raise InvalidValue(f"an Ed25519 private key is a {KEY_BYTES}-byte seed")
         return cls(Ed25519PrivateKey.from_private_bytes(raw))
 
     def to_bytes(self) -> bytes:

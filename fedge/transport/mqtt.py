@@ -15,6 +15,8 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fedge.errors import InvalidValue
+
 __all__ = ["BrokerURL", "connect_properties", "make_client", "probe_broker", "publish_packet_size"]
 
 
@@ -30,18 +32,18 @@ class BrokerURL:
     def parse(cls, url: str) -> BrokerURL:
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(
+            raise InvalidValue(
                 f"invalid broker URL {url!r}: expected mqtt://HOST:PORT or mqtts://HOST:PORT"
             )
         tls = parts.scheme == "mqtts"
         try:
             port = parts.port
         except ValueError:
-            raise ValueError(f"invalid port in broker URL {url!r}") from None
+            raise InvalidValue(f"invalid port in broker URL {url!r}") from None
         if port is None:
             port = 8883 if tls else 1883
         if not 1 <= port <= 65535:
-            raise ValueError(f"invalid port in broker URL {url!r}: use 1-65535")
+            raise InvalidValue(f"invalid port in broker URL {url!r}: use 1-65535")
         return cls(parts.hostname, port, tls)
 
     def __str__(self) -> str:

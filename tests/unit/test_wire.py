@@ -456,3 +456,21 @@ def test_largest_allowed_payload_fits_the_broker_packet_limit() -> None:
     size = publish_packet_size(longest_topic, DEFAULT_LIMITS.max_payload_bytes)
 
     assert size <= MAX_PACKET_SIZE
+
+
+def test_our_parsers_raise_the_one_tree() -> None:
+    # Broker URLs and raw keys are parsed by fedge: an InvalidValue (a FedgeError, and still
+    # a ValueError for pydantic validators), never a bare ValueError.
+    from fedge.errors import FedgeError, InvalidValue
+    from fedge.identity import SigningKey, VerifyKey
+    from fedge.transport.mqtt import BrokerURL
+
+    for bad in (
+        lambda: BrokerURL.parse("http://x"),
+        lambda: BrokerURL.parse("mqtt://x:0"),
+        lambda: VerifyKey.from_bytes(b"short"),
+        lambda: SigningKey.from_bytes(b"short"),
+    ):
+        with pytest.raises(InvalidValue) as e:
+            bad()
+        assert isinstance(e.value, FedgeError)
