@@ -24,10 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedge.errors import ProtocolError
-from fedge.limits import DEFAULT_LIMITS, MAX_PACKET_SIZE
 from fedge.transport.base import PublishDone, SessionRequest
-from fedge.transport.mqtt import publish_packet_size
+from fedge.transport.mqtt import checked_packet_size
 from fedge.transport.mux import Timer  # the same timer record as the real loop's
 
 __all__ = ["ManualLoop", "MemoryBroker", "MemorySession", "topic_matches"]
@@ -110,9 +108,7 @@ class MemorySession:
         retain: bool = False,
         on_done: PublishDone | None = None,
     ) -> int:
-        size = publish_packet_size(topic, len(payload), qos)
-        if size > MAX_PACKET_SIZE or len(payload) > DEFAULT_LIMITS.max_payload_bytes:
-            raise ProtocolError("too_large", f"{len(payload)} byte payload on {topic}")
+        size = checked_packet_size(topic, len(payload), qos)
         if not self.connected:
             self._outbox.append((topic, payload, retain, on_done))  # sent after reconnecting
             return size

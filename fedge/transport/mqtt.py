@@ -15,9 +15,17 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fedge.errors import InvalidValue
+from fedge.errors import InvalidValue, ProtocolError
+from fedge.limits import DEFAULT_LIMITS, MAX_PACKET_SIZE
 
-__all__ = ["BrokerURL", "connect_properties", "make_client", "probe_broker", "publish_packet_size"]
+__all__ = [
+    "BrokerURL",
+    "checked_packet_size",
+    "connect_properties",
+    "make_client",
+    "probe_broker",
+    "publish_packet_size",
+]
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,20 @@ def publish_packet_size(topic: str, payload_len: int, qos: int = 1, mqtt5: bool 
     variable = 2 + len(topic.encode()) + (2 if qos > 0 else 0) + (1 if mqtt5 else 0)
     remaining = variable + payload_len
     return 1 + _varint_len(remaining) + remaining
+
+
+def checked_packet_size(topic: str, payload_len: int, qos: int = 1) -> int:
+    """``publish_packet_size``, or ``ProtocolError("too_large")`` when the packet or payload is
+    over the limits: the broker would drop the connection and paho would resend forever, and
+    a receiver would refuse it anyway, so every session refuses it before sending."""
+    size = publish_packet_size(topic, payload_len, qos)
+    if size > MAX_PACKET_SIZE or payload_len > DEFAULT_LIMITS.max_payload_bytes:
+        raise ProtocolError(
+            "too_large",
+            f"{payload_len} byte payload ({size} byte packet) on {topic} exceeds the limit "
+            f"{DEFAULT_LIMITS.max_payload_bytes} (packet {MAX_PACKET_SIZE})",
+        )
+    return size
 
 
 def probe_broker(url: BrokerURL, timeout: float = 3.0) -> None:

@@ -23,9 +23,13 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedge.errors import ProtocolError
-from fedge.limits import DEFAULT_LIMITS, MAX_PACKET_SIZE
 from fedge.transport.base import Loop, PublishDone, SessionRequest
-from fedge.transport.mqtt import BrokerURL, connect_properties, make_client, publish_packet_size
+from fedge.transport.mqtt import (
+    BrokerURL,
+    checked_packet_size,
+    connect_properties,
+    make_client,
+)
 from fedge.transport.mux import Link, Mux
 
 __all__ = ["MqttSessions", "Session", "SessionOptions"]
@@ -133,15 +137,7 @@ class Session:
         on_done: PublishDone | None = None,
     ) -> int:
         """Queue a publish; returns its exact packet size. ``on_done(ok, reason)`` follows."""
-        size = publish_packet_size(topic, len(payload), qos)
-        if size > MAX_PACKET_SIZE or len(payload) > DEFAULT_LIMITS.max_payload_bytes:
-            # The broker would drop the connection and paho would resend forever; a receiver
-            # would refuse it anyway: refuse up front.
-            raise ProtocolError(
-                "too_large",
-                f"{len(payload)} byte payload ({size} byte packet) exceeds the limit "
-                f"{DEFAULT_LIMITS.max_payload_bytes} (packet {MAX_PACKET_SIZE})",
-            )
+        size = checked_packet_size(topic, len(payload), qos)
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (MQTT_ERR_SUCCESS, MQTT_ERR_NO_CONN):
             raise ProtocolError("publish", f"paho refused publish on {topic}: rc={info.rc}")
