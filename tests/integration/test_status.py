@@ -31,6 +31,8 @@ def test_status_lists_the_devices_and_the_open_round_and_leaves_the_aggregator_a
     fleet.add_agent(1)
     agg = fleet.aggregator
     wait_until(lambda: len(agg.online) == 2 and agg.round is not None, 20, "two devices, a round")
+    # Its last status names the model it holds: let v0 reach it first (it raced the stop).
+    wait_until(lambda: fleet.agents["dev-1"].model is not None, 10, "dev-1 holds v0")
     fleet.agents["dev-1"].stop()
     wait_until(lambda: agg.online == {"dev-0"}, 10, "dev-1 offline")
     connects = agg.session.connects  # a client taking its id over would force a reconnect
