@@ -158,6 +158,7 @@ class Aggregator:
         )
 
     def _stop(self) -> None:
+        self.rounds.stop()
         self.journal.close()
         self.session.close()
 
