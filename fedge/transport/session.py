@@ -32,6 +32,11 @@ __all__ = ["MqttSessions", "Session", "SessionOptions"]
 
 log = logging.getLogger(__name__)
 
+# CONNACK reason codes that say "not this identity" (MQTT 5): bad user name or password, not
+# authorized, banned, bad authentication method. Retrying with the same credentials cannot
+# succeed, so after ``SessionOptions.max_refusals`` of them in a row the session gives up.
+IDENTITY_REFUSALS = frozenset({0x86, 0x87, 0x8A, 0x8C})
+
 
 @dataclass(frozen=True)
 class SessionOptions:
@@ -49,6 +54,10 @@ class SessionOptions:
     # ``Session.current_retained`` whether the publisher asked the broker to retain the
     # message, and never receives its own publishes there (clearing a retained copy).
     watch_retained: tuple[str, ...] = ()
+    # Consecutive identity refusals (IDENTITY_REFUSALS) before giving up. With the mux's
+    # back-off (0.5, 1, 2, 4 s, jittered) five take about 8 s: a refusal while an operator
+    # rewrites the password file and reloads the broker is retried, a wrong password is not.
+    max_refusals: int = 5
 
 
 class Session:
@@ -90,6 +99,8 @@ class Session:
         self._current: MQTTMessage | None = None  # the message being handled
         self._deferred = False
         self.last_error = ""
+        self.refusals = 0  # identity refusals in a row
+        self.refused: str | None = None  # set once the session gave up
         self._pending: dict[int, PublishDone | None] = {}
         self._link: Link | None = None
 
@@ -159,8 +170,12 @@ class Session:
     ) -> None:
         if rc.is_failure:
             self.last_error = f"broker refused connection: {rc}"
-            log.warning("%s: %s", self.options.client_id, self.last_error)
+            if rc.value in IDENTITY_REFUSALS:
+                self._refused(rc)
+            else:
+                log.warning("%s: %s", self.options.client_id, self.last_error)
             return
+        self.refusals = 0
         self.connected = True
         self.connects += 1
         if self._link is not None:
@@ -188,6 +203,22 @@ class Session:
             )
         if self._on_connected is not None:
             self._on_connected()
+
+    def _refused(self, rc: ReasonCode) -> None:
+        self.refusals += 1
+        who = self.options.username or self.options.client_id
+        if self.refusals < self.options.max_refusals:
+            # Once per run of refusals, not once per retry.
+            level = logging.WARNING if self.refusals == 1 else logging.DEBUG
+            log.log(level, "the broker refused identity %r: %s; retrying with back-off", who, rc)
+            return
+        self.refused = (
+            f"the broker refused identity {who!r} {self.refusals} times in a row: {rc} "
+            f"(a wrong password or password_file, a revoked device, or a name the broker "
+            f"does not know); giving up"
+        )
+        if self._link is not None:
+            self.mux.give_up(self._link, self.refused)
 
     def _handle_disconnect(self, _c: Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
         if self.connected:
