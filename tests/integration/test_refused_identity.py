@@ -13,14 +13,19 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from fedge.topics import Topics
+from fedge.transport.mqtt import BrokerURL
+from fedge.transport.mux import Mux
+from fedge.transport.session import Session, SessionOptions
 from fedge_cli.pki.passwords import set_password
-from simulation.broker import MosquittoNotFound, find_mosquitto
+from simulation.broker import MosquittoBroker, MosquittoNotFound, find_mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -127,3 +132,57 @@ def test_agent_and_aggregator_with_a_wrong_password_exit_with_one_line(
         ), out[name]
         assert sum("refused identity" in line for line in lines) == 2, out[name]
     assert took < WAIT
+
+
+def test_a_second_aggregator_of_the_fleet_gives_up_and_the_first_keeps_running(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """Seen in the field: a second aggregator of a fleet (or another fleet's, with the same
+    username) and the first kicked each other off, 18 disconnects in 17 s, no hint."""
+    # Prepare: the first aggregator's identity, connected and stable
+    url = BrokerURL.parse(broker.url)
+    fleet = f"f{uuid.uuid4().hex[:8]}"
+    mux = Mux("first").start()
+    first = Session(
+        mux,
+        url,
+        SessionOptions("aggregator", "aggregator", stable_after=1.0, max_takeovers=5),
+        subscriptions=[Topics(fleet).all_statuses],
+        on_message=lambda _t, _p: None,
+    )
+    first.start()
+    cfg = tmp_path / "aggregator.yaml"
+    cfg.write_text(f"broker: {broker.url}\nfleet: {fleet}\nstate_dir: {tmp_path / 'agg'}\n")
+    try:
+        deadline = time.monotonic() + WAIT
+        while not first.connected:
+            assert time.monotonic() < deadline, first.last_error
+            time.sleep(0.05)
+        time.sleep(1.5)  # held longer than stable_after
+
+        # Execute: a second aggregator of the same fleet, as a process
+        second = subprocess.run(
+            [sys.executable, "-m", "aggregator", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+        time.sleep(1.0)
+
+        # Assert: the second exits with one line; the first holds its identity
+        assert second.returncode == 1, second.stderr
+        assert (
+            second.stderr.strip()
+            .splitlines()[-1]
+            .startswith(
+                "fedge aggregator: error: the connection as 'aggregator' (client id 'aggregator') "
+                "was closed 5 times in a row within seconds of connecting: another client holds "
+                "this identity"
+            )
+        ), second.stderr
+        assert first.connected
+        assert first.refused is None
+    finally:
+        mux.call_soon(first.close)
+        time.sleep(0.2)
+        mux.stop()
