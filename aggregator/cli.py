@@ -33,13 +33,17 @@ def run(args: argparse.Namespace) -> None:
     if agg.web is not None:
         print(f"dashboard {agg.web.url}, Prometheus {agg.web.url}metrics", flush=True)
     try:
-        wait_for_signal(agg.done)
+        wait_for_signal(agg.done, mux.gave_up)
     finally:
         agg.stop()
         import time
 
         time.sleep(0.3)
         mux.stop()
+    if mux.refused is not None:
+        from fedge.errors import IdentityRefused
+
+        raise IdentityRefused(mux.refused)
     if agg.done.is_set():
         print(f"done: version {agg.version} at {agg.latest_model_path}")
 

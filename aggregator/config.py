@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from fedge.codecs import parse_codec
 from fedge.envelopes import HYPER_BOUNDS, TrainHyper
-from fedge.support.config_io import TLSConfig, load_yaml_config
+from fedge.support.config_io import TLSConfig, load_yaml_config, read_password_file
 from fedge.transport.mqtt import BrokerURL
 
 # What `fedge simulate` picks for the robust strategies, which need dense updates.
@@ -80,6 +80,10 @@ class AggregatorConfig(BaseModel):
     fleet: str = "default"
     username: str = "aggregator"
     password: str | None = None
+    password_file: Path | None = Field(
+        default=None,
+        description="file holding the password (`fedge enroll` writes one); not with password",
+    )
     client_id: str = "aggregator"
     state_dir: Path = Path("fedge-aggregator-state")
     model: ModelConfig = ModelConfig()
@@ -175,6 +179,11 @@ class AggregatorConfig(BaseModel):
         description="address the metrics port listens on; 0.0.0.0 exposes the read-only "
         "dashboard to the network",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_file(cls, raw: object) -> object:
+        return read_password_file(raw)
 
     @field_validator("broker")
     @classmethod

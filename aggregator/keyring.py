@@ -86,6 +86,12 @@ class KeyRing:
         self._fresh()
         return self._keys.get(device)
 
+    @property
+    def revoked_devices(self) -> frozenset[str]:
+        """Devices that had a key revoked and hold no valid one now."""
+        self._fresh()
+        return frozenset(self._revoked_devices)
+
     def is_revoked(self, device: str) -> bool:
         """True if ``device`` had a key revoked and holds no valid one now."""
         self._fresh()

@@ -53,6 +53,9 @@ __all__ = ["RoundCallback", "RoundLifecycle", "RoundParts"]
 
 log = logging.getLogger(__name__)
 
+# How often the key registry is looked at for revocations (two stat calls when nothing changed).
+KEY_WATCH_INTERVAL = 1.0
+
 RoundCallback = Callable[[dict[str, Any]], None]
 
 
@@ -99,6 +102,7 @@ class RoundLifecycle:
         self.round: OpenRound | None = None
         self.ctx: RoundContext | None = None
         self._deadline: Cancellable | None = None
+        self._key_watch: Cancellable | None = None
 
     @classmethod
     def updates_topic(cls, topics: Topics) -> str:
@@ -129,6 +133,8 @@ class RoundLifecycle:
         # Re-publishing is idempotent (same version and hash) and repairs a broker that lost
         # its retained messages.
         self.publisher.publish(self.session)
+        if self._key_watch is None and self.parts.keyring is not None:
+            self._watch_keys()
         if self.parts.done.is_set():
             return
         if self.round is None:
@@ -149,6 +155,29 @@ class RoundLifecycle:
         self.presence.update(device, status)
         if status.state == DeviceState.OFFLINE:
             self._maybe_close_early()
+        elif device in self.presence.revoked:
+            # A revoked device still connected (mutual TLS: the CRL is checked at the
+            # handshake only) must not leave an "online" status for dashboards and restarts.
+            self._clear_status(device)
+
+    def _watch_keys(self) -> None:
+        """Drop devices whose key was revoked from every round's wait, then look again soon."""
+        keyring = self.parts.keyring
+        assert keyring is not None
+        for device in sorted(self.presence.set_revoked(keyring.revoked_devices)):
+            log.warning("%s: its key was revoked; no round waits for it any more", device)
+            self._clear_status(device)
+        self._maybe_close_early()
+        self._key_watch = self.parts.loop.call_later(KEY_WATCH_INTERVAL, self._watch_keys)
+
+    def stop(self) -> None:
+        """Stop looking at the key registry (the service is stopping)."""
+        if self._key_watch is not None:
+            self._key_watch.cancel()
+
+    def _clear_status(self, device: str) -> None:
+        """Delete ``device``'s retained status (an empty retained publish)."""
+        self.session.publish(self.parts.topics.status(device), b"", qos=1, retain=True)
 
     def on_update(self, device: str, topic: str, payload: bytes) -> None:
         size = publish_packet_size(topic, len(payload))

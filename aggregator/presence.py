@@ -3,6 +3,11 @@
 Built from the devices' retained statuses only (docs/architecture.md, "Known limits"): a
 device that never announced itself is never selected, and a round closes early only once
 ``target_devices`` devices are known and every online device asked has answered.
+
+A device whose key was revoked stays known (it did announce itself) but is never online nor
+selected again, whatever its statuses say: a mutual-TLS device stays connected after its
+revocation (the CRL is checked at the handshake only) and its retained status keeps saying
+online, so waiting for it would cost every round its full ``round_timeout``.
 """
 
 from __future__ import annotations
@@ -24,24 +29,35 @@ class Presence:
         self.known: set[str] = set()
         self.online: set[str] = set()
         self.statuses: dict[str, DeviceStatus] = {}  # the last one of each device
+        self.revoked: frozenset[str] = frozenset()
 
     def update(self, device: str, status: DeviceStatus) -> None:
         self.known.add(device)
         self.statuses[device] = status
-        if status.state == DeviceState.OFFLINE:
+        if status.state == DeviceState.OFFLINE or device in self.revoked:
             self.online.discard(device)
         else:
             self.online.add(device)
 
+    def set_revoked(self, revoked: Collection[str]) -> set[str]:
+        """Take the devices whose keys are revoked now; those newly revoked and known.
+
+        A device enrolled again (a new key) leaves the set and is online at its next status.
+        """
+        newly = set(revoked) - self.revoked
+        self.revoked = frozenset(revoked)
+        self.online -= self.revoked
+        return newly & self.known
+
     def select(self, round_id: int) -> tuple[str, ...] | None:
         """A seeded sample of known devices; None (everyone) until enough devices are known."""
         c = self.config
-        if c.clients_per_round is None or len(self.known) <= c.clients_per_round:
+        if c.clients_per_round is None or len(self.known - self.revoked) <= c.clients_per_round:
             return None
         rng = npr.default_rng([c.selection_seed, round_id])
         return (
             select_clients(
-                sorted(self.known),
+                sorted(self.known - self.revoked),
                 self.online,
                 count=c.clients_per_round,
                 over_select=c.over_select,

@@ -100,6 +100,9 @@ class Aggregator:
                 manual_ack=True,
                 # Devices must not park payloads in the broker: see _on_message.
                 watch_retained=(self.topics.all_updates, self.topics.all_statuses),
+                # A second aggregator of the fleet (or another fleet's under the same
+                # username) and this one would kick each other off forever.
+                detect_takeover=True,
             )
         )
         self.intake = UpdateIntake(
@@ -158,6 +161,7 @@ class Aggregator:
         )
 
     def _stop(self) -> None:
+        self.rounds.stop()
         self.journal.close()
         self.session.close()
 

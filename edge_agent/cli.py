@@ -96,13 +96,17 @@ def run_agent(config: Path, log_level: str) -> None:
     )
     agent.start()
     try:
-        wait_for_signal()
+        wait_for_signal(mux.gave_up)
     finally:
         agent.stop()
         import time
 
         time.sleep(0.3)
         mux.stop()
+    if mux.refused is not None:
+        from fedge.errors import IdentityRefused
+
+        raise IdentityRefused(mux.refused)
 
 
 def _opt(p: Path | None) -> str | None:

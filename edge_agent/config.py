@@ -6,9 +6,9 @@ import os
 import socket
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from fedge.support.config_io import TLSConfig, load_yaml_config
+from fedge.support.config_io import TLSConfig, load_yaml_config, read_password_file
 from fedge.topics import validate_device_id
 from fedge.transport.mqtt import BrokerURL
 
@@ -34,6 +34,10 @@ class AgentConfig(BaseModel):
     fleet: str = "default"
     username: str | None = None
     password: str | None = None
+    password_file: Path | None = Field(
+        default=None,
+        description="file holding the password (`fedge enroll` writes one); not with password",
+    )
     state_dir: Path = Path("fedge-agent-state")
     data: Path = Field(
         description="local training data: an .npz with arrays x and y, or a directory of "
@@ -57,6 +61,11 @@ class AgentConfig(BaseModel):
     @classmethod
     def _id(cls, v: str) -> str:
         return validate_device_id(v)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _password_file(cls, raw: object) -> object:
+        return read_password_file(raw)
 
     @field_validator("broker")
     @classmethod

@@ -9,7 +9,8 @@
      ├── ProtocolError        a message breaks the wire contract (size, msgpack, schema, tensors)
      │    └── InvalidUpdate   a well-formed update the round cannot accept (round, nonce, duplicate)
      ├── TransportError       the broker cannot be reached or refuses us
-     │    └── BrokerUnavailable
+     │    ├── BrokerUnavailable
+     │    └── IdentityRefused the broker kept refusing our credentials (CONNACK 0x86/0x87/...)
      └── AggregationError     a round cannot produce a model
 
 Third-party errors (paho, msgpack, zstandard, onnx, pydantic) are translated where they are
@@ -29,6 +30,7 @@ __all__ = [
     "BrokerUnavailable",
     "ConfigError",
     "FedgeError",
+    "IdentityRefused",
     "InvalidUpdate",
     "InvalidValue",
     "ProtocolError",
@@ -78,6 +80,11 @@ class TransportError(FedgeError):
 
 class BrokerUnavailable(TransportError):
     """No broker to talk to (not installed, not running, or unreachable)."""
+
+
+class IdentityRefused(TransportError):
+    """The broker refused this identity at every try of a bounded run: wrong password,
+    revoked device, banned, or a username the ACL does not know. Retrying cannot help."""
 
 
 class AggregationError(FedgeError):

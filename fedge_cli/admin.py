@@ -35,20 +35,27 @@ def _ca_crl(args: argparse.Namespace) -> None:
 
 
 def _broker_config(args: argparse.Namespace) -> None:
-    data_dir = args.data_dir.resolve()
     ca = write_broker_config(
         args.dir,
         args.out,
-        data_dir=data_dir,
-        log_file=args.log_file.resolve(),
+        data_dir=args.data_dir,
+        log_file=args.log_file,
         port=args.port,
         mtls_port=args.mtls_port,
         bind=args.bind,
         user=args.user,
         fleet=args.fleet,
         acl_template=args.acl_template,
+        include=args.include,
     )
-    print(f"wrote {args.out}; run: mosquitto -c {args.out}")
+    out = args.out.resolve()
+    if args.include:
+        print(f"wrote {out}; it must be in the include_dir of the main config (Debian: ")
+        print("/etc/mosquitto/conf.d/), then: systemctl restart mosquitto")
+        print(f"the broker user must read {ca.broker}, e.g.: chown -R mosquitto: {ca.broker}")
+        return
+    data_dir = args.data_dir.resolve()
+    print(f"wrote {out}; run: mosquitto -c {out}")
     print(
         f"the broker user must read {ca.broker} and write {data_dir}, e.g.: "
         f"chown -R mosquitto: {ca.broker} {data_dir}"
@@ -90,7 +97,9 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     crl.set_defaults(func=_ca_crl)
     bc = csub.add_parser("broker-config", help="render broker_config/production.conf")
     bc.add_argument("--dir", type=Path, required=True)
-    bc.add_argument("--data-dir", type=Path, required=True)
+    bc.add_argument(
+        "--data-dir", type=Path, default=None, help="persistence directory (not with --include)"
+    )
     bc.add_argument("--log-file", type=Path, default=Path("/var/log/mosquitto/mosquitto.log"))
     bc.add_argument("--out", type=Path, required=True)
     bc.add_argument("--port", type=int, default=8883)
@@ -105,6 +114,12 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         type=Path,
         default=ACL_TEMPLATE,
         help="ACL to pin with --fleet, e.g. broker_config/acl.sharded",
+    )
+    bc.add_argument(
+        "--include",
+        action="store_true",
+        help="a conf.d include for Debian's stock mosquitto.conf: leave out pid_file, "
+        "persistence, persistence_location and log_dest, which it sets",
     )
     bc.set_defaults(func=_broker_config)
     en = sub.add_parser("enroll", help="make a device's broker password, certificate, signing key")

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from fedge.errors import ConfigError
 
-__all__ = ["TLSConfig", "load_yaml_config", "validation_message"]
+__all__ = ["TLSConfig", "load_yaml_config", "read_password_file", "validation_message"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -19,9 +19,10 @@ def validation_message(source: str, err: ValidationError) -> str:
     """``agent.yaml: data.path: Field required; brokr: unknown key`` — one line."""
     parts = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        parts.append(f"{where}: {msg}")
+        msg = msg.removeprefix("Value error, ")
+        where = ".".join(str(p) for p in e["loc"])
+        parts.append(f"{where}: {msg}" if where else msg)
     return f"{source}: " + "; ".join(parts)
 
 
@@ -39,6 +40,30 @@ def load_yaml_config(path: Path, model: type[M]) -> M:
         return model.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(validation_message(str(path), e)) from None
+
+
+def read_password_file(raw: object) -> object:
+    """For a role's ``mode="before"`` validator: ``password_file`` read into ``password``.
+
+    Read once, at start, so a missing or unreadable file is one line before any connection
+    (not a broker refusing an empty password later). One trailing newline is dropped (``echo``
+    and editors add one; ``fedge enroll`` writes none).
+    """
+    if not isinstance(raw, dict) or raw.get("password_file") is None:
+        return raw
+    path = Path(str(raw["password_file"]))
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ValueError(f"password_file {path}: cannot read it: {why}") from None
+    password = text.removesuffix("\n").removesuffix("\r")
+    if not password or "\n" in password:
+        raise ValueError(f"password_file {path}: expected the password on one line")
+    # Equal is a config dumped and validated again, not two sources that disagree.
+    if raw.get("password") not in (None, password):
+        raise ValueError("set password or password_file, not both")
+    return {**raw, "password": password}
 
 
 class TLSConfig(BaseModel):

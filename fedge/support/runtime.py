@@ -17,8 +17,8 @@ def setup_logging(level: str = "INFO") -> None:
     )
 
 
-def wait_for_signal(done: threading.Event | None = None) -> bool:
-    """Block until SIGINT/SIGTERM or until ``done`` is set; True if a signal ended the wait."""
+def wait_for_signal(*done: threading.Event) -> bool:
+    """Block until SIGINT/SIGTERM or until one of ``done`` is set; True if a signal ended it."""
     signalled = threading.Event()
 
     def handler(_sig: int, _frame: FrameType | None) -> None:
@@ -27,6 +27,6 @@ def wait_for_signal(done: threading.Event | None = None) -> bool:
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
     while not signalled.wait(0.2):
-        if done is not None and done.is_set():
+        if any(e.is_set() for e in done):
             return False
     return True

@@ -85,6 +85,10 @@ class SessionRequest:
     # matters: subscribed at QoS 0, so the broker queues nothing for them while the session
     # is away; the retained copy arrives after every (re)subscribe (docs/protocol.md §2.1).
     latest_only: Sequence[str] = ()
+    # One process of this role per identity (the aggregator): a session repeatedly closed
+    # within seconds of connecting, never having held a connection, gives up (another process
+    # holds the client id). Off for devices, whose flaky links look the same.
+    detect_takeover: bool = False
 
 
 SessionFactory = Callable[[SessionRequest], RoleSession]

@@ -6,6 +6,10 @@ owns every client: sockets are registered with an epoll selector through paho's
 ``on_socket_*`` callbacks, ``loop_read``/``loop_write`` run when ready and ``loop_misc`` once a
 second for keepalives. All paho calls happen on this thread; other threads hand work over with
 ``call_soon``. A connection that drops is retried with jittered exponential back-off.
+
+A session whose identity the broker keeps refusing gives up (``give_up``): it is detached and
+its reason kept in ``refused``, and ``gave_up`` is set so that a process running one role
+(``fedge agent``, ``fedge aggregator``) can exit with that reason instead of retrying forever.
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ class Mux:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._rng = random.Random()
+        self.refused: str | None = None  # why the first session that gave up did
+        self.gave_up = threading.Event()
 
     # -- threading ----------------------------------------------------------------------------
     def start(self) -> Mux:
@@ -129,6 +135,15 @@ class Mux:
         if link.retry is not None:
             link.retry.cancel()
         self._links.pop(id(link.client), None)
+
+    def give_up(self, link: Link, why: str) -> None:
+        """Stop reconnecting ``link`` for good, record ``why`` (mux thread, may be called from
+        a paho callback: the socket is closed on the next turn of the loop)."""
+        self.detach(link)
+        self.call_soon(self.flush_and_close, link)
+        if self.refused is None:
+            self.refused = why
+        self.gave_up.set()
 
     def flush_and_close(self, link: Link) -> None:
         """Write what is queued, then close the socket (mux thread)."""

@@ -14,11 +14,18 @@ the broker delivers it again after the next reconnect.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from paho.mqtt.client import MQTT_ERR_NO_CONN, MQTT_ERR_SUCCESS, Client, MQTTMessage
+from paho.mqtt.client import (
+    MQTT_ERR_NO_CONN,
+    MQTT_ERR_SUCCESS,
+    Client,
+    DisconnectFlags,
+    MQTTMessage,
+)
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -35,6 +42,12 @@ from fedge.transport.mux import Link, Mux
 __all__ = ["MqttSessions", "Session", "SessionOptions"]
 
 log = logging.getLogger(__name__)
+
+# CONNACK reason codes that say "not this identity" (MQTT 5): bad user name or password, not
+# authorized, banned, bad authentication method. Retrying with the same credentials cannot
+# succeed, so after ``SessionOptions.max_refusals`` of them in a row the session gives up.
+IDENTITY_REFUSALS = frozenset({0x86, 0x87, 0x8A, 0x8C})
+TAKEOVERS_BEFORE_GIVING_UP = 5  # for a SessionRequest with detect_takeover
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,17 @@ class SessionOptions:
     # ``Session.current_retained`` whether the publisher asked the broker to retain the
     # message, and never receives its own publishes there (clearing a retained copy).
     watch_retained: tuple[str, ...] = ()
+    # Consecutive identity refusals (IDENTITY_REFUSALS) before giving up. With the mux's
+    # back-off (0.5, 1, 2, 4 s, jittered) five take about 8 s: a refusal while an operator
+    # rewrites the password file and reloads the broker is retried, a wrong password is not.
+    max_refusals: int = 5
+    # Two clients with one client id kick each other off in a loop (Mosquitto 2.0.11 closes
+    # the older socket without a DISCONNECT packet). A session that never held a connection
+    # for ``stable_after`` seconds and loses ``max_takeovers`` in a row within that time of
+    # connecting is the newcomer: it gives up, and the one that was there keeps the identity.
+    # 0: off (a device on a flaky link loses young connections too).
+    stable_after: float = 10.0
+    max_takeovers: int = 0
 
 
 class Session:
@@ -94,6 +118,11 @@ class Session:
         self._current: MQTTMessage | None = None  # the message being handled
         self._deferred = False
         self.last_error = ""
+        self.refusals = 0  # identity refusals in a row
+        self.stable = False  # held one connection for stable_after seconds
+        self.takeovers = 0  # connections lost within stable_after of connecting, in a row
+        self._connected_at = 0.0
+        self.refused: str | None = None  # set once the session gave up
         self._pending: dict[int, PublishDone | None] = {}
         self._link: Link | None = None
 
@@ -155,9 +184,14 @@ class Session:
     ) -> None:
         if rc.is_failure:
             self.last_error = f"broker refused connection: {rc}"
-            log.warning("%s: %s", self.options.client_id, self.last_error)
+            if rc.value in IDENTITY_REFUSALS:
+                self._refused(rc)
+            else:
+                log.warning("%s: %s", self.options.client_id, self.last_error)
             return
+        self.refusals = 0
         self.connected = True
+        self._connected_at = time.monotonic()
         self.connects += 1
         if self._link is not None:
             self._link.connected_ok()
@@ -185,11 +219,51 @@ class Session:
         if self._on_connected is not None:
             self._on_connected()
 
-    def _handle_disconnect(self, _c: Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+    def _refused(self, rc: ReasonCode) -> None:
+        self.refusals += 1
+        who = self.options.username or self.options.client_id
+        if self.refusals < self.options.max_refusals:
+            # Once per run of refusals, not once per retry.
+            level = logging.WARNING if self.refusals == 1 else logging.DEBUG
+            log.log(level, "the broker refused identity %r: %s; retrying with back-off", who, rc)
+            return
+        self.refused = (
+            f"the broker refused identity {who!r} {self.refusals} times in a row: {rc} "
+            f"(a wrong password or password_file, a revoked device, or a name the broker "
+            f"does not know); giving up"
+        )
+        if self._link is not None:
+            self.mux.give_up(self._link, self.refused)
+
+    def _handle_disconnect(
+        self, _c: Client, _u: Any, flags: DisconnectFlags, rc: ReasonCode, _p: Any
+    ) -> None:
         if self.connected:
             log.info("%s: disconnected (%s)", self.options.client_id, rc)
+            self._count_takeover(flags)
         self.connected = False
         self.connects = max(self.connects, 1)
+
+    def _count_takeover(self, flags: DisconnectFlags) -> None:
+        if time.monotonic() - self._connected_at >= self.options.stable_after:
+            self.stable = True
+            self.takeovers = 0
+            return
+        if flags.is_disconnect_packet_from_server:
+            return  # the broker said why: not a silent takeover
+        self.takeovers += 1
+        limit = self.options.max_takeovers
+        if not limit or self.stable or self.takeovers < limit or self._link is None:
+            return
+        who = self.options.username or self.options.client_id
+        self.refused = (
+            f"the connection as {who!r} (client id {self.options.client_id!r}) was closed "
+            f"{self.takeovers} times in a row within seconds of connecting: another client "
+            f"holds this identity (a second process of this role, e.g. another aggregator of "
+            f"this fleet or of another fleet with the same username); giving up so that it "
+            f"keeps it"
+        )
+        self.mux.give_up(self._link, self.refused)
 
     @property
     def current_retained(self) -> bool:
@@ -258,6 +332,7 @@ class MqttSessions:
             will=request.will,
             manual_ack=request.manual_ack,
             watch_retained=request.watch_retained,
+            max_takeovers=TAKEOVERS_BEFORE_GIVING_UP if request.detect_takeover else 0,
             ca_cert=self.ca_cert,
             client_cert=self.client_cert,
             client_key=self.client_key,

@@ -4,6 +4,17 @@ Before writing it, ``write_broker_config`` checks that the broker (started as ro
 ``--user``) can write its data directory and read its key, password file and CRL: otherwise
 Mosquitto would start, log "Permission denied" once, and lose every session and retained model
 on restart (persistence), or refuse every TLS client (key, CRL).
+
+Every path in the config is absolute (a service manager starts Mosquitto from ``/``), and the
+file is written 0644: Mosquitto re-reads it on SIGHUP after dropping to its user, and a file
+only root can read makes every reload fail with ``Unable to open config file``. It holds paths,
+no secrets.
+
+With ``include=True`` it is rendered for Debian's ``/etc/mosquitto/conf.d/``: the stock
+``/etc/mosquitto/mosquitto.conf`` already sets ``pid_file``, ``persistence``,
+``persistence_location`` and ``log_dest file``, and Mosquitto exits on a second
+``persistence_location`` or ``log_dest file`` ("Duplicate ... value"), so those lines are left
+out and the broker keeps the stock data directory and log.
 """
 
 from __future__ import annotations
@@ -26,6 +37,9 @@ __all__ = [
 
 PRODUCTION_TEMPLATE = Path(__file__).resolve().parents[2] / "broker_config" / "production.conf"
 ACL_TEMPLATE = PRODUCTION_TEMPLATE.parent / "acl"
+CONFIG_MODE = 0o644
+# What Debian's stock mosquitto.conf sets before its include_dir (mosquitto 2.0.11-1.2).
+STOCK_SETTINGS = frozenset({"pid_file", "persistence", "persistence_location", "log_dest"})
 
 
 def render_broker_config(
@@ -37,7 +51,7 @@ def render_broker_config(
     ``simulation.broker.MosquittoBroker``) can fill ``{port}``, ``{data_dir}``, ``{acl_file}``
     and ``{log_file}`` itself.
     """
-    ca = CaDir(Path(ca_dir)).require()
+    ca = CaDir(Path(ca_dir).resolve()).require()
     filled: dict[str, object] = {
         "password_file": ca.passwd,
         "cafile": ca.ca_crt,
@@ -53,11 +67,25 @@ def render_broker_config(
     return text
 
 
+def as_include(text: str) -> str:
+    """``text`` without the settings Debian's stock ``mosquitto.conf`` already makes."""
+    kept = [
+        line
+        for line in text.splitlines(keepends=True)
+        if not (line.split() and line.split()[0] in STOCK_SETTINGS)
+    ]
+    head = (
+        "# A conf.d include for Debian's stock /etc/mosquitto/mosquitto.conf, which sets\n"
+        f"# {', '.join(sorted(STOCK_SETTINGS))}: they are left out here.\n"
+    )
+    return head + "".join(kept)
+
+
 def write_broker_config(
     ca_dir: Path,
     out: Path,
     *,
-    data_dir: Path,
+    data_dir: Path | None,
     log_file: Path,
     port: int,
     mtls_port: int,
@@ -65,8 +93,12 @@ def write_broker_config(
     user: str,
     fleet: str | None = None,
     acl_template: Path = ACL_TEMPLATE,
+    include: bool = False,
 ) -> CaDir:
     """Check the broker user's access (module docstring), render the config, write ``out``.
+
+    ``include``: for Debian's ``conf.d`` (module docstring); ``data_dir`` is then the stock
+    one and may be None.
 
     With ``fleet``, ``CA/broker/acl`` is first rendered anew from ``acl_template`` pinned to
     that fleet (``fedge_cli.pki.acl.render_acl``); without it the CA's ACL stays as it is
@@ -74,7 +106,16 @@ def write_broker_config(
     """
     from fedge_cli.pki.acl import render_acl
 
-    ca = CaDir(Path(ca_dir)).require()
+    ca = CaDir(Path(ca_dir).resolve()).require()
+    if include and data_dir is not None:
+        raise ConfigError(
+            "leave out --data-dir with --include: the main config's persistence_location is used"
+        )
+    if data_dir is None:
+        if not include:
+            raise ConfigError("a data directory is needed unless the config is an --include")
+        data_dir = Path("/var/lib/mosquitto")
+    data_dir, log_file = Path(data_dir).resolve(), Path(log_file).resolve()
     if fleet is not None:
         acl = render_acl(Path(acl_template).read_text(), fleet)
         atomic_write(ca.acl, acl.encode())
@@ -83,7 +124,7 @@ def write_broker_config(
         raise ConfigError(
             f"data directory {data_dir} does not exist; create it for the broker user"
         )
-    problem = access_problem(data_dir, user, write=True)
+    problem = None if include else access_problem(data_dir, user, write=True)
     problem = problem or next(
         (p for f in (ca.server_key, ca.passwd, ca.crl) if (p := access_problem(f, user))),
         None,
@@ -93,10 +134,12 @@ def write_broker_config(
     text = render_broker_config(
         ca.root, port=port, mtls_port=mtls_port, bind=bind, data_dir=data_dir, log_file=log_file
     )
+    if include:
+        text = as_include(text)
     left = sorted(set(re.findall(r"\{(\w+)\}", text)))
     if left:
         raise ConfigError(f"unfilled placeholders in the template: {', '.join(left)}")
-    atomic_write(out, text.encode())
+    atomic_write(out, text.encode(), mode=CONFIG_MODE)
     return ca
 
 

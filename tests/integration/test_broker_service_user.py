@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -129,6 +130,82 @@ def test_revoke_and_reload_keep_every_other_identity_connected(service_dir: Path
         assert "Unable to open pwfile" not in log.read_text()
         st = ca.passwd.stat()
         assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, gid, 0o640)
+    finally:
+        broker.terminate()
+        broker.wait(timeout=WAIT)
+
+
+def _fedge(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedge_cli.main", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_broker_config_as_a_conf_d_include_of_the_stock_config(service_dir: Path) -> None:
+    """`fedge ca broker-config --include`, run with relative paths as an operator does, drops
+    into a Debian-stock layout (main config with pid_file, persistence, persistence_location,
+    log_dest and include_dir); the broker is started from / as systemd does, drops to its
+    user, and reloads on SIGHUP. (Seen in the field: relative paths, a 0600 root config that
+    every reload failed to open, and a duplicate persistence_location that made it exit.)"""
+    # Prepare: the CA and the stock-like main config
+    init = _fedge(service_dir, "ca", "init", "--dir", "ca")
+    assert init.returncode == 0, init.stderr
+    ca = pki.CaDir(service_dir / "ca")
+    gid = grp.getgrnam(USER).gr_gid
+    for f in (ca.passwd, ca.server_key):
+        os.chown(f, 0, gid)
+    state = service_dir / "state"
+    state.mkdir()
+    os.chown(state, pwd.getpwnam(USER).pw_uid, gid)
+    (service_dir / "conf.d").mkdir()
+    log = state / "mosquitto.log"
+    main = service_dir / "mosquitto.conf"
+    main.write_text(
+        f"pid_file {state}/mosquitto.pid\n"
+        "persistence true\n"
+        f"persistence_location {state}/\n"
+        f"log_dest file {log}\n"
+        f"include_dir {service_dir}/conf.d\n"
+    )
+    port = _free_port()
+    # Execute: render the include with relative paths, start the broker from /, reload it
+    rendered = _fedge(
+        service_dir, "ca", "broker-config", "--dir", "ca", "--include",
+        "--out", "conf.d/fedge.conf", "--port", str(port), "--mtls-port", str(_free_port()),
+        "--bind", "127.0.0.1", "--user", USER,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    broker = subprocess.Popen(
+        [find_mosquitto(), "-c", str(main)],
+        cwd="/",
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for(log, "running")
+        agg_password = (ca.aggregator / "password").read_text()
+        before = _connack(port, ca.ca_crt, pki.AGGREGATOR, agg_password)
+        offset = log.stat().st_size
+        os.kill(broker.pid, signal.SIGHUP)
+        _wait_for(log, "Reloading config", offset)
+        after = _connack(port, ca.ca_crt, pki.AGGREGATOR, agg_password)
+
+        # Assert: it runs and reloads; the include's paths are absolute, world-readable
+        assert (before, after) == (0, 0)
+        assert "Unable to open" not in log.read_text()
+        assert broker.poll() is None
+        conf = service_dir / "conf.d" / "fedge.conf"
+        assert conf.stat().st_mode & 0o777 == 0o644
+        files = ("password_file", "acl_file", "cafile", "certfile", "keyfile", "crlfile")
+        words = [line.split() for line in conf.read_text().splitlines()]
+        paths = [w[1] for w in words if w and w[0] in files]
+        assert len(paths) == 9, paths  # three TLS files per listener, the CRL, passwd, ACL
+        assert all(Path(p).is_absolute() for p in paths)
     finally:
         broker.terminate()
         broker.wait(timeout=WAIT)
