@@ -18,68 +18,27 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from aggregator.adaptive import AdaptiveLR
-from aggregator.checkpoint import StateFile
-from aggregator.config import AggregatorConfig
-from aggregator.intake import UpdateIntake
-from aggregator.journal import RoundJournal
-from aggregator.keyring import KeyRing
-from aggregator.metrics import MetricsSink
-from aggregator.presence import Presence
-from aggregator.publisher import ModelPublisher
-from aggregator.registry import ModelRegistry
+from aggregator.parts import RoundParts
+from aggregator.presence import RevocationWatch
 from aggregator.rounds import OpenRound, RoundContext
 from aggregator.state import ServiceState
-from aggregator.strategies.base import Strategy
-from aggregator.weighting import SampleCap, lower_median
-from fedge.codecs import parse_codec
-from fedge.envelopes import DeviceState, DeviceStatus, ModelUpdate, RoundTask
+from aggregator.weighting import SampleCap, lower_median, refold_capped
+from fedge.envelopes import DeviceState, DeviceStatus, RoundTask
 from fedge.errors import AggregationError
-from fedge.limits import Limits
 from fedge.tensors import TensorSpec, spec_of
 from fedge.topics import Topics
-from fedge.transport.base import Cancellable, Loop, RoleSession
+from fedge.transport.base import Cancellable
 from fedge.transport.mqtt import publish_packet_size
 
-__all__ = ["RoundCallback", "RoundLifecycle", "RoundParts"]
+__all__ = ["RoundLifecycle"]
 
 log = logging.getLogger(__name__)
-
-# How often the key registry is looked at for revocations (two stat calls when nothing changed).
-KEY_WATCH_INTERVAL = 1.0
-
-RoundCallback = Callable[[dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class RoundParts:
-    """What the service wires together for its rounds (aggregator/service.py)."""
-
-    config: AggregatorConfig
-    loop: Loop
-    session: RoleSession
-    topics: Topics
-    limits: Limits
-    strategy: Strategy
-    adaptive: AdaptiveLR
-    publisher: ModelPublisher
-    registry: ModelRegistry
-    journal: RoundJournal
-    state_file: StateFile
-    intake: UpdateIntake
-    presence: Presence
-    metrics: MetricsSink
-    keyring: KeyRing | None
-    done: threading.Event
-    on_round: RoundCallback | None
 
 
 class RoundLifecycle:
@@ -102,7 +61,14 @@ class RoundLifecycle:
         self.round: OpenRound | None = None
         self.ctx: RoundContext | None = None
         self._deadline: Cancellable | None = None
-        self._key_watch: Cancellable | None = None
+        keyring = parts.keyring
+        self._revocations = (
+            RevocationWatch(
+                self.presence, keyring, parts.loop, self._clear_status, self._maybe_close_early
+            )
+            if keyring is not None
+            else None
+        )
 
     @classmethod
     def updates_topic(cls, topics: Topics) -> str:
@@ -133,8 +99,8 @@ class RoundLifecycle:
         # Re-publishing is idempotent (same version and hash) and repairs a broker that lost
         # its retained messages.
         self.publisher.publish(self.session)
-        if self._key_watch is None and self.parts.keyring is not None:
-            self._watch_keys()
+        if self._revocations is not None and not self._revocations.started:
+            self._revocations.look()
         if self.parts.done.is_set():
             return
         if self.round is None:
@@ -160,20 +126,10 @@ class RoundLifecycle:
             # handshake only) must not leave an "online" status for dashboards and restarts.
             self._clear_status(device)
 
-    def _watch_keys(self) -> None:
-        """Drop devices whose key was revoked from every round's wait, then look again soon."""
-        keyring = self.parts.keyring
-        assert keyring is not None
-        for device in sorted(self.presence.set_revoked(keyring.revoked_devices)):
-            log.warning("%s: its key was revoked; no round waits for it any more", device)
-            self._clear_status(device)
-        self._maybe_close_early()
-        self._key_watch = self.parts.loop.call_later(KEY_WATCH_INTERVAL, self._watch_keys)
-
     def stop(self) -> None:
         """Stop looking at the key registry (the service is stopping)."""
-        if self._key_watch is not None:
-            self._key_watch.cancel()
+        if self._revocations is not None:
+            self._revocations.stop()
 
     def _clear_status(self, device: str) -> None:
         """Delete ``device``'s retained status (an empty retained publish)."""
@@ -365,16 +321,14 @@ class RoundLifecycle:
         limit = cap.cap(lower_median(rnd.weights))
         if max(rnd.weights) <= limit:
             return
-        limits = self.parts.limits
-        self.strategy.begin_round(ctx.spec)
-        weights = []
-        for device, payload in self.journal.records(rnd.round):
-            upd = ModelUpdate.from_bytes(payload, limits)  # validated when it came
-            if rnd.counted.get(device) != upd.update_id:
-                continue  # journaled, then refused by the strategy
-            w = min(upd.num_samples, limit)
-            self.strategy.fold(parse_codec(upd.codec).decode(upd.delta, ctx.spec, limits), w)
-            weights.append(w)
+        rnd.weights = refold_capped(
+            self.strategy,
+            self.journal.records(rnd.round),
+            rnd.counted,
+            ctx.spec,
+            self.parts.limits,
+            limit,
+        )
         log.info(
             "round %d: a count above %d (%.1f x the round's lower median): folded again with "
             "that cap",
@@ -382,7 +336,6 @@ class RoundLifecycle:
             limit,
             self.config.max_sample_ratio,
         )
-        rnd.weights = weights
 
     def _publish_version(self, rnd: OpenRound) -> dict[str, Any]:
         """Render, evaluate, publish the new version; step the schedules; its record."""

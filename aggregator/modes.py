@@ -16,7 +16,8 @@ The sharded reducer is ``aggregator.sharded.mode.ShardedRounds``.
 
 from __future__ import annotations
 
-from aggregator.lifecycle import RoundLifecycle, RoundParts
+from aggregator.lifecycle import RoundLifecycle
+from aggregator.parts import RoundParts
 from aggregator.rounds import OpenRound
 from aggregator.strategies.staleness import StalenessWeight
 from fedge.tensors import TensorSpec

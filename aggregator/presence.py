@@ -12,15 +12,23 @@ online, so waiting for it would cost every round its full ``round_timeout``.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import logging
+from collections.abc import Callable, Collection
 
 import numpy.random as npr
 
 from aggregator.config import AggregatorConfig
+from aggregator.keyring import KeyRing
 from aggregator.selection import select_clients
 from fedge.envelopes import DeviceState, DeviceStatus, RoundTask
+from fedge.transport.base import Cancellable, Loop
 
-__all__ = ["Presence"]
+__all__ = ["Presence", "RevocationWatch"]
+
+log = logging.getLogger(__name__)
+
+# How often the key registry is looked at for revocations (two stat calls when nothing changed).
+KEY_WATCH_INTERVAL = 1.0
 
 
 class Presence:
@@ -80,3 +88,37 @@ class Presence:
             return False  # an expected device has not announced itself yet: it may answer
         waiting = {d for d in self.online if task.asks(d)} - set(counted)
         return not waiting
+
+
+class RevocationWatch:
+    """Looks at the key registry every ``KEY_WATCH_INTERVAL`` seconds and drops devices whose
+    key was revoked from every round's wait: ``clear_status(device)`` deletes the retained
+    status it left, ``changed()`` lets the round close early if it waited only for them."""
+
+    def __init__(
+        self,
+        presence: Presence,
+        keyring: KeyRing,
+        loop: Loop,
+        clear_status: Callable[[str], None],
+        changed: Callable[[], None],
+    ) -> None:
+        self.presence, self.keyring, self.loop = presence, keyring, loop
+        self.clear_status, self.changed = clear_status, changed
+        self._timer: Cancellable | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._timer is not None
+
+    def look(self) -> None:
+        """Look now, then again after the interval."""
+        for device in sorted(self.presence.set_revoked(self.keyring.revoked_devices)):
+            log.warning("%s: its key was revoked; no round waits for it any more", device)
+            self.clear_status(device)
+        self.changed()
+        self._timer = self.loop.call_later(KEY_WATCH_INTERVAL, self.look)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()

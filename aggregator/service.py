@@ -25,10 +25,11 @@ from aggregator.evaluation import EvalSet
 from aggregator.intake import UpdateIntake
 from aggregator.journal import RoundJournal
 from aggregator.keyring import KeyRing
-from aggregator.lifecycle import RoundCallback, RoundLifecycle, RoundParts
+from aggregator.lifecycle import RoundLifecycle
 from aggregator.metrics import MetricsFanout, MetricsLog, MetricsSink
 from aggregator.modes import AsyncRounds, SyncRounds
 from aggregator.observe.fleetview import FleetSnapshot
+from aggregator.parts import RoundCallback, RoundParts
 from aggregator.presence import Presence
 from aggregator.publisher import ModelPublisher
 from aggregator.registry import ModelRegistry

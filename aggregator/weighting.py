@@ -20,10 +20,16 @@ the lower median of the weights that went into the previous version:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["SampleCap", "lower_median"]
+from aggregator.strategies.base import Strategy
+from fedge.codecs import parse_codec
+from fedge.envelopes import ModelUpdate
+from fedge.limits import Limits
+from fedge.tensors import TensorSpec
+
+__all__ = ["SampleCap", "lower_median", "refold_capped"]
 
 
 def lower_median(values: Sequence[int]) -> int:
@@ -47,3 +53,26 @@ class SampleCap:
         if self.ratio <= 0 or reference <= 0:
             return self.max_num_samples
         return max(1, min(self.max_num_samples, math.floor(self.ratio * reference)))
+
+
+def refold_capped(
+    strategy: Strategy,
+    journaled: Iterable[tuple[str, bytes]],
+    counted: Mapping[str, str],
+    spec: TensorSpec,
+    limits: Limits,
+    limit: int,
+) -> list[int]:
+    """Fold a round again from its journal with every weight capped at ``limit``; the weights
+    used. Only the updates ``counted`` (device -> update id) go in, one decoded at a time; they
+    were validated when they came."""
+    strategy.begin_round(spec)
+    weights = []
+    for device, payload in journaled:
+        upd = ModelUpdate.from_bytes(payload, limits)
+        if counted.get(device) != upd.update_id:
+            continue  # journaled, then refused by the strategy
+        w = min(upd.num_samples, limit)
+        strategy.fold(parse_codec(upd.codec).decode(upd.delta, spec, limits), w)
+        weights.append(w)
+    return weights

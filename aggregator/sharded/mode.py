@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import time
 
-from aggregator.lifecycle import RoundParts
 from aggregator.modes import SyncRounds
+from aggregator.parts import RoundParts
 from aggregator.rounds import OpenRound
 from aggregator.sharded.partials import ShardPolicy, ShardTopics
 from aggregator.sharded.reducer import Merged
