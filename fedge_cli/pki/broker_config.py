@@ -14,6 +14,7 @@ from pathlib import Path
 
 from fedge.errors import ConfigError
 from fedge.support.fsutil import atomic_write
+from fedge.support.shipped import broker_config_dir
 from fedge_cli.pki.cadir import CaDir
 
 __all__ = [
@@ -24,7 +25,7 @@ __all__ = [
     "write_broker_config",
 ]
 
-PRODUCTION_TEMPLATE = Path(__file__).resolve().parents[2] / "broker_config" / "production.conf"
+PRODUCTION_TEMPLATE = broker_config_dir() / "production.conf"
 ACL_TEMPLATE = PRODUCTION_TEMPLATE.parent / "acl"
 
 
