@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from fedge.support.runtime import exit_user_error, log_level
 
 __all__ = ["add_arguments", "main", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="agent YAML config (see examples/agent.yaml)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", type=log_level, default="INFO", help="DEBUG … CRITICAL")
     sub = p.add_subparsers(dest="agent_cmd", metavar="{predict}")
     pr = sub.add_parser("predict", help="classify samples with an ONNX model (onnxruntime only)")
     pr.add_argument(
@@ -128,4 +129,4 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(p.parse_args(argv))
     except FedgeError as e:
-        sys.exit(f"fedge agent: error: {e}")
+        exit_user_error("fedge agent", e)

@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedge.support.runtime import exit_user_error, log_level
 from simulation import DEFAULT_SIM_CODEC
 
 __all__ = ["DEFAULT_SIM_CODEC", "main"]
@@ -121,7 +122,7 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
         help="broker_config/NAME.conf.template for the started Mosquitto "
         "(local: durable, saves on every change; scale: saves every 60 s)",
     )
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", type=log_level, default="WARNING", help="DEBUG … CRITICAL")
 
 
 def _delay_range(text: str) -> tuple[float, float]:
@@ -191,10 +192,13 @@ def _pairs(items: list[str]) -> dict[str, str]:
 def _strategies(_args: argparse.Namespace) -> None:
     from aggregator.strategies import describe_strategies
 
-    for info in describe_strategies():
-        print(f"{info.name:13s} {info.summary}")
+    infos = describe_strategies()
+    name_w = max(len(i.name) for i in infos) + 2
+    opt_w = max(len(f"{o.key}={o.default!s}") for i in infos for o in i.options) + 2
+    for info in infos:
+        print(f"{info.name:<{name_w}}{info.summary}")
         for o in info.options:
-            print(f"    {o.key}={o.default!s:<10} {o.help}")
+            print(f"    {f'{o.key}={o.default!s}':<{opt_w}}{o.help}")
 
 
 def _data_split(args: argparse.Namespace) -> None:
@@ -217,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_agent import cli as agent_cli
 
     p = argparse.ArgumentParser(prog="fedge", description="Federated learning over MQTT")
+    p.add_argument("--version", action="version", version=f"fedge {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sim = sub.add_parser("simulate", help="run a fleet on this machine over a real Mosquitto")
     _simulate_args(sim)
@@ -236,12 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     ag.set_defaults(func=agent_cli.run)
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_cmd", required=True, metavar="{split}")
-    split = dsub.add_parser("split", help="write per-device .npz partitions for real agents")
-    split.add_argument("--dataset", default="digits")
-    split.add_argument("--devices", type=int, default=10)
-    split.add_argument("--partition", default="dirichlet:0.5")
-    split.add_argument("--seed", type=int, default=0)
-    split.add_argument("--out", type=Path, required=True)
+    split = dsub.add_parser(
+        "split",
+        help="write per-device .npz partitions for real agents",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    split.add_argument("--dataset", default="digits", help="digits, synthetic[:A,B] or mnist5k")
+    split.add_argument("--devices", type=int, default=10, help="files device-000.npz …")
+    split.add_argument("--partition", default="dirichlet:0.5", help="iid, dirichlet:A, shards:K")
+    split.add_argument("--seed", type=int, default=0, help="seed of the split")
+    split.add_argument("--out", type=Path, required=True, help="directory to write")
     split.set_defaults(func=_data_split)
     strat = sub.add_parser("strategies", help="list aggregation strategies and their options")
     strat.set_defaults(func=_strategies)
@@ -265,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedge")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH, never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> None:
     from fedge.errors import FedgeError
 
@@ -274,9 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except (FedgeError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"fedge: error: {e}")
+        exit_user_error("fedge", e)
     except RuntimeError as e:  # e.g. mosquitto missing or failing to start
-        sys.exit(f"fedge: error: {e}")
+        exit_user_error("fedge", e)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def fedge(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
 
 
 def assert_one_line_error(p: subprocess.CompletedProcess[str], *words: str) -> None:
-    assert p.returncode != 0
+    assert p.returncode == 2, (p.returncode, p.stderr)  # a user error (operations.md)
     assert "Traceback" not in p.stderr
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, p.stderr
@@ -64,6 +64,75 @@ def test_bad_aggregator_value(tmp_path: Path) -> None:
 
 def test_missing_config_file(tmp_path: Path) -> None:
     assert_one_line_error(fedge("aggregator", "--config", str(tmp_path / "nope.yaml")), "not found")
+
+
+def test_version() -> None:
+    p = fedge("--version")
+    assert p.returncode == 0
+    assert p.stdout.startswith("fedge 0.1.0")
+
+
+@pytest.mark.parametrize("cmd", [("simulate",), ("agent",), ("aggregator",)])
+def test_unknown_log_level_is_refused(cmd: tuple[str, ...]) -> None:
+    p = fedge(*cmd, "--log-level", "verbose")
+    assert p.returncode == 2
+    assert "unknown log level 'verbose'" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_help_shows_the_defaults() -> None:
+    split = " ".join(fedge("data", "split", "--help").stdout.split())
+    for default in ("(default: digits)", "(default: 10)", "(default: dirichlet:0.5)"):
+        assert default in split
+    init = " ".join(fedge("ca", "init", "--help").stdout.split())
+    assert "(default: localhost 127.0.0.1)" in init
+    assert "(default: default)" in init
+
+
+def test_strategies_columns_line_up() -> None:
+    lines = fedge("strategies").stdout.splitlines()
+    names = [ln for ln in lines if not ln.startswith(" ")]
+    options = [ln for ln in lines if ln.startswith("    ")]
+    assert len(names) >= 10
+    assert len(options) > len(names)
+
+    def column(line: str) -> int:  # where the second column starts
+        first = line.split()[0]
+        start = line.index(first) + len(first)
+        return start + len(line[start:]) - len(line[start:].lstrip())
+
+    assert len({column(ln) for ln in names}) == 1
+    assert len({column(ln) for ln in options}) == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (("--codec", "int3"), ("unknown codec 'int3'",)),
+        (("--strategy", "fedavgg"), ("unknown strategy 'fedavgg'", "fedavg")),
+        (("--strategy", "fedprox", "--strategy-opt", "muu=1"), ("no option 'muu'",)),
+    ],
+)
+def test_simulate_refuses_bad_values_before_starting(
+    tmp_path: Path, flags: tuple[str, ...], words: tuple[str, ...]
+) -> None:
+    p = fedge("simulate", *flags, "--out", str(tmp_path / "run"))
+    assert_one_line_error(p, *words)
+    assert "broker" not in p.stdout  # nothing started: no banner
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("enroll", "dev1", "--ca", "{tmp}/no-ca", "--out", "{tmp}/dev1"),
+        ("revoke", "dev1", "--ca", "{tmp}/no-ca"),
+        ("ca", "broker-config", "--dir", "{tmp}/no-ca", "--data-dir", "{tmp}", "--out", "{tmp}/m"),
+        ("report", "{tmp}", "--out", "{tmp}/r.png"),
+    ],
+)
+def test_user_errors_exit_2(tmp_path: Path, args: tuple[str, ...]) -> None:
+    assert_one_line_error(fedge(*(a.format(tmp=tmp_path) for a in args)), "error")
 
 
 def test_predict_runs_onnx_without_torch(tmp_path: Path) -> None:

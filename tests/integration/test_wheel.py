@@ -74,6 +74,7 @@ def test_built_wheel_runs_simulate_from_a_fresh_venv(tmp_path: Path) -> None:
     where = _run([str(py), "-c", "import fedge; print(fedge.__file__)"], work, env, 30)
     assert where.startswith(str(fresh)), where
     fedge = str(fresh / "bin" / "fedge")
+    assert _run([fedge, "--version"], work, env, 30).startswith("fedge 0.1.0")
 
     out = _run([fedge, "ca", "init", "--dir", "ca"], work, env, 60)
     assert "CA in ca" in out
