@@ -57,6 +57,7 @@ def run_agent(config: Path, log_level: str) -> None:
     from edge_agent.data import load_local_data
     from edge_agent.privacy import LocalDP
     from edge_agent.store import AgentStore
+    from fedge.errors import ConfigError
     from fedge.identity import load_signing_key, load_verify_key
     from fedge.support.runtime import setup_logging, wait_for_signal
     from fedge.topics import Topics
@@ -66,6 +67,10 @@ def run_agent(config: Path, log_level: str) -> None:
     setup_logging(log_level)
     cfg = load_agent_config(config)
     data = load_local_data(cfg.data, cfg.device_id)
+    held = AgentStore(cfg.state_dir).load_model()
+    problem = held and data.width_problem(held.arch.input_dim)
+    if held is not None and problem:
+        raise ConfigError(f"{problem} (model v{held.version} in {cfg.state_dir}); fix data:")
     mux = Mux(f"agent-{cfg.device_id}").start()
     agent = EdgeAgent(
         device_id=cfg.device_id,

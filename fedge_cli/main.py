@@ -202,11 +202,20 @@ def _strategies(_args: argparse.Namespace) -> None:
 
 
 def _data_split(args: argparse.Namespace) -> None:
+    from fedge.topics import validate_device_id
     from simulation.datasets import make_federated, write_npz_partitions
 
+    ids = None
+    if args.device_ids is not None:
+        ids = [validate_device_id(d.strip()) for d in args.device_ids.split(",")]
+        if len(ids) != args.devices:
+            msg = f"--device-ids names {len(ids)} devices, --devices is {args.devices}"
+            raise ValueError(msg)
     data = make_federated(args.dataset, args.devices, args.partition, args.seed)
-    paths = write_npz_partitions(data, args.out)
+    paths = write_npz_partitions(data, args.out, ids)
     print(f"wrote {len(paths)} files to {args.out} (sizes {list(data.sizes)})")
+    if ids is None:
+        print("devices claim a file each, first come first served (no --device-ids)")
 
 
 def _models(_args: argparse.Namespace) -> None:
@@ -250,7 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--devices", type=int, default=10, help="files device-000.npz …")
     split.add_argument("--partition", default="dirichlet:0.5", help="iid, dirichlet:A, shards:K")
     split.add_argument("--seed", type=int, default=0, help="seed of the split")
-    split.add_argument("--out", type=Path, required=True, help="directory to write")
+    split.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="directory to write; device-*.npz of an earlier split there are replaced",
+    )
+    split.add_argument(
+        "--device-ids",
+        default=None,
+        metavar="ID,ID,…",
+        help="one device id per file, in order, written to meta.json: an agent whose data: is "
+        "the directory takes its own file (default: devices claim files first come, first served)",
+    )
     split.set_defaults(func=_data_split)
     strat = sub.add_parser("strategies", help="list aggregation strategies and their options")
     strat.set_defaults(func=_strategies)

@@ -206,3 +206,46 @@ def test_simulate_flags_reach_the_aggregator(broker: object, tmp_path: Path) -> 
     assert any("int8_bytes" in r for r in records)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["strategy"] == "fedprox"
+
+
+def test_agent_refuses_data_of_the_wrong_width_at_start(tmp_path: Path) -> None:
+    import hashlib
+
+    from models.onnx_export import OnnxTemplate
+    from models.torch_state import to_numpy_state
+    from models.zoo import build_model
+
+    # Prepare: the agent holds the fleet's 64-feature model; its data has 784 features
+    state = tmp_path / "state"
+    state.mkdir()
+    onnx = OnnxTemplate("mlp", 64, 10).render(to_numpy_state(build_model("mlp", 64, 10, seed=3)))
+    (state / "model.onnx").write_bytes(onnx)
+    arch = {"name": "mlp", "input_dim": 64, "num_classes": 10}
+    meta = {"version": 3, "arch": arch, "sha256": hashlib.sha256(onnx).hexdigest()}
+    (state / "model.json").write_text(json.dumps(meta))
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 784), np.float32), y=np.zeros(4, np.int64))
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(
+        f"device_id: dev1\nbroker: mqtt://127.0.0.1:9\ndata: {tmp_path / 'd.npz'}\n"
+        f"state_dir: {state}\n"
+    )
+
+    # Execute, Assert
+    p = fedge("agent", "--config", str(cfg))
+    assert_one_line_error(p, "data has 784 features, the model expects 64", "model v3")
+
+
+def test_aggregator_refuses_eval_data_of_the_wrong_width(tmp_path: Path) -> None:
+    np.savez(tmp_path / "t.npz", x=np.zeros((4, 784), np.float32), y=np.zeros(4, np.int64))
+    cfg = tmp_path / "aggregator.yaml"
+    cfg.write_text(
+        f"broker: mqtt://127.0.0.1:9\nstate_dir: {tmp_path / 'st'}\n"
+        f"eval_data: {tmp_path / 't.npz'}\nmodel: {{input_dim: 64, num_classes: 10}}\n"
+    )
+    p = fedge("aggregator", "--config", str(cfg))
+    assert_one_line_error(p, "has 784 features, the model expects 64")
+
+
+def test_data_split_device_ids_must_match_devices(tmp_path: Path) -> None:
+    p = fedge("data", "split", "--devices", "3", "--device-ids", "a,b", "--out", str(tmp_path))
+    assert_one_line_error(p, "--device-ids names 2 devices, --devices is 3")
