@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from fedge.support.runtime import exit_user_error, log_level
@@ -126,12 +127,14 @@ def run(args: argparse.Namespace) -> None:
         run_agent(args.config, args.log_level)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m edge_agent") -> None:
     from fedge.errors import FedgeError
 
-    p = argparse.ArgumentParser(prog="python -m edge_agent", description="fedge edge agent")
+    p = argparse.ArgumentParser(prog=prog, description="fedge edge agent")
     add_arguments(p)
     try:
         run(p.parse_args(argv))
-    except FedgeError as e:
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (FedgeError, ValueError, FileNotFoundError, RuntimeError) as e:
         exit_user_error("fedge agent", e)

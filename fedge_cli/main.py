@@ -307,6 +307,15 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> None:
     from fedge.errors import FedgeError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["agent"]:
+        # A device's command, straight to its own parser: the full parser imports every
+        # role's CLI (aggregator, shard worker, CA, reports), ~36 MiB a device never uses
+        # (docs/benchmarks.md, device footprint).
+        from edge_agent import cli as agent_cli
+
+        agent_cli.main(argv[1:], prog="fedge agent")
+        return
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

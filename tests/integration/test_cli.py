@@ -249,3 +249,25 @@ def test_aggregator_refuses_eval_data_of_the_wrong_width(tmp_path: Path) -> None
 def test_data_split_device_ids_must_match_devices(tmp_path: Path) -> None:
     p = fedge("data", "split", "--devices", "3", "--device-ids", "a,b", "--out", str(tmp_path))
     assert_one_line_error(p, "--device-ids names 2 devices, --devices is 3")
+
+
+def test_agent_predict_loads_only_the_device_side(tmp_path: Path) -> None:
+    from models.onnx_export import OnnxTemplate
+    from models.torch_state import to_numpy_state
+    from models.zoo import build_model
+
+    onnx = OnnxTemplate("mlp", 64, 10).render(to_numpy_state(build_model("mlp", 64, 10, seed=3)))
+    (tmp_path / "m.onnx").write_bytes(onnx)
+    np.savetxt(tmp_path / "x.csv", np.zeros((2, 64), np.float32), delimiter=",")
+    # What fedge[inference] does not install, and the other roles (~36 MiB of imports).
+    absent = ["torch", "onnx", "aggregator", "cryptography", "pydantic", "matplotlib"]
+    code = (
+        "import sys; from fedge_cli.main import main; "
+        f"main(['agent', 'predict', '--model', '{tmp_path / 'm.onnx'}', "
+        f"'--input', '{tmp_path / 'x.csv'}']); "
+        f"loaded = [m for m in {absent!r} if m in sys.modules]; "
+        "assert not loaded, loaded"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == [p.stdout.split()[0]] * 2
