@@ -250,15 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
     ag.set_defaults(func=agent_cli.run)
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_cmd", required=True, metavar="{split}")
-    split = dsub.add_parser(
-        "split",
-        help="write per-device .npz partitions for real agents",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    split = dsub.add_parser("split", help="write per-device .npz partitions for real agents")
+    split.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits, synthetic[:A,B] or mnist5k (default: %(default)s)",
     )
-    split.add_argument("--dataset", default="digits", help="digits, synthetic[:A,B] or mnist5k")
-    split.add_argument("--devices", type=int, default=10, help="files device-000.npz …")
-    split.add_argument("--partition", default="dirichlet:0.5", help="iid, dirichlet:A, shards:K")
-    split.add_argument("--seed", type=int, default=0, help="seed of the split")
+    split.add_argument(
+        "--devices", type=int, default=10, help="files device-000.npz … (default: %(default)s)"
+    )
+    split.add_argument(
+        "--partition",
+        default="dirichlet:0.5",
+        help="iid, dirichlet:A, shards:K (default: %(default)s)",
+    )
+    split.add_argument(
+        "--seed", type=int, default=0, help="seed of the split (default: %(default)s)"
+    )
     split.add_argument(
         "--out",
         type=Path,

@@ -84,6 +84,7 @@ def test_help_shows_the_defaults() -> None:
     split = " ".join(fedge("data", "split", "--help").stdout.split())
     for default in ("(default: digits)", "(default: 10)", "(default: dirichlet:0.5)"):
         assert default in split
+    assert "(default: None)" not in split
     init = " ".join(fedge("ca", "init", "--help").stdout.split())
     assert "(default: localhost 127.0.0.1)" in init
     assert "(default: default)" in init
