@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
+
+from fedge.support.runtime import exit_user_error, log_level
 
 __all__ = ["add_arguments", "main", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, required=True, help="see examples/aggregator.yaml")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", type=log_level, default="INFO", help="DEBUG … CRITICAL")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -65,4 +66,4 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(p.parse_args(argv))
     except FedgeError as e:
-        sys.exit(f"fedge aggregator: error: {e}")
+        exit_user_error("fedge aggregator", e)

@@ -19,12 +19,24 @@ class EvalSet:
     y: np.ndarray
 
     @classmethod
-    def from_npz(cls, path: Path) -> EvalSet:
+    def from_npz(cls, path: Path, input_dim: int | None = None) -> EvalSet:
+        """Read ``x``, ``y``; with ``input_dim``, refuse an ``x`` of another width at start
+        (onnxruntime would refuse it at the first evaluation, as a traceback)."""
         try:
             with np.load(path, allow_pickle=False) as z:
-                return cls(z["x"].astype(np.float32), z["y"].astype(np.int64))
+                x, y = z["x"].astype(np.float32), z["y"].astype(np.int64)
         except (OSError, KeyError, ValueError) as e:
             raise ConfigError(f"eval_data {path}: {e}; expected an .npz with x and y") from None
+        if x.ndim != 2 or y.shape != (len(x),):
+            raise ConfigError(
+                f"eval_data {path}: expected x[n, features] and y[n], got {x.shape}, {y.shape}"
+            )
+        if input_dim is not None and x.shape[1] != input_dim:
+            raise ConfigError(
+                f"eval_data {path} has {x.shape[1]} features, the model expects {input_dim} "
+                "(model.input_dim)"
+            )
+        return cls(x, y)
 
 
 def evaluate_onnx(onnx: bytes, data: EvalSet) -> dict[str, float]:

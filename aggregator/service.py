@@ -75,7 +75,7 @@ class Aggregator:
         self.limits = limits
         self.eval_set = eval_set
         if eval_set is None and config.eval_data is not None:
-            self.eval_set = EvalSet.from_npz(config.eval_data)
+            self.eval_set = EvalSet.from_npz(config.eval_data, config.model.input_dim)
         self.state_dir = config.state_dir
         self.registry = ModelRegistry(self.state_dir / "models")
         self.journal = RoundJournal(self.state_dir / "journal")

@@ -216,6 +216,12 @@ class EdgeAgent:
             log.warning("%s: refused model v%d: %s", self.device_id, m.version, e)
             self.counters.models_rejected += 1
             return
+        problem = self.data.width_problem(m.arch.input_dim)
+        if problem:
+            # Once per model, not a torch traceback per round: each round is then skipped.
+            log.error(
+                "%s: model v%d: %s; fix data: in the config", self.device_id, m.version, problem
+            )
         self.store.save_model(m)
         self.models.hold(m.version, m.sha256)
         self._entry = entry
@@ -261,6 +267,10 @@ class EdgeAgent:
             codec = parse_codec(t.codec)
         except ValueError as e:
             self._skip_round(t, f"cannot honour codec: {e}")
+            return
+        problem = self.data.width_problem(m.arch.input_dim)
+        if problem:
+            self._skip_round(t, problem)
             return
         self.state = AgentState.TRAINING
         weights = self._global_weights(m)

@@ -11,12 +11,14 @@ import json
 import sys
 from pathlib import Path
 
+from fedge.support.runtime import exit_user_error, log_level
+
 __all__ = ["add_arguments", "main", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="agent YAML config (see examples/agent.yaml)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", type=log_level, default="INFO", help="DEBUG … CRITICAL")
     sub = p.add_subparsers(dest="agent_cmd", metavar="{predict}")
     pr = sub.add_parser("predict", help="classify samples with an ONNX model (onnxruntime only)")
     pr.add_argument(
@@ -56,6 +58,7 @@ def run_agent(config: Path, log_level: str) -> None:
     from edge_agent.data import load_local_data
     from edge_agent.privacy import LocalDP
     from edge_agent.store import AgentStore
+    from fedge.errors import ConfigError
     from fedge.identity import load_signing_key, load_verify_key
     from fedge.support.runtime import setup_logging, wait_for_signal
     from fedge.topics import Topics
@@ -65,6 +68,10 @@ def run_agent(config: Path, log_level: str) -> None:
     setup_logging(log_level)
     cfg = load_agent_config(config)
     data = load_local_data(cfg.data, cfg.device_id)
+    held = AgentStore(cfg.state_dir).load_model()
+    problem = held and data.width_problem(held.arch.input_dim)
+    if held is not None and problem:
+        raise ConfigError(f"{problem} (model v{held.version} in {cfg.state_dir}); fix data:")
     mux = Mux(f"agent-{cfg.device_id}").start()
     agent = EdgeAgent(
         device_id=cfg.device_id,
@@ -124,12 +131,14 @@ def run(args: argparse.Namespace) -> None:
         run_agent(args.config, args.log_level)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m edge_agent") -> None:
     from fedge.errors import FedgeError
 
-    p = argparse.ArgumentParser(prog="python -m edge_agent", description="fedge edge agent")
+    p = argparse.ArgumentParser(prog=prog, description="fedge edge agent")
     add_arguments(p)
     try:
         run(p.parse_args(argv))
-    except FedgeError as e:
-        sys.exit(f"fedge agent: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (FedgeError, ValueError, FileNotFoundError, RuntimeError) as e:
+        exit_user_error("fedge agent", e)

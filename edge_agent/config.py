@@ -40,8 +40,9 @@ class AgentConfig(BaseModel):
     )
     state_dir: Path = Path("fedge-agent-state")
     data: Path = Field(
-        description="local training data: an .npz with arrays x and y, or a directory of "
-        "device-*.npz files of which the agent takes one by a stable hash of its device id"
+        description="local training data: an .npz with arrays x and y, or a directory from "
+        "`fedge data split`: the file of this device id in its meta.json (--device-ids), else "
+        "the first file no other device claimed (edge_agent/data.py)"
     )
     keepalive: int = Field(default=30, ge=5, le=3600)
     signing_key: Path | None = Field(

@@ -100,7 +100,8 @@ def load_input(path: str | Path) -> np.ndarray:
     """Read samples for `predict` as a float32 [batch, features] array.
 
     `.npy` (a 2-D array), `.npz` (array under key "x") or `.csv` (comma-separated
-    floats, one row per sample, no header).
+    floats, one row per sample; a first row without any number is a header, skipped).
+    Values are the model's inputs as trained: digits pixels are 0..16 divided by 16.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -116,7 +117,9 @@ def load_input(path: str | Path) -> np.ndarray:
             with warnings.catch_warnings():
                 # An empty file warns, then is reported as an error below.
                 warnings.simplefilter("ignore", UserWarning)
-                array = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+                array = np.loadtxt(
+                    path, delimiter=",", dtype=np.float64, ndmin=2, skiprows=_header_rows(path)
+                )
         except ValueError as exc:
             raise ValueError(f"{path}: not comma-separated floats: {exc}") from None
     else:
@@ -126,3 +129,21 @@ def load_input(path: str | Path) -> np.ndarray:
     if array.dtype.kind not in "fiu":
         raise ValueError(f"{path}: expected numbers, got dtype {array.dtype}")
     return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _header_rows(path: Path) -> int:
+    """Lines to skip: up to the first non-empty row when none of its cells is a number
+    (column names), else 0; a row mixing numbers and words is an error, not a header."""
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+            if line.strip():
+                return 0 if any(_is_number(cell) for cell in line.split(",")) else i + 1
+    return 0
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -80,20 +80,25 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     ca = sub.add_parser("ca", help="the fleet's certificate authority and broker config")
     csub = ca.add_subparsers(dest="ca_cmd", required=True, metavar="{init,crl,broker-config}")
     init = csub.add_parser("init", help="new CA, broker certificate and aggregator identity")
-    init.add_argument("--dir", type=Path, required=True)
+    init.add_argument("--dir", type=Path, required=True, help="new CA directory")
     init.add_argument(
         "--host",
         action="append",
         default=None,
-        help="broker host name or IP for its certificate (repeat; default localhost, 127.0.0.1)",
+        help="broker host name or IP for its certificate, repeatable "
+        f"(default: {' '.join(DEFAULT_HOSTS)})",
     )
     init.add_argument(
-        "--fleet", default=DEFAULT_FLEET, help="the one fleet the broker's ACL allows (default)"
+        "--fleet",
+        default=DEFAULT_FLEET,
+        help="the one fleet the broker's ACL allows (default: %(default)s)",
     )
     init.set_defaults(func=_ca_init)
     crl = csub.add_parser("crl", help="re-sign the CRL before its nextUpdate date")
     crl.add_argument("--dir", type=Path, required=True)
-    crl.add_argument("--days", type=int, default=CRL_DAYS)
+    crl.add_argument(
+        "--days", type=int, default=CRL_DAYS, help="validity of the CRL (default: %(default)s)"
+    )
     crl.set_defaults(func=_ca_crl)
     bc = csub.add_parser("broker-config", help="render broker_config/production.conf")
     bc.add_argument("--dir", type=Path, required=True)

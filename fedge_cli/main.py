@@ -9,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedge.support.runtime import exit_user_error, log_level
 from simulation import DEFAULT_SIM_CODEC
 
 __all__ = ["DEFAULT_SIM_CODEC", "main"]
@@ -121,7 +122,7 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
         help="broker_config/NAME.conf.template for the started Mosquitto "
         "(local: durable, saves on every change; scale: saves every 60 s)",
     )
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", type=log_level, default="WARNING", help="DEBUG … CRITICAL")
 
 
 def _delay_range(text: str) -> tuple[float, float]:
@@ -191,18 +192,30 @@ def _pairs(items: list[str]) -> dict[str, str]:
 def _strategies(_args: argparse.Namespace) -> None:
     from aggregator.strategies import describe_strategies
 
-    for info in describe_strategies():
-        print(f"{info.name:13s} {info.summary}")
+    infos = describe_strategies()
+    name_w = max(len(i.name) for i in infos) + 2
+    opt_w = max(len(f"{o.key}={o.default!s}") for i in infos for o in i.options) + 2
+    for info in infos:
+        print(f"{info.name:<{name_w}}{info.summary}")
         for o in info.options:
-            print(f"    {o.key}={o.default!s:<10} {o.help}")
+            print(f"    {f'{o.key}={o.default!s}':<{opt_w}}{o.help}")
 
 
 def _data_split(args: argparse.Namespace) -> None:
+    from fedge.topics import validate_device_id
     from simulation.datasets import make_federated, write_npz_partitions
 
+    ids = None
+    if args.device_ids is not None:
+        ids = [validate_device_id(d.strip()) for d in args.device_ids.split(",")]
+        if len(ids) != args.devices:
+            msg = f"--device-ids names {len(ids)} devices, --devices is {args.devices}"
+            raise ValueError(msg)
     data = make_federated(args.dataset, args.devices, args.partition, args.seed)
-    paths = write_npz_partitions(data, args.out)
+    paths = write_npz_partitions(data, args.out, ids)
     print(f"wrote {len(paths)} files to {args.out} (sizes {list(data.sizes)})")
+    if ids is None:
+        print("devices claim a file each, first come first served (no --device-ids)")
 
 
 def _models(_args: argparse.Namespace) -> None:
@@ -217,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_agent import cli as agent_cli
 
     p = argparse.ArgumentParser(prog="fedge", description="Federated learning over MQTT")
+    p.add_argument("--version", action="version", version=f"fedge {_version()}")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     sim = sub.add_parser("simulate", help="run a fleet on this machine over a real Mosquitto")
     _simulate_args(sim)
@@ -237,11 +251,35 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_cmd", required=True, metavar="{split}")
     split = dsub.add_parser("split", help="write per-device .npz partitions for real agents")
-    split.add_argument("--dataset", default="digits")
-    split.add_argument("--devices", type=int, default=10)
-    split.add_argument("--partition", default="dirichlet:0.5")
-    split.add_argument("--seed", type=int, default=0)
-    split.add_argument("--out", type=Path, required=True)
+    split.add_argument(
+        "--dataset",
+        default="digits",
+        help="digits, synthetic[:A,B] or mnist5k (default: %(default)s)",
+    )
+    split.add_argument(
+        "--devices", type=int, default=10, help="files device-000.npz … (default: %(default)s)"
+    )
+    split.add_argument(
+        "--partition",
+        default="dirichlet:0.5",
+        help="iid, dirichlet:A, shards:K (default: %(default)s)",
+    )
+    split.add_argument(
+        "--seed", type=int, default=0, help="seed of the split (default: %(default)s)"
+    )
+    split.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="directory to write; device-*.npz of an earlier split there are replaced",
+    )
+    split.add_argument(
+        "--device-ids",
+        default=None,
+        metavar="ID,ID,…",
+        help="one device id per file, in order, written to meta.json: an agent whose data: is "
+        "the directory takes its own file (default: devices claim files first come, first served)",
+    )
     split.set_defaults(func=_data_split)
     strat = sub.add_parser("strategies", help="list aggregation strategies and their options")
     strat.set_defaults(func=_strategies)
@@ -265,18 +303,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedge")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH, never installed
+        return "unknown (not installed)"
+
+
 def main(argv: list[str] | None = None) -> None:
     from fedge.errors import FedgeError
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["agent"]:
+        # A device's command, straight to its own parser: the full parser imports every
+        # role's CLI (aggregator, shard worker, CA, reports), ~36 MiB a device never uses
+        # (docs/benchmarks.md, device footprint).
+        from edge_agent import cli as agent_cli
+
+        agent_cli.main(argv[1:], prog="fedge agent")
+        return
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except KeyboardInterrupt:
         sys.exit(130)
     except (FedgeError, ValueError, FileNotFoundError) as e:
-        sys.exit(f"fedge: error: {e}")
+        exit_user_error("fedge", e)
     except RuntimeError as e:  # e.g. mosquitto missing or failing to start
-        sys.exit(f"fedge: error: {e}")
+        exit_user_error("fedge", e)
 
 
 if __name__ == "__main__":

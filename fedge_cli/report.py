@@ -1,7 +1,8 @@
 """``fedge report RUN_DIR [RUN_DIR...] --out PNG``: plot runs side by side.
 
 Reads each run directory written by ``fedge simulate`` (``summary.json`` and
-``metrics.jsonl``; the Flower side of ``bench/vs_flower`` writes the same two files) and draws
+``metrics.jsonl``; the Flower side of ``bench/vs_flower`` writes the same two files), or a real
+deployment's ``metrics.jsonl`` (the aggregator's ``state_dir``, or the file itself), and draws
 one PNG with two panels: central accuracy against rounds, and against cumulative uplink bytes
 (log scale), one line per run. A run is labelled by the settings in which the runs differ
 (``codec=int8+zstd``, ``framework=flower``...), the settings all share go in the title.
@@ -36,14 +37,22 @@ class RunSeries:
 
 
 def load_run(run_dir: Path) -> RunSeries:
-    """Read ``summary.json`` and ``metrics.jsonl`` of one run directory."""
+    """Read one run: a ``fedge simulate --out`` directory (``summary.json`` and
+    ``metrics.jsonl``), an aggregator's ``state_dir`` (``metrics.jsonl`` only: a deployment
+    writes no summary; the run is then labelled by its directory) or a ``metrics.jsonl``."""
     run_dir = Path(run_dir)
-    summary_path, metrics_path = run_dir / "summary.json", run_dir / "metrics.jsonl"
-    for p in (summary_path, metrics_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run directory: {p.name} is missing")
+    if run_dir.is_file():
+        metrics_path, run_dir = run_dir, run_dir.parent
+    else:
+        metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir}: no metrics.jsonl; give a fedge simulate --out directory, an "
+            "aggregator's state_dir or a metrics.jsonl file"
+        )
+    summary_path = run_dir / "summary.json"
     try:
-        summary = json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         records = [json.loads(s) for s in metrics_path.read_text().splitlines() if s.strip()]
     except json.JSONDecodeError as e:
         raise ValueError(f"{run_dir}: unreadable JSON ({e})") from None
@@ -132,7 +141,13 @@ def render_report(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="fedge simulate --out directory, aggregator state_dir, or metrics.jsonl",
+    )
     p.add_argument("--out", type=Path, default=Path("report.png"), help="PNG to write")
     p.add_argument("--title", default=None, help="default: the settings all runs share")
 

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from fedge.support.shipped import broker_config_dir
+
 __all__ = [
     "BROKER_MAX_PACKET_SIZE",
     "MosquittoBroker",
@@ -28,7 +30,7 @@ __all__ = [
 # disconnects a client that sends a bigger packet, and paho does not check first.
 BROKER_MAX_PACKET_SIZE = 16 * 1024 * 1024
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "broker_config"
+CONFIG_DIR = broker_config_dir()
 _HOST = "127.0.0.1"
 # Debian installs the broker in /usr/sbin, which is not on a normal user's PATH.
 _FALLBACK_PATHS = (Path("/usr/sbin/mosquitto"), Path("/usr/local/sbin/mosquitto"))

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 
+from edge_agent.data import CLAIMS_DIR
 from simulation.partition import PartitionSpec, format_number
 from simulation.partition import partition as partition_indices
 from simulation.synthetic import INPUT_DIM as SYNTHETIC_DIM
@@ -215,13 +218,31 @@ def load_mnist_csv(path: Path) -> Split:
     return (pixels / 255.0).astype(np.float32), labels.astype(np.int64)
 
 
-def write_npz_partitions(data: FederatedData, out_dir: Path) -> list[Path]:
+def write_npz_partitions(
+    data: FederatedData, out_dir: Path, device_ids: Sequence[str] | None = None
+) -> list[Path]:
     """Write ``device-000.npz``... and ``test.npz`` (arrays ``x``, ``y``) and ``meta.json``.
+
+    ``device_ids`` (one per part) are written to ``meta.json`` as ``devices`` (id -> file): an
+    agent whose ``data:`` is this directory takes the file of its id (``edge_agent.data``).
+    ``device-*.npz`` files of an earlier split that this one does not write, and the agents'
+    claims on files (``claims/``), are removed: a new split is a new assignment.
 
     Returns the written paths: devices in order, then ``test.npz``, then ``meta.json``.
     """
     out_dir = Path(out_dir)
+    if device_ids is not None and len(device_ids) != len(data.parts):
+        raise ValueError(
+            f"--device-ids names {len(device_ids)} devices for {len(data.parts)} partitions"
+        )
+    if device_ids is not None and len(set(device_ids)) != len(device_ids):
+        raise ValueError("--device-ids has a name twice")
     out_dir.mkdir(parents=True, exist_ok=True)
+    names = {f"device-{i:03d}.npz" for i in range(len(data.parts))}
+    for stale in out_dir.glob("device-*.npz"):
+        if stale.name not in names:
+            stale.unlink()
+    shutil.rmtree(out_dir / CLAIMS_DIR, ignore_errors=True)
     written = []
     for i, (x, y) in enumerate(data.parts):
         path = out_dir / f"device-{i:03d}.npz"
@@ -237,6 +258,8 @@ def write_npz_partitions(data: FederatedData, out_dir: Path) -> list[Path]:
         "sizes": list(data.sizes),
         "test_size": len(data.test[1]),
     }
+    if device_ids is not None:
+        meta["devices"] = {d: f"device-{i:03d}.npz" for i, d in enumerate(device_ids)}
     meta_path = out_dir / "meta.json"
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     written.append(meta_path)

@@ -98,7 +98,14 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         from aggregator.config import codec_problem
+        from aggregator.strategies import make_strategy
+        from fedge.codecs import parse_codec
 
+        # Checked here, before any broker or device starts: later, the aggregator's config
+        # would report them as a pydantic block after the broker is up.
+        if self.codec is not None:
+            parse_codec(self.codec)
+        make_strategy(self.strategy, dict(self.strategy_opts), server_lr=self.server_lr)
         problem = self.codec and codec_problem(self.strategy, self.codec)
         if problem:
             raise ConfigError(f"--codec {self.codec} with --strategy {self.strategy}: {problem}")

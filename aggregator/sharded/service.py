@@ -12,7 +12,6 @@ The worker's username is its name; the broker must give each worker name read ac
 from __future__ import annotations
 
 import argparse
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -23,6 +22,7 @@ from aggregator.sharded.reducer import Merged, Reducer
 from aggregator.sharded.worker import ShardWorker, WorkerConfig
 from fedge.errors import AggregationError, TransportError
 from fedge.limits import DEFAULT_LIMITS, Limits
+from fedge.support.runtime import exit_user_error, log_level
 from fedge.tensors import TensorSpec
 from fedge.topics import Topics
 from fedge.transport.base import SessionFactory, SessionRequest
@@ -188,7 +188,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="serve Prometheus /metrics on this port (0: any free port; default off)",
     )
     p.add_argument("--metrics-bind", default="127.0.0.1", help="address of --metrics-port")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", type=log_level, default="INFO", help="DEBUG … CRITICAL")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(p.parse_args(argv))
     except (FedgeError, ValueError) as e:
-        sys.exit(f"fedge shard-worker: error: {e}")
+        exit_user_error("fedge shard-worker", e)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,12 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from fedge.support.shipped import broker_config_dir
 from fedge.topics import validate_device_id
 
 __all__ = ["SHIPPED_ACLS", "acl_users", "privileged_names", "render_acl"]
 
-SHIPPED_ACLS = Path(__file__).resolve().parents[2] / "broker_config"
+SHIPPED_ACLS = broker_config_dir()
 
 # Mosquitto reads "user <name>" with the rest of the line as the name (spaces included).
 _USER_LINE = re.compile(r"^user\s+(.+?)\s*$")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from fedge.errors import ConfigError
 from fedge.support.fsutil import atomic_write
+from fedge.support.shipped import broker_config_dir
 from fedge_cli.pki.cadir import CaDir
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
     "write_broker_config",
 ]
 
-PRODUCTION_TEMPLATE = Path(__file__).resolve().parents[2] / "broker_config" / "production.conf"
+PRODUCTION_TEMPLATE = broker_config_dir() / "production.conf"
 ACL_TEMPLATE = PRODUCTION_TEMPLATE.parent / "acl"
 CONFIG_MODE = 0o644
 # What Debian's stock mosquitto.conf sets before its include_dir (mosquitto 2.0.11-1.2).

@@ -45,6 +45,28 @@ def init_ca(
         raise ConfigError(f"{ca.root} already holds a CA; choose another --dir")
     if not hosts:
         raise ConfigError("the broker certificate needs at least one --host")
+    # Read before anything is written: a missing template must not leave a half-made CA.
+    acl = render_acl(ACL_TEMPLATE.read_text(), fleet).encode()
+    existed = ca.root.exists()
+    before = set(ca.root.iterdir()) if existed else set()
+    try:
+        _make_ca(ca, hosts, acl)
+    except BaseException:
+        # A half-made CA would be refused by the next `ca init` ("already holds a CA") and
+        # half-work for `enroll`: remove what this call made, and nothing else.
+        if not existed:
+            shutil.rmtree(ca.root, ignore_errors=True)
+        else:
+            for p in set(ca.root.iterdir()) - before:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        raise
+    return ca
+
+
+def _make_ca(ca: CaDir, hosts: tuple[str, ...], acl: bytes) -> None:
     ca.root.mkdir(parents=True, exist_ok=True)
     for d in (ca.ca_key.parent, ca.broker, ca.issued):
         d.mkdir(parents=True, exist_ok=True)
@@ -58,12 +80,11 @@ def init_ca(
     server = issue_certificate(ca, hosts[0], server_key, server_names=hosts)
     write_file(ca.server_key, key_pem(server_key), 0o640)
     write_file(ca.server_crt, cert_pem(server), 0o644)
-    write_file(ca.acl, render_acl(ACL_TEMPLATE.read_text(), fleet).encode(), 0o644)
+    write_file(ca.acl, acl, 0o644)
     write_file(ca.passwd, b"", PASSWD_MODE)
     write_crl(ca.root)
     issue_credentials(ca, AGGREGATOR, ca.aggregator)
     give_aggregator_key(ca, ca.aggregator)
-    return ca
 
 
 def write_crl(ca_dir: Path, days: int = CRL_DAYS) -> Path:

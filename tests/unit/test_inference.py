@@ -185,3 +185,24 @@ def test_load_input_rejects_1d_npy(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match=r"got shape \(3,\)"):
         load_input(tmp_path / "flat.npy")
+
+
+def test_csv_with_a_header_row_is_read(tmp_path: Path) -> None:
+    # Prepare: column names, as a spreadsheet writes them, after a blank line
+    x = np.arange(12, dtype=np.float32).reshape(3, 4) / 16
+    path = tmp_path / "samples.csv"
+    rows = "\n".join(",".join(repr(float(v)) for v in row) for row in x)
+    path.write_text("\npx0,px1,px2,px3\n" + rows + "\n")
+
+    # Execute
+    got = load_input(path)
+
+    # Assert
+    np.testing.assert_array_equal(got, x)
+
+
+def test_csv_with_words_below_the_first_row_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "samples.csv"
+    path.write_text("a,b\n1,2\nthree,4\n")
+    with pytest.raises(ValueError, match="not comma-separated floats"):
+        load_input(path)

@@ -27,7 +27,7 @@ FACES: dict[str, list[str]] = {
         "limits", "support", "task_check", "tensors", "topics", "transport", "wire",
     ],
     "fedge.transport": ["base", "memory", "mqtt", "mux", "session"],
-    "fedge.support": ["config_io", "faults", "fsutil", "runtime"],
+    "fedge.support": ["config_io", "faults", "fsutil", "runtime", "shipped"],
     "models": ["int8", "onnx_export", "onnx_weights", "qat", "torch_state", "zoo"],
     "edge_agent": [
         "agent", "cli", "config", "data", "inference", "model_cache", "store", "trainer",

@@ -91,7 +91,9 @@ def test_cli_report_writes_the_png(tmp_path: Path, capsys: pytest.CaptureFixture
     assert str(out.resolve()) in capsys.readouterr().out
 
 
-def test_cli_report_on_a_non_run_directory_is_a_one_line_error(tmp_path: Path) -> None:
+def test_cli_report_on_a_non_run_directory_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Prepare
     (tmp_path / "empty").mkdir()
 
@@ -99,6 +101,29 @@ def test_cli_report_on_a_non_run_directory_is_a_one_line_error(tmp_path: Path) -
     with pytest.raises(SystemExit) as exc:
         main(["report", str(tmp_path / "empty"), "--out", str(tmp_path / "x.png")])
 
-    # Assert
-    assert "summary.json is missing" in str(exc.value.code)
+    # Assert: a user error, exit 2, one line
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "no metrics.jsonl" in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_report_plots_an_aggregator_state_dir_and_a_metrics_file(tmp_path: Path) -> None:
+    # Prepare: a deployment's state_dir has metrics.jsonl (and models/, journal/), no summary
+    state = make_run(tmp_path, "fedge-aggregator-state", "fp32", [0.3, None, 0.6], up=100)
+    (state / "summary.json").unlink()
+    (state / "models").mkdir()
+    sim = make_run(tmp_path, "sim", "fp16", [0.4, 0.7], up=50)
+
+    # Execute
+    by_dir = load_run(state)
+    by_file = load_run(state / "metrics.jsonl")
+    out = render_report([state, sim], tmp_path / "r.png", dpi=50)
+
+    # Assert
+    assert by_dir.rounds == by_file.rounds == (1, 3)
+    assert by_dir.cumulative_uplink == (100, 300)
+    assert by_file.path == state
+    assert run_labels([by_dir])[0] == ["fedge-aggregator-state"]
+    assert png_size(out) == (600, 240)
