@@ -56,10 +56,15 @@ def test_status_lists_the_devices_and_the_open_round_and_leaves_the_aggregator_a
     assert agg.round.round == 1
 
 
-def test_status_refuses_to_connect_as_the_aggregator() -> None:
-    with pytest.raises(SystemExit, match="never connects as aggregator"):
+def test_status_refuses_to_connect_as_the_aggregator(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
         main(["status", "--broker", "mqtt://127.0.0.1:1", "--fleet", "f", "--username",
               "aggregator"])  # fmt: skip
+
+    assert e.value.code == 2  # a user error: one line, exit 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "never connects as aggregator" in err[0]
 
 
 def test_the_monitor_identity_reads_statuses_and_can_write_nothing(
