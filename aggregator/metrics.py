@@ -1,6 +1,7 @@
-"""Where the aggregator's numbers go: a ``MetricsSink`` protocol and its implementations.
+"""Where the aggregator's numbers go: the ``MetricsSink`` interface and its implementations.
 
-The service, the intake and the shard worker report through the protocol only: rejected
+The service, the intake and the shard worker report through ``MetricsSink`` only (a base
+class whose hooks do nothing, so a sink overrides only what it records): rejected
 messages by reason (and device, when known), events that are not rejections (e.g. a clamped
 sample count), accepted updates (with their staleness), the packet bytes of every update
 received, how long durable writes took, and one record per round (a version or a failed
@@ -16,12 +17,15 @@ import json
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 __all__ = ["MetricsFanout", "MetricsLog", "MetricsSink", "NullMetrics"]
 
 
-class MetricsSink(Protocol):
+class MetricsSink:
+    """What the service, the intake and the shard worker report. Every hook does nothing
+    here: a sink overrides the ones it records, and this class itself is the null sink."""
+
     def reject(self, reason: str, count: int = 1, *, device: str | None = None) -> None:
         """``count`` messages refused for ``reason`` (a ``ProtocolError`` reason)."""
 
@@ -49,7 +53,7 @@ class MetricsSink(Protocol):
         """The record of a round: a published version, or a failed round."""
 
 
-class MetricsLog:
+class MetricsLog(MetricsSink):
     """Per-round records as JSON lines at ``path``; counters kept in memory."""
 
     def __init__(self, path: Path) -> None:
@@ -75,47 +79,16 @@ class MetricsLog:
     ) -> None:
         self.accepted += count
 
-    def received(self, device: str, packet_bytes: int) -> None:
-        pass  # the round's uplink_bytes are in its record
-
-    def timing(self, name: str, seconds: float) -> None:
-        pass
-
     def write(self, record: Mapping[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-class NullMetrics:
+class NullMetrics(MetricsSink):
     """Counts nothing: a shard worker's default (its numbers travel in its partial sums)."""
 
-    def reject(self, reason: str, count: int = 1, *, device: str | None = None) -> None:
-        pass
 
-    def event(self, name: str) -> None:
-        pass
-
-    def accept(
-        self,
-        count: int = 1,
-        *,
-        device: str | None = None,
-        staleness: int = 0,
-        base_version: int | None = None,
-    ) -> None:
-        pass
-
-    def received(self, device: str, packet_bytes: int) -> None:
-        pass
-
-    def timing(self, name: str, seconds: float) -> None:
-        pass
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        pass
-
-
-class MetricsFanout:
+class MetricsFanout(MetricsSink):
     """Every report to each of ``sinks``, in order."""
 
     def __init__(self, sinks: Iterable[MetricsSink]) -> None:

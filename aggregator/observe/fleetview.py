@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from aggregator.metrics import MetricsSink
+
 if TYPE_CHECKING:
     from aggregator.config import AggregatorConfig
     from aggregator.keyring import KeyRing
@@ -131,7 +133,7 @@ class _DeviceStats:
     rejected: Counter[str] = field(default_factory=Counter)
 
 
-class FleetView:
+class FleetView(MetricsSink):
     """A metrics sink that remembers per device and per round what the dashboard shows."""
 
     def __init__(
@@ -157,9 +159,6 @@ class FleetView:
         if st is not None:
             st.rejected[reason] += count
 
-    def event(self, name: str) -> None:
-        pass
-
     def accept(
         self,
         count: int = 1,
@@ -179,9 +178,6 @@ class FleetView:
         if st is not None:
             st.last_update_bytes = packet_bytes
             st.last_update_at = time.time()
-
-    def timing(self, name: str, seconds: float) -> None:
-        pass
 
     def write(self, record: Mapping[str, Any]) -> None:
         self._history.append(RoundRow.from_record(record))

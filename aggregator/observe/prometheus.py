@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from aggregator.metrics import MetricsSink
 from aggregator.observe.fleetview import FleetSnapshot
 
 __all__ = ["DEVICE_STATES", "FleetCollector", "PrometheusSink", "round_outcome"]
@@ -45,7 +46,7 @@ def round_outcome(record: Mapping[str, Any]) -> str:
     return next((v for k, v in _FAILURES.items() if reason.startswith(k)), "failed")
 
 
-class PrometheusSink:
+class PrometheusSink(MetricsSink):
     def __init__(
         self,
         registry: CollectorRegistry,

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from aggregator.config import AggregatorConfig, ModelConfig
+from aggregator.metrics import MetricsSink
 from aggregator.service import Aggregator
 from fedge.codecs import parse_codec
 from fedge.envelopes import GlobalModel, ModelUpdate, Receipt, RoundTask
@@ -203,7 +204,7 @@ def test_a_sharded_round_closes_on_the_merge_of_a_workers_partial_sum(
     worker.stop()
 
 
-class Recorder:
+class Recorder(MetricsSink):
     """A second metrics sink: records every report."""
 
     def __init__(self) -> None:
