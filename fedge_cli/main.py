@@ -245,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard_service.add_arguments(sw)
     sw.set_defaults(func=shard_service.run)
+    from aggregator.gateway import cli as gateway_cli
+
+    gw = sub.add_parser("gateway", help="run a site's gateway aggregator (docs/operations.md)")
+    gateway_cli.add_arguments(gw)
+    gw.set_defaults(func=gateway_cli.run)
     ag = sub.add_parser("agent", help="run an edge agent, or 'agent predict' for inference")
     agent_cli.add_arguments(ag)
     ag.set_defaults(func=agent_cli.run)

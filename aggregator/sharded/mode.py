@@ -44,6 +44,7 @@ class ShardedRounds(SyncRounds):
             poll=c.shard_poll,
             limits=parts.limits,
             on_merged=self._on_merged,
+            leave_after=c.shard_leave_after,
             # The workers must enforce what this service would: refused otherwise.
             policy=ShardPolicy(
                 signed=parts.keyring is not None,

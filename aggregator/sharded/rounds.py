@@ -14,6 +14,11 @@ closes on that merge. A worker that does not answer holds the round open: closin
 would lose updates it has journaled and confirmed. It is named in the log every
 ``warn_after`` seconds until it answers, with the reason when its partials are refused.
 
+Site gateways (``leave_after`` > 0) are the exception: a site cut off from the centre keeps
+its updates durable and tells its devices when they came too late, so once the deadline is
+``leave_after`` seconds past, a gateway not heard from for that long is left out of the round
+(``Reducer.leave_out``), and the others close it.
+
 Runs on the service's mux thread, over the service's session.
 """
 
@@ -52,6 +57,7 @@ class ShardedRound:
         policy: ShardPolicy | None = None,
         warn_after: float = 30.0,
         retry: float = 10.0,
+        leave_after: float = 0.0,
     ) -> None:
         self.topics = ShardTopics(topics)
         self.mux = mux
@@ -62,8 +68,11 @@ class ShardedRound:
         self._on_merged = on_merged
         self.reducer = Reducer(self.topics, workers, self._publish, limits=limits, policy=policy)
         self.merges = 0
+        self.leave_after = leave_after
         self._timer: Cancellable | None = None
         self._round = 0
+        self._deadline = math.inf
+        self._heard: dict[str, float] = {}  # worker -> when its last partial came
         self._answered_at = 0.0
         self._asked_at = -math.inf
 
@@ -78,6 +87,8 @@ class ShardedRound:
         """A new round: forget the last one's partials; start polling."""
         self.stop()
         self._round = task.round
+        self._deadline = task.deadline
+        self._heard = {}
         self._answered_at = time.monotonic()
         self._asked_at = -math.inf
         self.reducer.begin(task.round, task.base_version, spec, self._merged)
@@ -107,7 +118,19 @@ class ShardedRound:
 
     def handle(self, topic: str, payload: bytes) -> bool:
         """Feed a message; False if it is not a partial sum."""
+        worker = self.topics.worker_of(topic)
+        if worker is not None:
+            self._heard[worker] = time.monotonic()
         return self.reducer.handle(topic, payload)
+
+    def _leave_out_silent(self) -> None:
+        """Sites: past the deadline by ``leave_after``, go on without the silent gateways."""
+        if self.leave_after <= 0 or time.time() < self._deadline + self.leave_after:
+            return
+        since = time.monotonic() - self.leave_after
+        silent = [w for w in self.reducer.outstanding() if self._heard.get(w, -math.inf) < since]
+        if silent:
+            self.reducer.leave_out(silent)
 
     def _tick(self) -> None:
         self._timer = None
@@ -122,6 +145,7 @@ class ShardedRound:
                 f" (refused: {refused})" if refused else "",
             )
             self._answered_at = time.monotonic()  # warn again after another warn_after
+        self._leave_out_silent()
         self.request_now()
         self._timer = self.mux.call_later(self.poll, self._tick)
 
