@@ -45,6 +45,7 @@ class SiteGateway(ShardWorker):
     the site. Build it like a ``ShardWorker`` from ``GatewayConfig.worker_config()``."""
 
     late = 0  # updates told they came too late, over the gateway's life
+    dense_sent = 0  # dense partials sent (one per round the gateway was asked to seal)
 
     @property
     def _seal_path(self) -> Path:
@@ -62,6 +63,7 @@ class SiteGateway(ShardWorker):
 
     # -- the ShardWorker hooks -------------------------------------------------------------
     def _dense(self, final: bool) -> bool:
+        self.dense_sent += final
         return final
 
     def _on_sealed(self, round_id: int) -> None:

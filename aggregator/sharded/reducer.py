@@ -165,6 +165,7 @@ class Reducer:
         self.refused: dict[str, str] = {}  # worker -> why its last partial was refused
         self._floor: dict[str, int] = {}  # lowest request id an answer may echo
         self._asked: dict[str, int] = {}  # newest request id sent to each worker
+        self._answered: dict[str, int] = {}  # newest request id each worker answered
         self._got: dict[str, PartialSum] = {}  # each worker's newest usable partial
         self._final: int | None = None  # id of the sealing request, once sent
         self._absent: set[str] = set()  # left out of this round (leave_out)
@@ -181,6 +182,7 @@ class Reducer:
         self.round, self.base_version, self.spec = round_id, base_version, dict(spec)
         self._floor = dict.fromkeys(self.workers, 0)
         self._asked = dict.fromkeys(self.workers, 0)
+        self._answered = {}
         self._got = {}
         self._final = None
         self._absent = set()
@@ -231,8 +233,12 @@ class Reducer:
 
     def outstanding(self) -> list[str]:
         """Workers that have not answered the newest request sent to them."""
+        # Answered, not merely sent a partial: the unasked one at the deadline (request 0)
+        # answers nothing.
         return [
-            w for w in self.expected if w not in self._got or self._got[w].request < self._asked[w]
+            w
+            for w in self.expected
+            if w not in self._got or self._answered.get(w, 0) < self._asked[w]
         ]
 
     def missing(self) -> list[str]:
@@ -277,6 +283,7 @@ class Reducer:
             self._absent.discard(worker)  # back before the seal: it counts again
             log.info("round %d: %s answers again", self.round, worker)
         self.refused.pop(worker, None)
+        self._answered[worker] = max(self._answered.get(worker, 0), p.request)
         self._got[worker] = p  # one worker's partials arrive in order: the newest wins
         if len(self._got) == len(self.expected):
             self._complete()

@@ -16,8 +16,8 @@ would lose updates it has journaled and confirmed. It is named in the log every
 
 Site gateways (``leave_after`` > 0) are the exception: a site cut off from the centre keeps
 its updates durable and tells its devices when they came too late, so once the deadline is
-``leave_after`` seconds past, a gateway not heard from for that long is left out of the round
-(``Reducer.leave_out``), and the others close it.
+``leave_after`` seconds past, a gateway that has not answered a request sent at least that
+long ago is left out of the round (``Reducer.leave_out``), and the others close it.
 
 Runs on the service's mux thread, over the service's session.
 """
@@ -72,7 +72,6 @@ class ShardedRound:
         self._timer: Cancellable | None = None
         self._round = 0
         self._deadline = math.inf
-        self._heard: dict[str, float] = {}  # worker -> when its last partial came
         self._answered_at = 0.0
         self._asked_at = -math.inf
 
@@ -88,7 +87,6 @@ class ShardedRound:
         self.stop()
         self._round = task.round
         self._deadline = task.deadline
-        self._heard = {}
         self._answered_at = time.monotonic()
         self._asked_at = -math.inf
         self.reducer.begin(task.round, task.base_version, spec, self._merged)
@@ -118,17 +116,15 @@ class ShardedRound:
 
     def handle(self, topic: str, payload: bytes) -> bool:
         """Feed a message; False if it is not a partial sum."""
-        worker = self.topics.worker_of(topic)
-        if worker is not None:
-            self._heard[worker] = time.monotonic()
         return self.reducer.handle(topic, payload)
 
     def _leave_out_silent(self) -> None:
         """Sites: past the deadline by ``leave_after``, go on without the silent gateways."""
         if self.leave_after <= 0 or time.time() < self._deadline + self.leave_after:
             return
-        since = time.monotonic() - self.leave_after
-        silent = [w for w in self.reducer.outstanding() if self._heard.get(w, -math.inf) < since]
+        if time.monotonic() - self._asked_at < self.leave_after:
+            return  # the newest request is younger than that: answers may be on their way
+        silent = self.reducer.outstanding()
         if silent:
             self.reducer.leave_out(silent)
 

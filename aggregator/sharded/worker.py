@@ -104,6 +104,9 @@ class ShardWorker:
         # unacked, the broker keeps them (and redelivers them if this process dies).
         self._pending: list[tuple[str, bytes, Callable[[], None]]] = []
         self._sealed = 0  # the round the reducer sealed: its later updates are refused
+        # A request for a round this worker has not opened yet (it came before the task or
+        # the model, e.g. queued while the worker was down): answered once the round opens.
+        self._early: PartialRequest | None = None
         # The lower median of the weights this worker folded in its last round: the cap of
         # its next one (aggregator/weighting.py; the service's rule on this worker's share).
         self._weight_reference = 0
@@ -226,6 +229,9 @@ class ShardWorker:
             self._on_update(device, self.topics.update(device), payload, ack)
         self.ready.set()
         log.info("%s: round %d open (base v%d)", self.name, task.round, task.base_version)
+        early, self._early = self._early, None
+        if early is not None and early.round == task.round:
+            self._on_request(early)
 
     def _start_round(self, task: RoundTask) -> None:
         """Fresh state for ``task``, then fold what the journal holds (minus excluded)."""
@@ -310,8 +316,11 @@ class ShardWorker:
         if not req.asks(self.name):
             self._not_asked(req)
             return
-        if rnd is None or req.round != rnd.round:
-            mine = rnd.round if rnd is not None else None
+        if rnd is None or req.round > rnd.round:
+            self._early = req
+            return
+        if req.round != rnd.round:
+            mine = rnd.round
             log.info("%s: request for round %d, mine is %s", self.name, req.round, mine)
             return
         drop = set(req.drop) & {d for d in rnd.counted if d not in self._excluded}
