@@ -6,7 +6,9 @@ It is the network between a site and the centre, not part of fedge: the site bro
 and the relay passes the bytes through unchanged. ``up`` counts bytes towards the centre,
 ``down`` bytes from it: TCP payload, so every MQTT byte (headers, PUBACKs, keepalives) and no
 TCP/IP header. ``cut()`` closes every connection and refuses new ones until ``restore()``,
-as a broken uplink does (the bridge sees its socket close and retries).
+as a broken uplink does (the bridge sees its socket close and retries). It also counts the
+MQTT PUBLISH packets each way (``publish_up``, ``publish_down``) by following the packets'
+fixed headers: messages, as opposed to acks and keepalives.
 
 One thread, one ``selectors`` loop for every connection.
 """
@@ -25,10 +27,41 @@ _HOST = "127.0.0.1"
 _CHUNK = 65536
 
 
+class _Framer:
+    """Follows MQTT packet boundaries in one direction of one connection; counts PUBLISHes."""
+
+    def __init__(self) -> None:
+        self.skip = 0  # bytes of the current packet's body still to pass
+        self.head = bytearray()  # the fixed header read so far (type byte + length varint)
+        self.publishes = 0
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n:
+            if self.skip:
+                take = min(self.skip, n - i)
+                self.skip -= take
+                i += take
+                continue
+            self.head.append(data[i])
+            i += 1
+            if len(self.head) >= 2 and not self.head[-1] & 0x80:
+                length, mult = 0, 1
+                for b in self.head[1:]:
+                    length += (b & 0x7F) * mult
+                    mult *= 128
+                if self.head[0] >> 4 == 3:  # PUBLISH
+                    self.publishes += 1
+                self.skip = length
+                self.head.clear()
+
+
 @dataclass
 class _Pipe:
     near: socket.socket  # the site side (accepted)
     far: socket.socket  # the centre side
+    up: _Framer
+    down: _Framer
 
 
 class WanLink:
@@ -43,6 +76,7 @@ class WanLink:
         self.up = 0
         self.down = 0
         self.connections = 0  # accepted over the link's life
+        self._framers: list[_Pipe] = []  # every pipe's counters, closed ones included
         self._cut = False
         self._pipes: dict[socket.socket, _Pipe] = {}
         self._lock = threading.Lock()
@@ -62,6 +96,14 @@ class WanLink:
     def bytes(self) -> int:
         """Bytes across the link, both directions."""
         return self.up + self.down
+
+    @property
+    def publish_up(self) -> int:
+        return sum(p.up.publishes for p in self._framers)
+
+    @property
+    def publish_down(self) -> int:
+        return sum(p.down.publishes for p in self._framers)
 
     def start(self) -> WanLink:
         self._thread.start()
@@ -124,7 +166,8 @@ class WanLink:
         for s in (near, far):
             s.setblocking(False)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        pipe = _Pipe(near, far)
+        pipe = _Pipe(near, far, _Framer(), _Framer())
+        self._framers.append(pipe)
         self._pipes[near] = self._pipes[far] = pipe
         self._sel.register(near, selectors.EVENT_READ)
         self._sel.register(far, selectors.EVENT_READ)
@@ -143,8 +186,10 @@ class WanLink:
             return
         if sock is pipe.near:
             self.up += len(data)
+            pipe.up.feed(data)
         else:
             self.down += len(data)
+            pipe.down.feed(data)
         try:
             other.settimeout(10)  # loopback: a short blocking send keeps the order simple
             other.sendall(data)
