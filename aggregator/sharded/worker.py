@@ -104,9 +104,10 @@ class ShardWorker:
         # unacked, the broker keeps them (and redelivers them if this process dies).
         self._pending: list[tuple[str, bytes, Callable[[], None]]] = []
         self._sealed = 0  # the round the reducer sealed: its later updates are refused
-        # A request for a round this worker has not opened yet (it came before the task or
-        # the model, e.g. queued while the worker was down): answered once the round opens.
-        self._early: PartialRequest | None = None
+        # Requests for a round this worker has not opened yet (they came before the task or
+        # the model, e.g. queued while the worker was down): taken up, in order, once the
+        # round opens.
+        self._early: list[PartialRequest] = []
         # The lower median of the weights this worker folded in its last round: the cap of
         # its next one (aggregator/weighting.py; the service's rule on this worker's share).
         self._weight_reference = 0
@@ -229,9 +230,10 @@ class ShardWorker:
             self._on_update(device, self.topics.update(device), payload, ack)
         self.ready.set()
         log.info("%s: round %d open (base v%d)", self.name, task.round, task.base_version)
-        early, self._early = self._early, None
-        if early is not None and early.round == task.round:
-            self._on_request(early)
+        early, self._early = self._early, []
+        for req in early:
+            if req.round == task.round:
+                self._on_request(req)
 
     def _start_round(self, task: RoundTask) -> None:
         """Fresh state for ``task``, then fold what the journal holds (minus excluded)."""
@@ -313,11 +315,12 @@ class ShardWorker:
     # -- partial sums ------------------------------------------------------------------------
     def _on_request(self, req: PartialRequest) -> None:
         rnd = self.round
+        if rnd is None or req.round > rnd.round:
+            if len(self._early) < 64:  # a few per round; a flood of forged ones is capped
+                self._early.append(req)
+            return
         if not req.asks(self.name):
             self._not_asked(req)
-            return
-        if rnd is None or req.round > rnd.round:
-            self._early = req
             return
         if req.round != rnd.round:
             mine = rnd.round

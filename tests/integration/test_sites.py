@@ -249,3 +249,34 @@ def test_a_site_cut_off_past_the_deadline_is_left_out_and_its_devices_told_late(
     assert h.gateways["a"].late == 3
     for name in site_b:
         assert [r.late for r in h.devices[name].receipts] == [False]
+
+
+def test_a_gateway_down_while_its_site_is_left_out_tells_its_devices_after_a_restart(
+    make: object,
+) -> None:
+    h: Hierarchy = make(  # type: ignore[operator]
+        target_devices=6, min_devices=3, round_timeout=3.0, shard_leave_after=1.0
+    )
+    crash_mux = Mux("gw-a-crashes").start()
+    crashed = h.start_gateway("a", crash_mux)
+    h.start_gateway("b")
+    names = [f"dev-{s}{i}" for s in SITES for i in range(3)]
+    for name in names:
+        h.device(name[4], name)
+    for d in h.devices.values():
+        d.wait_task(1, WAIT)
+    h.sites.cut("a")
+    for i, name in enumerate(names):
+        h.send(name, i)
+    wait_until(lambda: crashed.folded == 3, WAIT, "gw-a to journal its site's updates")
+    crash_mux.stop()  # the gateway dies too, its journal on disk
+    crashed.journal.close()
+    wait_until(h.fleet.aggregator.done.is_set, WAIT, "the round to close without site a")
+    h.sites.restore("a")  # the sealing request naming gw-b waits in gw-a's session
+    again = h.start_gateway("a")
+    for name in names[:3]:
+        d = h.devices[name]
+        wait_until(lambda d=d: len(d.receipts) == 2, WAIT, f"{name}'s late receipt")
+        assert [r.late for r in d.receipts] == [False, True]
+    assert again.late == 3
+    assert sorted(h.fleet.records[-1]["counted"]) == sorted(names[3:])

@@ -101,3 +101,16 @@ def test_the_last_gateway_is_never_left_out() -> None:
     r, _sent, _ = make_reducer()
     r.leave_out([A, B])
     assert r.expected == (A, B)
+
+
+def test_a_late_receipt_says_so_and_an_ordinary_one_is_unchanged_on_the_wire() -> None:
+    import msgpack
+
+    from fedge.envelopes import Receipt
+
+    late = Receipt("dev-a1", 3, "u1", late=True)
+    plain = Receipt("dev-a1", 3, "u1")
+    assert Receipt.from_bytes(late.to_bytes()).late
+    assert not Receipt.from_bytes(plain.to_bytes()).late
+    # An ordinary receipt carries no "late" key: devices built before it read it as before.
+    assert "late" not in msgpack.unpackb(plain.to_bytes(), raw=False)
