@@ -102,6 +102,9 @@ class ShardedRounds(SyncRounds):
             return
         c = self.config
         if m.final:
+            for gateway in m.left_out:  # a site cut off: its devices get late receipts
+                log.warning("round %d closes without %s", rnd.round, gateway)
+                self.metrics.event("site_left_out")
             if m.count >= c.min_devices:
                 self._final = m
                 self._close_round()

@@ -240,6 +240,7 @@ def test_a_site_cut_off_past_the_deadline_is_left_out_and_its_devices_told_late(
     for k in base:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
     assert sorted(h.fleet.records[-1]["counted"]) == sorted(site_b)
+    assert h.fleet.aggregator.metrics.events["site_left_out"] == 1
 
     h.sites.restore("a")
     for name in names[:3]:  # recorded at the site, then told: too late, in no version
