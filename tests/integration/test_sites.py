@@ -277,7 +277,10 @@ def test_a_gateway_down_while_its_site_is_left_out_tells_its_devices_after_a_res
     again = h.start_gateway("a")
     for name in names[:3]:
         d = h.devices[name]
-        wait_until(lambda d=d: len(d.receipts) == 2, WAIT, f"{name}'s late receipt")
-        assert [r.late for r in d.receipts] == [False, True]
+        wait_until(lambda d=d: any(r.late for r in d.receipts), WAIT, f"{name}'s late receipt")
+        # The first said "recorded"; an update the dead gateway had journaled but not acked
+        # comes again from the broker, is refused as a duplicate and confirmed again.
+        assert not d.receipts[0].late
+        assert [r.late for r in d.receipts].count(True) == 1
     assert again.late == 3
     assert sorted(h.fleet.records[-1]["counted"]) == sorted(names[3:])
