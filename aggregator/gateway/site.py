@@ -75,10 +75,11 @@ class SiteGateway(ShardWorker):
             return
         if self._seal() == (rnd.round, _LEFT_OUT):
             return  # told already (a repeated request after a restart)
-        # Sealed without this site: refuse its later updates, tell the journaled ones.
+        # Sealed without this site: refuse its later updates, tell the journaled ones; then
+        # record it (a crash in between tells them twice, never not at all).
         self._sealed = rnd.round
-        self._record_seal(rnd.round, _LEFT_OUT)
         self._tell_late(rnd.round)
+        self._record_seal(rnd.round, _LEFT_OUT)
 
     def _settle(self, new_round: int) -> None:
         seal = self._seal()
