@@ -124,6 +124,13 @@ class AggregatorConfig(BaseModel):
     shard_poll: float = Field(
         default=1.0, gt=0, description="seconds between partial-sum requests in a round"
     )
+    shard_leave_after: float = Field(
+        default=0.0,
+        ge=0,
+        description="site gateways as shard_workers: seconds past the deadline after which a "
+        "gateway not heard from is left out of the round (its devices get late receipts); "
+        "0 = wait for every worker",
+    )
     mode: Literal["sync", "async"] = Field(
         default="sync",
         description="sync: rounds with a barrier; async: FedBuff, a version every async_buffer "

@@ -65,6 +65,14 @@ class RoundJournal:
             self._f.close()  # type: ignore[attr-defined]
         self._f = None
 
+    def rounds(self) -> list[int]:
+        """The rounds with a journal on disk, in order."""
+        out = []
+        for p in self.dir.glob("round-*.journal"):
+            with contextlib.suppress(ValueError, IndexError):
+                out.append(int(p.stem.split("-")[1]))
+        return sorted(out)
+
     def discard_through(self, round_id: int) -> None:
         """Delete journals of rounds <= ``round_id`` (closed: their effect is checkpointed)."""
         if self._round is not None and self._round <= round_id:

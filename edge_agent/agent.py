@@ -193,10 +193,11 @@ class EdgeAgent:
                 r = Receipt.from_bytes(payload, self.limits)
                 self.outbox.remove(r.round, r.update_id)
                 log.info(
-                    "%s: receipt: update %s of round %d counted",
+                    "%s: receipt: update %s of round %d %s",
                     self.device_id,
                     r.update_id[:8],
                     r.round,
+                    "came too late (its site was cut off): in no version" if r.late else "counted",
                 )
         except ProtocolError as e:
             if topic == self.topics.task:

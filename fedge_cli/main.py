@@ -96,6 +96,18 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
         "aggregator reduces their partial sums (docs/scaling.md)",
     )
     p.add_argument(
+        "--sites",
+        type=int,
+        default=0,
+        help="S (<= 8) site Mosquittos bridged to a central one, a gateway per site, devices "
+        "spread over the sites; summary.json gains wan_bytes (docs/scaling.md)",
+    )
+    p.add_argument(
+        "--wan",
+        action="store_true",
+        help="flat: devices reach the broker through a counted WAN link (wan_bytes)",
+    )
+    p.add_argument(
         "--early-stop-patience",
         type=int,
         default=0,
@@ -169,6 +181,8 @@ def _simulate(args: argparse.Namespace) -> None:
         mode=args.mode,
         async_buffer=args.async_buffer,
         shard_workers=args.shard_workers,
+        sites=args.sites,
+        wan=args.wan,
         early_stop_patience=args.early_stop_patience,
         adaptive_server_lr=args.adaptive_server_lr,
         metrics_port=args.metrics_port,
@@ -179,6 +193,8 @@ def _simulate(args: argparse.Namespace) -> None:
         f"uplink {s['uplink_bytes']} B, downlink {s['downlink_bytes']} B, "
         f"{s['wall_seconds']:.1f} s (+{s['setup_seconds']:.1f} s set-up)"
     )
+    if s.get("wan_bytes") is not None:
+        print(f"WAN (bytes across the links, both ways): {s['wan_bytes']} B")
     print(f"summary: {(args.out / 'summary.json').resolve()}")
     print(f"model:   {s['model_onnx']}")
 
@@ -245,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shard_service.add_arguments(sw)
     sw.set_defaults(func=shard_service.run)
+    from aggregator.gateway import cli as gateway_cli
+
+    gw = sub.add_parser("gateway", help="run a site's gateway aggregator (docs/operations.md)")
+    gateway_cli.add_arguments(gw)
+    gw.set_defaults(func=gateway_cli.run)
     ag = sub.add_parser("agent", help="run an edge agent, or 'agent predict' for inference")
     agent_cli.add_arguments(ag)
     ag.set_defaults(func=agent_cli.run)

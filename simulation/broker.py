@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -102,6 +103,7 @@ class MosquittoBroker:
         template: Path | None = None,
         acl: Path | None = None,
         port: int | None = None,
+        params: Mapping[str, object] | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.template = (
@@ -120,6 +122,8 @@ class MosquittoBroker:
                 f"{self.template} must contain 'log_dest file {{log_file}}' and "
                 f"'log_type information': start() waits for the 'running' line of that log"
             )
+        # More placeholders of the template (a site's: fleet, site, remote_host, ...).
+        self.params = dict(params or {})
         self._port_chosen = port is None
         self._port = _free_port() if port is None else port
         self._proc: subprocess.Popen[bytes] | None = None
@@ -250,6 +254,7 @@ class MosquittoBroker:
             data_dir=self.data_dir,
             acl_file=acl_copy,
             log_file=self.log_path,
+            **self.params,
         )
         if os.geteuid() == 0:
             # Started as root, Mosquitto switches to the "mosquitto" user, which

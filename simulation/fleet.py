@@ -31,6 +31,7 @@ from fedge.topics import Topics
 from fedge.transport.mqtt import BrokerURL, probe_broker
 from fedge.transport.mux import Mux
 from simulation import default_codec
+from simulation.broker import CONFIG_DIR
 from simulation.datasets import make_federated
 from simulation.heterogeneity import (
     DelayedExecutor,
@@ -40,6 +41,7 @@ from simulation.heterogeneity import (
 )
 from simulation.keys import SimKeys
 from simulation.roles import build_agent, start_shard_workers
+from simulation.topology import Topology, default_acl, site_names
 
 __all__ = [
     "DelayedExecutor",
@@ -54,6 +56,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MAX_SIM_WORKERS = 4
+_MAX_SIM_SITES = 8
 _DEFAULT_MODEL = {"digits": "mlp", "mnist5k": "mlp", "synthetic": "logreg"}
 
 
@@ -95,6 +98,10 @@ class SimConfig:
     early_stop_patience: int = 0  # > 0: devices stop on their held-out loss (10 % held out)
     adaptive_server_lr: bool = False  # halve server_lr after 3 versions without a better accuracy
     metrics_port: int | None = None  # serve /metrics and the dashboard here (0: any free port)
+    # > 0: S site Mosquittos bridged to a central one, a gateway per site, device i at site
+    # i mod S (simulation.topology); the summary gains wan_bytes.
+    sites: int = 0
+    wan: bool = False  # flat: devices reach the broker through a counted WAN link
 
     def __post_init__(self) -> None:
         from aggregator.config import codec_problem
@@ -119,6 +126,13 @@ class SimConfig:
             raise ConfigError(
                 f"--shard-workers must be in [0, {_MAX_SIM_WORKERS}] (broker_config/acl.sharded "
                 f"has sections for aggregator-0..{_MAX_SIM_WORKERS - 1}), got {self.shard_workers}"
+            )
+        if not 0 <= self.sites <= _MAX_SIM_SITES:
+            raise ConfigError(f"--sites must be in [0, {_MAX_SIM_SITES}], got {self.sites}")
+        if self.sites and (self.shard_workers or self.broker or self.mode != "sync"):
+            raise ConfigError(
+                "--sites runs its own brokers and gateways, in sync mode: not "
+                "with --shard-workers, --broker or --mode async"
             )
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
@@ -151,17 +165,18 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
 
     torch.set_num_threads(1)  # tiny models: one thread per step is fastest, and leaves a core
 
-    broker, url = _broker(cfg, out)
+    # A fleet name of its own: retained messages of an earlier run on a shared broker
+    # must not leak into this one.
+    topics = Topics(f"sim-{uuid.uuid4().hex[:8]}")
+    topology = _topology(cfg, out)
+    broker, url = (None, topology.start(topics.fleet)) if topology else _broker(cfg, out)
     say(
         f"broker {url}  |  {cfg.dataset}: {cfg.devices} devices, partition {cfg.partition}, "
         f"sizes {min(data.sizes)}-{max(data.sizes)}, test {len(data.test[1])}  |  "
         f"{cfg.strategy}, codec {cfg.codec or default_codec(cfg.strategy)}"
     )
-    run = _Run()
+    run = _Run(topology=topology)
     try:
-        # A fleet name of its own: retained messages of an earlier run on a shared broker
-        # must not leak into this one.
-        topics = Topics(f"sim-{uuid.uuid4().hex[:8]}")
         keys = SimKeys.make(out / "keys", cfg.devices) if cfg.sign else None
         agg_cfg = _aggregator_config(cfg, data, url, topics.fleet, keys, out)
         run.agg_mux, run.dev_mux = Mux("aggregator").start(), Mux("devices").start()
@@ -174,6 +189,8 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
             web = run.aggregator.web.url
             say(f"dashboard {web}  |  Prometheus {web}metrics")
         run.workers = start_shard_workers(agg_cfg, out, run.agg_mux)
+        if topology is not None:
+            topology.start_gateways(agg_cfg, run.agg_mux, *_gateway_keys(agg_cfg))
         _start_agents(cfg, data, run, url, topics, out, keys)
         t_fleet = time.perf_counter()
         budget = cfg.rounds * (cfg.round_timeout + 30) + 60
@@ -186,6 +203,8 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
         run.stop()
         if broker is not None:
             broker.stop()
+        if topology is not None:
+            topology.stop()
     summary = _summary(cfg, run, out, url, wall=wall, setup=t_fleet - t_start)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -201,12 +220,15 @@ class _Run:
     agg_mux: Mux | None = None
     dev_mux: Mux | None = None
     executor: ThreadPoolExecutor | None = None
+    topology: Topology | None = None
 
     def stop(self) -> None:
         for a in self.agents:
             a.stop()
         for w in self.workers:
             w.stop()
+        if self.topology is not None:
+            self.topology.stop_gateways()
         if self.aggregator is not None:
             self.aggregator.stop()
         time.sleep(0.3)
@@ -232,7 +254,7 @@ def _broker(cfg: SimConfig, out: Path) -> tuple[Any, BrokerURL]:
         url = BrokerURL.parse(cfg.broker)
         probe_broker(url)
         return None, url
-    from simulation.broker import CONFIG_DIR, MosquittoBroker
+    from simulation.broker import MosquittoBroker
 
     template = CONFIG_DIR / f"{cfg.broker_config}.conf.template"
     if not template.is_file():
@@ -274,7 +296,10 @@ def _aggregator_config(
         round_timeout=cfg.round_timeout,
         device_keys=keys.registry if keys else None,
         signing_key=keys.aggregator_key if keys else None,
-        shard_workers=tuple(f"aggregator-{k}" for k in range(cfg.shard_workers)),
+        shard_workers=tuple(f"aggregator-{k}" for k in range(cfg.shard_workers))
+        or tuple(f"gw-{s}" for s in site_names(cfg.sites)),
+        # Sites: a gateway cut off this long past the deadline is left out of the round.
+        shard_leave_after=5.0 if cfg.sites else 0.0,
         early_stop_patience=cfg.early_stop_patience,
         adaptive_server_lr=PlateauSettings() if cfg.adaptive_server_lr else None,
         metrics_port=cfg.metrics_port,
@@ -321,8 +346,9 @@ def _start_agents(
         executor: Executor = run.executor
         if delays:
             executor = DelayedExecutor(run.executor, run.dev_mux, delays[i])
+        at = run.topology.device_url(i) if run.topology is not None else url
         agent = build_agent(
-            i, x, y, mux=run.dev_mux, url=url, topics=topics, out=out, executor=executor,
+            i, x, y, mux=run.dev_mux, url=at, topics=topics, out=out, executor=executor,
             seed=cfg.seed, keys=keys, model_cache=model_cache, train_fn=train_fn,
         )  # fmt: skip
         run.agents.append(agent)
@@ -351,8 +377,43 @@ def _summary(
         "metrics": str((out / "metrics.jsonl").resolve()),
         "rejected": dict(agg.metrics.rejected),
         "shard_workers": {w.name: w.folded for w in run.workers},  # updates each one folded
+        **_wan_summary(run.topology),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "broker": str(url),
+    }
+
+
+def _topology(cfg: SimConfig, out: Path) -> Topology | None:
+    """Sites, or a flat broker behind a counted WAN link; None: the plain broker path."""
+    if not cfg.sites and not cfg.wan:
+        return None
+    if cfg.broker is not None:
+        raise ConfigError("--wan needs the simulation's own broker, not --broker")
+    template = CONFIG_DIR / f"{cfg.broker_config}.conf.template"
+    if not template.is_file():
+        raise ConfigError(f"no broker config {template}; see broker_config/")
+    acl = default_acl(cfg.shard_workers)
+    return Topology(out, template=template, acl=acl, sites=cfg.sites, wan=cfg.wan)
+
+
+def _gateway_keys(agg: AggregatorConfig) -> tuple[Any, Any]:
+    """The device key ring and the aggregator's verify key the gateways check with."""
+    from aggregator.keyring import KeyRing
+    from fedge.identity import load_signing_key
+
+    keyring = KeyRing(agg.device_keys) if agg.device_keys is not None else None
+    agg_key = load_signing_key(agg.signing_key).verify_key if agg.signing_key else None
+    return keyring, agg_key
+
+
+def _wan_summary(topology: Topology | None) -> dict[str, Any]:
+    """``wan_bytes``: bytes across the WAN links both ways (None: not measured), the detail,
+    and per site gateway the updates it folded."""
+    wan = topology.wan() if topology is not None else None
+    return {
+        "wan_bytes": wan["bytes_up"] + wan["bytes_down"] if wan else None,
+        "wan": wan,
+        "sites": {g.name: g.folded for g in topology.gateways} if topology else {},
     }
 
 

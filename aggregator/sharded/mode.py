@@ -44,6 +44,7 @@ class ShardedRounds(SyncRounds):
             poll=c.shard_poll,
             limits=parts.limits,
             on_merged=self._on_merged,
+            leave_after=c.shard_leave_after,
             # The workers must enforce what this service would: refused otherwise.
             policy=ShardPolicy(
                 signed=parts.keyring is not None,
@@ -101,6 +102,9 @@ class ShardedRounds(SyncRounds):
             return
         c = self.config
         if m.final:
+            for gateway in m.left_out:  # a site cut off: its devices get late receipts
+                log.warning("round %d closes without %s", rnd.round, gateway)
+                self.metrics.event("site_left_out")
             if m.count >= c.min_devices:
                 self._final = m
                 self._close_round()

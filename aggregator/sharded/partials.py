@@ -29,7 +29,9 @@ from fedge.wire import Fields, open_envelope, pack
 __all__ = ["PARTIALS_SCHEMA_VERSION", "PartialRequest", "PartialSum", "ShardPolicy", "ShardTopics"]
 
 # 2: requests carry ``final`` (the reducer seals the round), partials their worker's policy.
-PARTIALS_SCHEMA_VERSION = 2
+# 3: ``tensors`` may be nil: a summary (counts and ids only) that a site gateway sends to
+# every request but the final one, so one dense partial per round crosses the bridge.
+PARTIALS_SCHEMA_VERSION = 3
 _MAX_ROUND = 2**31
 _MAX_REQUEST = 2**62
 _KIND_SUM = "partial"
@@ -165,6 +167,8 @@ class PartialSum:
     ``request`` is the id of the request answered (0: sent unasked at the task's deadline).
     ``counted`` maps each device folded to its update id; ``count == len(counted)``. Tensors
     travel as fp32: the rounding (2**-24 of each partial) is below the fp32 model's own.
+    Empty ``sums`` is a summary (``dense`` False): who is counted, without the tensors; the
+    reducer may decide to seal on it but closes only on dense partials.
     """
 
     round: int
@@ -183,8 +187,17 @@ class PartialSum:
     def count(self) -> int:
         return len(self.counted)
 
+    @property
+    def dense(self) -> bool:
+        return bool(self.sums)
+
     def to_bytes(self) -> bytes:
         devices = sorted(self.counted)
+        tensors = (
+            encode_records([dense_record(k, np.asarray(v), "<f4") for k, v in self.sums.items()])
+            if self.sums
+            else None
+        )
         return pack(
             {
                 "v": PARTIALS_SCHEMA_VERSION,
@@ -197,9 +210,7 @@ class PartialSum:
                 "total_weight": float(self.total_weight),
                 "devices": devices,
                 "update_ids": [self.counted[d] for d in devices],
-                "tensors": encode_records(
-                    [dense_record(k, np.asarray(v), "<f4") for k, v in self.sums.items()]
-                ),
+                "tensors": tensors,
                 "uplink_bytes": self.uplink_bytes,
                 "loss_sum": float(self.loss_sum),
                 "rejected": dict(self.rejected),
@@ -230,7 +241,8 @@ class PartialSum:
             raise ProtocolError(
                 "schema", f"partial of {worker}: total_weight {total} for {count} updates"
             )
-        sums = decode_records(f.bytes("tensors"), spec, ("<f4",), limits)
+        raw = f.bytes("tensors", optional=True)
+        sums = decode_records(raw, spec, ("<f4",), limits) if raw is not None else {}
         uplink = f.int("uplink_bytes")
         loss_sum = f.float("loss_sum")
         rejected = {k: _count(k, v) for k, v in f.number_map("rejected").items()}

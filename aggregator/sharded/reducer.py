@@ -55,10 +55,16 @@ class Merged:
     loss_sum: float = 0.0
     rejected: dict[str, int] = field(default_factory=dict)
     final: bool = False  # every partial answered the sealing request
+    left_out: tuple[str, ...] = ()  # workers the round goes on without (sites cut off)
 
     @property
     def count(self) -> int:
         return len(self.counted)
+
+    @property
+    def dense(self) -> bool:
+        """False when a partial was a summary (counts only): nothing to close the round on."""
+        return bool(self.sums)
 
     def mean(self) -> dict[str, np.ndarray]:
         """``sum n_i delta_i / sum n_i`` as float32, as ``WeightedSum.mean`` gives it."""
@@ -100,12 +106,15 @@ def merge_partials(partials: Sequence[PartialSum]) -> Merged:
                 f"{p.worker}: round {p.round} base v{p.base_version}, "
                 f"{first.worker}: round {first.round} base v{first.base_version}"
             )
-        if p.sums.keys() != first.sums.keys():
+    dense = all(p.dense for p in partials)
+    for p in partials:
+        if dense and p.sums.keys() != first.sums.keys():
             raise AggregationError(f"{p.worker}: tensors {list(p.sums)} != {list(first.sums)}")
     dup = overlaps(partials)
     if dup:
         raise AggregationError(f"devices counted by two workers: {dup}")
-    sums = {k: np.zeros(np.shape(v), np.float64) for k, v in first.sums.items()}
+    # A summary among them (a gateway's answer before the seal): counts only, no sums.
+    sums = {k: np.zeros(np.shape(v), np.float64) for k, v in first.sums.items()} if dense else {}
     for p in partials:
         for k, acc in sums.items():
             acc += np.asarray(p.sums[k], np.float64)
@@ -156,8 +165,10 @@ class Reducer:
         self.refused: dict[str, str] = {}  # worker -> why its last partial was refused
         self._floor: dict[str, int] = {}  # lowest request id an answer may echo
         self._asked: dict[str, int] = {}  # newest request id sent to each worker
+        self._answered: dict[str, int] = {}  # newest request id each worker answered
         self._got: dict[str, PartialSum] = {}  # each worker's newest usable partial
         self._final: int | None = None  # id of the sealing request, once sent
+        self._absent: set[str] = set()  # left out of this round (leave_out)
         self._on_merged: Callable[[Merged], Any] | None = None
 
     def begin(
@@ -171,10 +182,37 @@ class Reducer:
         self.round, self.base_version, self.spec = round_id, base_version, dict(spec)
         self._floor = dict.fromkeys(self.workers, 0)
         self._asked = dict.fromkeys(self.workers, 0)
+        self._answered = {}
         self._got = {}
         self._final = None
+        self._absent = set()
         self.refused = {}
         self._on_merged = on_merged
+
+    @property
+    def expected(self) -> tuple[str, ...]:
+        """The workers whose partials the round waits for: all but those left out."""
+        return tuple(w for w in self.workers if w not in self._absent)
+
+    def leave_out(self, workers: Sequence[str]) -> None:
+        """Go on without ``workers`` (site gateways cut off from the centre) this round.
+
+        Before the seal, one that answers again is taken back. Once sealed, the round is
+        sealed again with a final request that names only the others: a gateway left out
+        learns from it (or from the next task) that its round closed without it, and tells
+        its devices their updates came too late. Never the last worker."""
+        new = [w for w in workers if w in self.workers and w not in self._absent]
+        if not new or len(self._absent) + len(new) >= len(self.workers):
+            return
+        self._absent.update(new)
+        for w in new:
+            self._got.pop(w, None)
+        log.warning("round %d: going on without %s", self.round, ", ".join(sorted(new)))
+        if self.sealing:
+            self._final = None
+            self.request(final=True)
+        elif self._got and len(self._got) == len(self.expected):
+            self._complete()
 
     @property
     def sealing(self) -> bool:
@@ -183,22 +221,29 @@ class Reducer:
     def request(self, *, final: bool = False) -> None:
         """Ask every worker for its partial now; ``on_merged`` follows each complete set.
         ``final`` seals the round: from now on only answers to this request (or later) count."""
-        req = PartialRequest(self.round, next(self._ids), final=final or self.sealing)
+        final = final or self.sealing
+        # A final request names its workers when some are left out: they must know.
+        named = self.expected if final and self._absent else None
+        req = PartialRequest(self.round, next(self._ids), named, final=final)
         if final and not self.sealing:
             self._final = req.request
             self._floor = dict.fromkeys(self.workers, req.request)
             self._got = {}
-        self._send(req, self.workers)
+        self._send(req, self.workers if named is None else named)
 
     def outstanding(self) -> list[str]:
         """Workers that have not answered the newest request sent to them."""
+        # Answered, not merely sent a partial: the unasked one at the deadline (request 0)
+        # answers nothing.
         return [
-            w for w in self.workers if w not in self._got or self._got[w].request < self._asked[w]
+            w
+            for w in self.expected
+            if w not in self._got or self._answered.get(w, 0) < self._asked[w]
         ]
 
     def missing(self) -> list[str]:
         """Workers without a usable partial for this round yet."""
-        return [w for w in self.workers if w not in self._got]
+        return [w for w in self.expected if w not in self._got]
 
     def _send(self, req: PartialRequest, workers: Sequence[str]) -> None:
         for w in workers:
@@ -229,14 +274,23 @@ class Reducer:
                 log.error("partial of %s refused: %s (start it with matching flags)", worker, why)
             self.refused[worker] = why
             return True
+        if self.sealing and not p.dense:
+            log.warning("summary partial of %s after the seal ignored", worker)
+            return True
+        if worker in self._absent:
+            if self.sealing:
+                return True  # sealed without it: its answer comes too late
+            self._absent.discard(worker)  # back before the seal: it counts again
+            log.info("round %d: %s answers again", self.round, worker)
         self.refused.pop(worker, None)
+        self._answered[worker] = max(self._answered.get(worker, 0), p.request)
         self._got[worker] = p  # one worker's partials arrive in order: the newest wins
-        if len(self._got) == len(self.workers):
+        if len(self._got) == len(self.expected):
             self._complete()
         return True
 
     def _complete(self) -> None:
-        partials = [self._got[w] for w in self.workers]
+        partials = [self._got[w] for w in self.expected]
         dup = overlaps(partials)
         if dup:
             drops: dict[str, list[str]] = {}
@@ -256,4 +310,5 @@ class Reducer:
         if self._on_merged is not None:
             merged = merge_partials(partials)
             merged.final = self.sealing
+            merged.left_out = tuple(sorted(self._absent))
             self._on_merged(merged)

@@ -14,6 +14,11 @@ closes on that merge. A worker that does not answer holds the round open: closin
 would lose updates it has journaled and confirmed. It is named in the log every
 ``warn_after`` seconds until it answers, with the reason when its partials are refused.
 
+Site gateways (``leave_after`` > 0) are the exception: a site cut off from the centre keeps
+its updates durable and tells its devices when they came too late, so once the deadline is
+``leave_after`` seconds past, a gateway that has not answered a request sent at least that
+long ago is left out of the round (``Reducer.leave_out``), and the others close it.
+
 Runs on the service's mux thread, over the service's session.
 """
 
@@ -52,6 +57,7 @@ class ShardedRound:
         policy: ShardPolicy | None = None,
         warn_after: float = 30.0,
         retry: float = 10.0,
+        leave_after: float = 0.0,
     ) -> None:
         self.topics = ShardTopics(topics)
         self.mux = mux
@@ -62,8 +68,10 @@ class ShardedRound:
         self._on_merged = on_merged
         self.reducer = Reducer(self.topics, workers, self._publish, limits=limits, policy=policy)
         self.merges = 0
+        self.leave_after = leave_after
         self._timer: Cancellable | None = None
         self._round = 0
+        self._deadline = math.inf
         self._answered_at = 0.0
         self._asked_at = -math.inf
 
@@ -78,6 +86,7 @@ class ShardedRound:
         """A new round: forget the last one's partials; start polling."""
         self.stop()
         self._round = task.round
+        self._deadline = task.deadline
         self._answered_at = time.monotonic()
         self._asked_at = -math.inf
         self.reducer.begin(task.round, task.base_version, spec, self._merged)
@@ -109,6 +118,16 @@ class ShardedRound:
         """Feed a message; False if it is not a partial sum."""
         return self.reducer.handle(topic, payload)
 
+    def _leave_out_silent(self) -> None:
+        """Sites: past the deadline by ``leave_after``, go on without the silent gateways."""
+        if self.leave_after <= 0 or time.time() < self._deadline + self.leave_after:
+            return
+        if time.monotonic() - self._asked_at < self.leave_after:
+            return  # the newest request is younger than that: answers may be on their way
+        silent = self.reducer.outstanding()
+        if silent:
+            self.reducer.leave_out(silent)
+
     def _tick(self) -> None:
         self._timer = None
         silent = time.monotonic() - self._answered_at
@@ -122,6 +141,7 @@ class ShardedRound:
                 f" (refused: {refused})" if refused else "",
             )
             self._answered_at = time.monotonic()  # warn again after another warn_after
+        self._leave_out_silent()
         self.request_now()
         self._timer = self.mux.call_later(self.poll, self._tick)
 

@@ -104,6 +104,10 @@ class ShardWorker:
         # unacked, the broker keeps them (and redelivers them if this process dies).
         self._pending: list[tuple[str, bytes, Callable[[], None]]] = []
         self._sealed = 0  # the round the reducer sealed: its later updates are refused
+        # Requests for a round this worker has not opened yet (they came before the task or
+        # the model, e.g. queued while the worker was down): taken up, in order, once the
+        # round opens.
+        self._early: list[PartialRequest] = []
         # The lower median of the weights this worker folded in its last round: the cap of
         # its next one (aggregator/weighting.py; the service's rule on this worker's share).
         self._weight_reference = 0
@@ -216,6 +220,7 @@ class ShardWorker:
         if rnd is not None and rnd.weights:
             self._weight_reference = lower_median(rnd.weights)
         # A newer task means the reducer checkpointed the last round: its journal can go.
+        self._settle(task.round)
         self.journal.discard_through(task.round - 1)
         self._excluded = set()
         self._start_round(task)
@@ -225,6 +230,10 @@ class ShardWorker:
             self._on_update(device, self.topics.update(device), payload, ack)
         self.ready.set()
         log.info("%s: round %d open (base v%d)", self.name, task.round, task.base_version)
+        early, self._early = self._early, []
+        for req in early:
+            if req.round == task.round:
+                self._on_request(req)
 
     def _start_round(self, task: RoundTask) -> None:
         """Fresh state for ``task``, then fold what the journal holds (minus excluded)."""
@@ -248,7 +257,7 @@ class ShardWorker:
         if self._deadline is not None:
             self._deadline.cancel()
         delay = max(0.0, task.deadline - time.time())
-        self._deadline = self.mux.call_later(delay, lambda: self._publish_partial(0))
+        self._deadline = self.mux.call_later(delay, lambda: self._publish_partial(0, final=False))
 
     def _on_update(
         self, device: str, topic: str, payload: bytes, ack: Callable[[], None] | None = None
@@ -306,10 +315,15 @@ class ShardWorker:
     # -- partial sums ------------------------------------------------------------------------
     def _on_request(self, req: PartialRequest) -> None:
         rnd = self.round
-        if not req.asks(self.name):
+        if rnd is None or req.round > rnd.round:
+            if len(self._early) < 64:  # a few per round; a flood of forged ones is capped
+                self._early.append(req)
             return
-        if rnd is None or req.round != rnd.round:
-            mine = rnd.round if rnd is not None else None
+        if not req.asks(self.name):
+            self._not_asked(req)
+            return
+        if req.round != rnd.round:
+            mine = rnd.round
             log.info("%s: request for round %d, mine is %s", self.name, req.round, mine)
             return
         drop = set(req.drop) & {d for d in rnd.counted if d not in self._excluded}
@@ -321,10 +335,25 @@ class ShardWorker:
             log.info("%s: dropped %s from round %d", self.name, sorted(drop), rnd.round)
         if req.final:
             self._sealed = rnd.round
-        self._publish_partial(req.request)
+            self._on_sealed(rnd.round)
+        self._publish_partial(req.request, final=req.final)
 
-    def partial(self, request: int) -> PartialSum:
-        """This worker's share of the open round (mux thread)."""
+    # -- hooks of a site gateway (aggregator/gateway/site.py) -------------------------------
+    def _settle(self, new_round: int) -> None:
+        """Before the journals of rounds below ``new_round`` go (a newer task came)."""
+
+    def _not_asked(self, req: PartialRequest) -> None:
+        """A request for other workers (a final one naming others: left out)."""
+
+    def _on_sealed(self, round_id: int) -> None:
+        """The reducer sealed ``round_id`` asking this worker: its partial closes it."""
+
+    def _dense(self, final: bool) -> bool:
+        """Send the sums (True) or a summary (counts and ids) in answer to a request."""
+        return True
+
+    def partial(self, request: int, *, dense: bool = True) -> PartialSum:
+        """This worker's share of the open round (mux thread); ``dense=False``: a summary."""
         rnd, ctx = self.round, self._ctx
         if rnd is None or ctx is None:
             raise AggregationError(f"{self.name}: no open round")
@@ -337,17 +366,17 @@ class ShardWorker:
             request=request,
             total_weight=acc.total_weight,
             counted={d: u for d, u in rnd.counted.items() if d not in self._excluded},
-            sums=acc.sums,
+            sums=acc.sums if dense else {},
             uplink_bytes=rnd.uplink_bytes,
             loss_sum=rnd.train_loss_sum,
             policy=self.policy,
             rejected=dict(rnd.rejected),
         )
 
-    def _publish_partial(self, request: int) -> None:
+    def _publish_partial(self, request: int, *, final: bool) -> None:
         if self.round is None:
             return
-        p = self.partial(request)
+        p = self.partial(request, dense=self._dense(final))
         try:
             self.session.publish(self.shard_topics.partial(self.name), p.to_bytes())
         except ProtocolError as e:  # larger than one packet: partials are not chunked yet

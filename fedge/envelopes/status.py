@@ -56,28 +56,36 @@ class DeviceStatus:
 class Receipt:
     """The aggregator's word that an update is durably recorded: until it arrives the device
     keeps the update in its outbox and resends it after every reconnect (the broker's PUBACK
-    alone is not enough: a broker crash can lose a message in flight to the aggregator)."""
+    alone is not enough: a broker crash can lose a message in flight to the aggregator).
+
+    ``late``: the update was recorded (by a site gateway) but its round closed without it (the
+    site was cut off from the centre): it is in no version. Sent only as ``late: true``."""
 
     device: str
     round: int
     update_id: str
+    late: bool = False
 
     def to_bytes(self) -> bytes:
-        return pack(
-            {
-                "v": SCHEMA_VERSION,
-                "kind": str(Kind.RECEIPT),
-                "device": self.device,
-                "round": self.round,
-                "update_id": self.update_id,
-            }
-        )
+        m: dict[str, object] = {
+            "v": SCHEMA_VERSION,
+            "kind": str(Kind.RECEIPT),
+            "device": self.device,
+            "round": self.round,
+            "update_id": self.update_id,
+        }
+        if self.late:
+            m["late"] = True
+        return pack(m)
 
     @classmethod
     def from_bytes(cls, payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Self:
         f = _open(payload, Kind.RECEIPT, limits)
         r = cls(
-            device=_device(f), round=f.int("round", 1, _MAX_ROUND), update_id=f.str("update_id")
+            device=_device(f),
+            round=f.int("round", 1, _MAX_ROUND),
+            update_id=f.str("update_id"),
+            late=bool(f.bool("late", optional=True)),
         )
         f.done()
         return r

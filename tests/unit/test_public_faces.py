@@ -34,8 +34,10 @@ FACES: dict[str, list[str]] = {
         "uplink",
     ],
     "aggregator": [
-        "cli", "config", "evaluation", "keyring", "metrics", "service", "sharded", "strategies",
+        "cli", "config", "evaluation", "gateway", "keyring", "metrics", "service", "sharded",
+        "strategies",
     ],
+    "aggregator.gateway": ["cli", "settings", "site"],
     "aggregator.sharded": ["service", "settings", "worker"],
     "simulation": [
         "DEFAULT_SIM_CODEC", "broker", "datasets", "default_codec", "fleet", "keys", "partition",
