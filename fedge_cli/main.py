@@ -292,6 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_arguments(st)
     st.set_defaults(func=status.run)
+    from fedge_cli import rollout
+
+    ro = sub.add_parser(
+        "rollout", help="release a version to the fleet in stages (docs/operations.md)"
+    )
+    rollout.add_arguments(ro)
+    ro.set_defaults(func=rollout.run)
     from fedge_cli import admin  # ca init|crl|broker-config, enroll, revoke
 
     admin.add_arguments(sub)

@@ -31,11 +31,12 @@ FACES: dict[str, list[str]] = {
     "fedge.support": ["config_io", "faults", "fsutil", "runtime", "shipped"],
     "models": ["int8", "onnx_export", "onnx_weights", "qat", "torch_state", "zoo"],
     "edge_agent": [
-        "agent", "cli", "config", "data", "inference", "model_cache", "store", "trainer",
-        "uplink",
+        "agent", "cli", "config", "data", "inference", "model_cache", "serving",
+        "serving_store", "shadow", "store", "trainer", "uplink",
     ],
     "aggregator": [
-        "cli", "config", "evaluation", "keyring", "metrics", "service", "sharded", "strategies",
+        "cli", "config", "evaluation", "keyring", "metrics", "rollout", "rollout_requests",
+        "rollout_state", "service", "sharded", "strategies",
     ],
     "aggregator.sharded": ["service", "settings", "worker"],
     "simulation": [
