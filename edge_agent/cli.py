@@ -109,6 +109,7 @@ def run_agent(config: Path, log_level: str) -> None:
         local_dp=LocalDP(cfg.local_dp.clip_norm, cfg.local_dp.noise_multiplier)
         if cfg.local_dp
         else None,
+        holdout=load_local_data(cfg.holdout, cfg.device_id) if cfg.holdout else None,
     )
     print(
         f"fedge agent {cfg.device_id}: {len(data)} samples, broker {cfg.broker}, "
