@@ -13,8 +13,10 @@ above the held one):
   version whose signature and sha256 match the manifest; until then the device waits;
 - in ``canary`` mode, before serving the candidate the device scores it and what it serves on
   its labelled hold-out (``edge_agent.shadow``) and reports both in its status; it switches
-  only if the candidate loads and loses at most ``m.max_regression`` accuracy points. Each
-  candidate (version, sha256) is evaluated once; a refusal stands for later stages;
+  if the candidate loads and runs. Whether the accuracy is good enough is the controller's
+  call, pooled over the stage's devices (one device's hold-out is too small to judge
+  alone): a regression rolls the stage back and the canaries return to their last known
+  good. Each candidate (version, sha256) is evaluated once; a load failure stands;
 - going back to the previous version, and ``direct`` mode (rollback, abort), switch at once.
 
 Training is untouched: the agent keeps training on ``{p}/model/global``, forward only, while
@@ -163,7 +165,7 @@ class ReleaseFollower:
             r = self._score(m, onnx)
             self.store.set_report(r)
             self.on_change()
-        return not r.error and r.regression_pp <= m.max_regression
+        return not r.error
 
     def _first_seq(self, m: ReleaseManifest) -> int:
         """Reports of this candidate from an earlier rollout of the same version are stale:
@@ -196,7 +198,7 @@ class ReleaseFollower:
                 )  # fmt: skip
         log.info(
             "%s: shadow evaluation of v%d on %d samples: accuracy %.4f (serving %s: %.4f), "
-            "%.3f ms/sample; %s",
+            "%.3f ms/sample; %.2f points lost",
             self.device_id,
             m.version,
             report.samples,
@@ -204,7 +206,7 @@ class ReleaseFollower:
             report.baseline,
             report.base_accuracy,
             report.latency_ms,
-            "switch" if report.regression_pp <= m.max_regression else "regression: stay",
+            report.regression_pp,
         )
         return report
 

@@ -123,6 +123,32 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
         "(local: durable, saves on every change; scale: saves every 60 s)",
     )
     p.add_argument("--log-level", type=log_level, default="WARNING", help="DEBUG … CRITICAL")
+    p.add_argument(
+        "--rollout",
+        default=None,
+        metavar="STAGES",
+        help="after training, release the final version through these stages (e.g. "
+        "0.2,0.5,1) with shadow evaluation on each device's hold-out (20 %% of its data, not "
+        "trained on); writes OUT/rollout.json",
+    )
+    p.add_argument(
+        "--rollout-candidate",
+        choices=("good", "bad"),
+        default="good",
+        help="bad: the final weights shuffled, to show the automatic rollback (default good)",
+    )
+    p.add_argument(
+        "--rollout-max-regression",
+        type=float,
+        default=1.0,
+        help="accuracy points the canaries may lose, pooled (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rollout-min-devices",
+        type=int,
+        default=2,
+        help="reports each stage waits for (fewer if its cohort is smaller; default 2)",
+    )
 
 
 def _delay_range(text: str) -> tuple[float, float]:
@@ -137,6 +163,7 @@ def _delay_range(text: str) -> tuple[float, float]:
 def _simulate(args: argparse.Namespace) -> None:
 
     from fedge.support.runtime import setup_logging
+    from fedge_cli.rollout import parse_stages
     from simulation.fleet import SimConfig, simulate
 
     setup_logging(args.log_level)
@@ -172,6 +199,10 @@ def _simulate(args: argparse.Namespace) -> None:
         early_stop_patience=args.early_stop_patience,
         adaptive_server_lr=args.adaptive_server_lr,
         metrics_port=args.metrics_port,
+        rollout=parse_stages(args.rollout) if args.rollout else None,
+        rollout_candidate=args.rollout_candidate,
+        rollout_max_regression=args.rollout_max_regression,
+        rollout_min_devices=args.rollout_min_devices,
     )
     s = simulate(cfg)
     print(

@@ -95,6 +95,11 @@ class SimConfig:
     early_stop_patience: int = 0  # > 0: devices stop on their held-out loss (10 % held out)
     adaptive_server_lr: bool = False  # halve server_lr after 3 versions without a better accuracy
     metrics_port: int | None = None  # serve /metrics and the dashboard here (0: any free port)
+    # After training, release the final version through these stages (simulation/rollout_sim.py)
+    rollout: tuple[float, ...] | None = None
+    rollout_candidate: str = "good"  # or "bad": shuffled weights, to be rolled back
+    rollout_max_regression: float = 1.0
+    rollout_min_devices: int = 2
 
     def __post_init__(self) -> None:
         from aggregator.config import codec_problem
@@ -120,6 +125,8 @@ class SimConfig:
                 f"--shard-workers must be in [0, {_MAX_SIM_WORKERS}] (broker_config/acl.sharded "
                 f"has sections for aggregator-0..{_MAX_SIM_WORKERS - 1}), got {self.shard_workers}"
             )
+        if self.rollout_candidate not in ("good", "bad"):
+            raise ConfigError(f"--rollout-candidate is good or bad, got {self.rollout_candidate}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
         if self.device_delay is not None:
@@ -182,11 +189,14 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
                 raise BrokerUnavailable(f"simulation made no progress within {budget:.0f} s")
         wall = time.perf_counter() - t_fleet
         _wait_for_final_model(run.agents, run.aggregator.version, timeout=5.0)
+        rollout = _rollout(cfg, run, out, say)
     finally:
         run.stop()
         if broker is not None:
             broker.stop()
     summary = _summary(cfg, run, out, url, wall=wall, setup=t_fleet - t_start)
+    if rollout is not None:
+        summary["rollout"] = {"outcome": rollout["outcome"], "file": str(out / "rollout.json")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -318,12 +328,18 @@ def _start_agents(
     delays = device_delays(cfg.device_delay, cfg.devices, cfg.seed)
     model_cache = ModelCache()  # one copy of each version for all simulated devices
     for i, (x, y) in enumerate(data.parts):
+        holdout = None
+        if cfg.rollout:
+            from simulation.rollout_sim import split_holdout
+
+            (x, y), holdout = split_holdout(x, y, cfg.seed * 7919 + i)
         executor: Executor = run.executor
         if delays:
             executor = DelayedExecutor(run.executor, run.dev_mux, delays[i])
         agent = build_agent(
             i, x, y, mux=run.dev_mux, url=url, topics=topics, out=out, executor=executor,
             seed=cfg.seed, keys=keys, model_cache=model_cache, train_fn=train_fn,
+            holdout=holdout,
         )  # fmt: skip
         run.agents.append(agent)
         agent.start()
@@ -354,6 +370,21 @@ def _summary(
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "broker": str(url),
     }
+
+
+def _rollout(
+    cfg: SimConfig, run: _Run, out: Path, say: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """``--rollout``: the final version released in stages (simulation/rollout_sim.py)."""
+    if not cfg.rollout or run.aggregator is None:
+        return None
+    from simulation.rollout_sim import run_rollout
+
+    return run_rollout(
+        run.aggregator, run.agents, out, stages=cfg.rollout, candidate=cfg.rollout_candidate,
+        max_regression=cfg.rollout_max_regression, min_devices=cfg.rollout_min_devices,
+        seed=cfg.seed, say=say,
+    )  # fmt: skip
 
 
 def _wait_for_final_model(agents: list[EdgeAgent], version: int, timeout: float) -> None:

@@ -9,6 +9,7 @@ devices the test means.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -177,14 +178,16 @@ def test_good_candidate_reaches_every_device_bad_one_rolls_back_inside_the_first
     rig.command("start", version=2, stages=[first, 1.0], max_regression=1.0, min_devices=2)
     rig.outcome("rolled_back")
     cohort = {d for d in rig.devices if in_cohort(fleet, d, cohort_bound(first))}
-    # The canaries evaluated it, found the regression, never switched; the others never saw it.
+    # The canaries evaluated it and reported the regression; no other device ever served it,
+    # and the canaries are back on their last known good.
     for dev in rig.devices:
         report = rig.fleet.agents[dev].release.report
         if dev in cohort:
             assert report is not None
             assert report.version == 2
             assert report.regression_pp > 1.0
-        assert 2 not in rig.served(dev), dev
+        else:
+            assert 2 not in rig.served(dev), dev
     rig.all_serve(1)
     last = rig.agg.rollout.state.history[-1]
     assert (last["event"], last["stage"]) == ("rolled_back", 0)
@@ -278,3 +281,23 @@ def test_offline_canary_holds_the_stage_restart_resumes_rollback_goes_to_an_olde
     rig.all_serve(0)
     for dev in rig.devices:
         assert rig.fleet.agents[dev].model.version == 1  # training stays on v1
+
+
+def test_simulate_rollout_bad_candidate_writes_a_rolled_back_record(tmp_path: Path) -> None:
+    from simulation.fleet import SimConfig, simulate
+
+    cfg = SimConfig(
+        out=tmp_path / "sim", devices=6, rounds=2, epochs=1, partition="iid",
+        rollout=(0.3, 1.0), rollout_candidate="bad", rollout_min_devices=1,
+    )  # fmt: skip
+    summary = simulate(cfg, say=lambda _line: None)
+    record = json.loads((tmp_path / "sim" / "rollout.json").read_text())
+    assert summary["rollout"]["outcome"] == record["outcome"] == "rolled_back"
+    assert record["candidate"] == {"kind": "bad", "version": 3, "trained_version": 2}
+    (stage,) = record["stages"]
+    assert (stage["fraction"], stage["decision"]) == (0.3, "rolled_back")
+    assert stage["reports"]
+    assert all(r["base"] == 1 for r in stage["reports"].values())
+    assert record["outside_cohort_served"] == 0
+    assert set(record["served_candidate"]) <= set(stage["cohort"])
+    assert set(record["serving"].values()) == {1}  # everyone back on the baseline
