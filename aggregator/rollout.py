@@ -30,7 +30,7 @@ from typing import Any
 from aggregator.metrics import MetricsSink
 from aggregator.presence import Presence
 from aggregator.registry import ModelRegistry
-from aggregator.rollout_state import Active, Decision, RolloutState, decide
+from aggregator.rollout_state import Active, Decision, RolloutState, decide, status_of
 from fedge.envelopes import (
     DeviceStatus,
     GlobalModel,
@@ -311,25 +311,3 @@ class RolloutController:
         self.metrics.event(f"rollout_{rec['event']}")
         with self.journal.open("a") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
-
-
-def status_of(state: RolloutState) -> dict[str, Any]:
-    """What ``fedge rollout status`` prints (also readable without the aggregator running)."""
-    m = ReleaseManifest.from_bytes(state.manifest) if state.manifest else None
-    return {
-        "outcome": state.outcome,
-        "seq": state.seq,
-        "serving": state.good[0] if state.good else None,
-        "manifest": None
-        if m is None
-        else {
-            "version": m.version,
-            "previous": m.previous,
-            "stage": m.stage,
-            "fraction": m.fraction,
-            "mode": str(m.mode),
-        },
-        "active": state.active.to_map() if state.active else None,
-        "reports": {d: r.to_map() for d, r in sorted(state.reports.items())},
-        "history": state.history[-20:],
-    }

@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedge.envelopes import ShadowReport
+from fedge.envelopes import ReleaseManifest, ShadowReport
 from fedge.errors import ProtocolError
 from fedge.limits import DEFAULT_LIMITS
 from fedge.support.fsutil import atomic_write
 
-__all__ = ["Active", "Decision", "RolloutState", "decide"]
+__all__ = ["Active", "Decision", "RolloutState", "decide", "status_of"]
 
 _HISTORY = 500
 
@@ -147,3 +147,25 @@ def decide(
         return Decision("rollback", why, len(mine), required, pooled)
     why = f"{len(mine)} reports, pooled regression {pooled:.2f} pp <= {max_regression} pp"
     return Decision("advance", why, len(mine), required, pooled)
+
+
+def status_of(state: RolloutState) -> dict[str, Any]:
+    """What ``fedge rollout status`` prints (also readable without the aggregator running)."""
+    m = ReleaseManifest.from_bytes(state.manifest) if state.manifest else None
+    return {
+        "outcome": state.outcome,
+        "seq": state.seq,
+        "serving": state.good[0] if state.good else None,
+        "manifest": None
+        if m is None
+        else {
+            "version": m.version,
+            "previous": m.previous,
+            "stage": m.stage,
+            "fraction": m.fraction,
+            "mode": str(m.mode),
+        },
+        "active": state.active.to_map() if state.active else None,
+        "reports": {d: r.to_map() for d, r in sorted(state.reports.items())},
+        "history": state.history[-20:],
+    }

@@ -97,8 +97,7 @@ def run(args: argparse.Namespace) -> None:
     state_dir = _state_dir(args)
     cmd = args.rollout_cmd
     if cmd == "status":
-        from aggregator.rollout import status_of
-        from aggregator.rollout_state import RolloutState
+        from aggregator.rollout_state import RolloutState, status_of
 
         print(json.dumps(status_of(RolloutState.load(state_dir / "rollout.json")), indent=1))
         return
