@@ -71,6 +71,13 @@ class Aggregator:
         metrics_sinks: Sequence[MetricsSink] = (),
     ) -> None:
         """``metrics_sinks``: reported to besides the JSON lines file (``self.metrics``)."""
+        if ":" in config.model.name:  # a model of your own (models.zoo.register_factory)
+            from models.zoo import register_factory
+
+            try:
+                register_factory(config.model.name)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.config = config
         self.mux = mux
         self.topics = Topics(config.fleet)

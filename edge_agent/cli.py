@@ -81,6 +81,14 @@ def run_agent(config: Path, log_level: str) -> None:
 
     setup_logging(log_level)
     cfg = load_agent_config(config)
+    if cfg.models:
+        from models.zoo import register_factory
+
+        for ref in cfg.models:
+            try:
+                register_factory(ref)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     data = load_local_data(cfg.data, cfg.device_id)
     held = AgentStore(cfg.state_dir).load_model()
     problem = held and data.width_problem(held.arch.input_dim)
