@@ -124,6 +124,13 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--log-level", type=log_level, default="WARNING", help="DEBUG … CRITICAL")
     p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        metavar="ONNX",
+        help="warm start: the fleet starts from this ONNX file's weights (model.init)",
+    )
+    p.add_argument(
         "--rollout",
         default=None,
         metavar="STAGES",
@@ -199,6 +206,7 @@ def _simulate(args: argparse.Namespace) -> None:
         early_stop_patience=args.early_stop_patience,
         adaptive_server_lr=args.adaptive_server_lr,
         metrics_port=args.metrics_port,
+        init=args.init,
         rollout=parse_stages(args.rollout) if args.rollout else None,
         rollout_candidate=args.rollout_candidate,
         rollout_max_regression=args.rollout_max_regression,

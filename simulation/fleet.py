@@ -100,6 +100,7 @@ class SimConfig:
     rollout_candidate: str = "good"  # or "bad": shuffled weights, to be rolled back
     rollout_max_regression: float = 1.0
     rollout_min_devices: int = 2
+    init: Path | None = None  # warm start from this ONNX file (model.init)
 
     def __post_init__(self) -> None:
         from aggregator.config import codec_problem
@@ -267,6 +268,7 @@ def _aggregator_config(
             input_dim=data.input_dim,
             num_classes=data.num_classes,
             seed=cfg.seed,
+            init=cfg.init,
         ),
         hyper=HyperConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr),
         codec=cfg.codec or default_codec(cfg.strategy),
