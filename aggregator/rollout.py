@@ -40,10 +40,11 @@ from fedge.envelopes import (
     cohort_bound,
     in_cohort,
 )
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, ProtocolError
 from fedge.identity import SigningKey
 from fedge.topics import Topics
 from fedge.transport.base import RoleSession
+from fedge.transport.mqtt import checked_packet_size
 
 __all__ = ["DEFAULT_STAGES", "RolloutController"]
 
@@ -109,6 +110,10 @@ class RolloutController:
         if self.state.active is not None:
             raise ConfigError(f"rollout of v{self.state.active.version} is running: abort it first")
         sha = self._sha(version)
+        try:  # released models travel inline: one packet each
+            checked_packet_size(self.topics.release_candidate, len(self._model(version)))
+        except ProtocolError as e:
+            raise ConfigError(f"v{version} cannot be released inline: {e}") from None
         prev, prev_sha = self.state.good if self.state.good else (None, "")
         if prev == version:
             raise ConfigError(f"v{version} is already what the fleet serves")
@@ -265,9 +270,14 @@ class RolloutController:
 
     def _publish(self, m: ReleaseManifest) -> None:
         s, t = self.session, self.topics
-        s.publish(t.release_candidate, self._model(m.version), retain=True)
-        stable = self._model(m.previous) if m.previous is not None else b""
-        s.publish(t.release_stable, stable, retain=True)
+        try:
+            s.publish(t.release_candidate, self._model(m.version), retain=True)
+            stable = self._model(m.previous) if m.previous is not None else b""
+            s.publish(t.release_stable, stable, retain=True)
+        except (ProtocolError, KeyError) as e:
+            # A kept version pruned since (keep_versions) or grown past one packet: devices
+            # cannot fetch it and the stage waits; `fedge rollout abort` or `rollback`.
+            log.error("release seq %d: model not published: %s", m.seq, e)
         s.publish(t.release, m.to_bytes(), retain=True)
 
     def _model(self, version: int) -> bytes:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, FedgeError
 from fedge.support.fsutil import atomic_write
 
 __all__ = ["POLL_SECONDS", "REQUESTS_DIR", "handle_requests", "submit", "wait_result"]
@@ -91,7 +91,7 @@ def handle_requests(state_dir: Path, run: Callable[[str, dict[str, Any]], str]) 
                 if command not in _COMMANDS:
                     raise ConfigError(f"unknown command {command!r}")
                 answer = {"ok": True, "message": run(command, args)}
-            except (ConfigError, ValueError, TypeError) as e:
+            except (FedgeError, ValueError, TypeError, KeyError) as e:
                 answer = {"ok": False, "message": str(e)}
             log.info("rollout %s %s: %s", command, args, answer["message"])
         atomic_write(path.with_suffix(".result.json"), json.dumps(answer).encode(), mode=0o600)
