@@ -47,6 +47,12 @@ class ModelConfig(BaseModel):
     input_dim: int = Field(default=64, ge=1)
     num_classes: int = Field(default=10, ge=2)
     seed: int = 0
+    init: Path | None = Field(
+        default=None,
+        description="warm start a new fleet (no checkpoint yet) from an ONNX file, e.g. a "
+        "version in another aggregator's registry (STATE_DIR/models/vNNNNNN.onnx); its "
+        "tensors must match the model",
+    )
 
 
 class HyperConfig(BaseModel):

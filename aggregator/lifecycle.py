@@ -340,7 +340,10 @@ class RoundLifecycle:
     def _publish_version(self, rnd: OpenRound) -> dict[str, Any]:
         """Render, evaluate, publish the new version; step the schedules; its record."""
         pub = self.publisher
-        metrics: dict[str, Any] = dict(pub.render(self.state.version, self.state.weights))
+        provenance = {"round": rnd.round, "devices": sorted(rnd.counted)}
+        metrics: dict[str, Any] = dict(
+            pub.render(self.state.version, self.state.weights, provenance)
+        )
         if rnd.calib is not None:
             ranges = rnd.calib.merged() if rnd.calib.reports else None
             metrics.update(pub.render_int8(self.state.version, ranges))

@@ -65,8 +65,16 @@ class ModelPublisher:
             return task
         return replace(task, signature=self.signing_key.sign(task.digest()))
 
-    def render(self, version: int, weights: Mapping[str, np.ndarray]) -> dict[str, float]:
-        """Export, evaluate and register ``version``; returns its central metrics."""
+    def render(
+        self,
+        version: int,
+        weights: Mapping[str, np.ndarray],
+        provenance: Mapping[str, Any] | None = None,
+    ) -> dict[str, float]:
+        """Export, evaluate and register ``version``; returns its central metrics.
+
+        ``provenance`` (the round and devices behind the version) goes into its registry
+        metadata beside sha256, size and central metrics (``aggregator.registry``)."""
         if self._template is None:
             from models.onnx_export import OnnxTemplate
 
@@ -84,6 +92,7 @@ class ModelPublisher:
                 "metrics": metrics,
                 "created": msg.created,
                 "bytes": len(onnx),
+                **dict(provenance or {}),
             }
             self.registry.save(version, onnx, meta)
         return metrics

@@ -1,5 +1,12 @@
 """Published model versions on disk: ``vNNNNNN.onnx`` beside ``vNNNNNN.json`` metadata (and
-``vNNNNNN.int8.onnx``, the int8 twin, when one is built)."""
+``vNNNNNN.int8.onnx``, the int8 twin, when one is built).
+
+The metadata of a version: ``version``, ``sha256`` and ``bytes`` of the ONNX file, ``arch``,
+``created``, ``metrics`` (central ``accuracy``/``loss`` when the aggregator has
+``eval_data``, else empty), and for every version made by a round ``round`` (its id) and
+``devices`` (the ids whose updates were counted into it). A release (``aggregator.rollout``)
+serves a version from here, so a rollback is one command while the version is kept
+(``keep_versions``)."""
 
 from __future__ import annotations
 
@@ -50,3 +57,17 @@ class ModelRegistry:
 
     def meta(self, version: int) -> dict[str, Any]:
         return json.loads(self.path(version).with_suffix(".json").read_text())
+
+    def load(self, version: int) -> tuple[bytes, dict[str, Any]]:
+        """The ONNX bytes and metadata of ``version``; ``KeyError`` if it is not kept, or
+        if its bytes do not match the sha256 its metadata recorded."""
+        import hashlib
+
+        try:
+            onnx = self.path(version).read_bytes()
+            meta = self.meta(version)
+        except (OSError, ValueError):
+            raise KeyError(f"version {version} is not in the registry at {self.dir}") from None
+        if hashlib.sha256(onnx).hexdigest() != meta.get("sha256"):
+            raise KeyError(f"version {version}: the ONNX file does not match its sha256")
+        return onnx, meta

@@ -33,6 +33,8 @@ from aggregator.parts import RoundCallback, RoundParts
 from aggregator.presence import Presence
 from aggregator.publisher import ModelPublisher
 from aggregator.registry import ModelRegistry
+from aggregator.rollout import RolloutController
+from aggregator.rollout_requests import POLL_SECONDS, handle_requests
 from aggregator.rounds import OpenRound
 from aggregator.sharded.mode import ShardedRounds
 from aggregator.sharded.rounds import ShardedRound
@@ -43,7 +45,7 @@ from fedge.errors import ConfigError, ProtocolError
 from fedge.identity import load_signing_key
 from fedge.limits import DEFAULT_LIMITS, MAX_STATUS_BYTES, Limits
 from fedge.topics import Topics
-from fedge.transport.base import Loop, SessionFactory, SessionRequest
+from fedge.transport.base import Cancellable, Loop, SessionFactory, SessionRequest
 from fedge.transport.mqtt import BrokerURL
 from fedge.transport.session import MqttSessions
 
@@ -69,6 +71,13 @@ class Aggregator:
         metrics_sinks: Sequence[MetricsSink] = (),
     ) -> None:
         """``metrics_sinks``: reported to besides the JSON lines file (``self.metrics``)."""
+        if ":" in config.model.name:  # a model of your own (models.zoo.register_factory)
+            from models.zoo import register_factory
+
+            try:
+                register_factory(config.model.name)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.config = config
         self.mux = mux
         self.topics = Topics(config.fleet)
@@ -118,6 +127,17 @@ class Aggregator:
         self.presence = Presence(config)
         self.rounds: RoundLifecycle = mode(self._parts(sink, on_round))
         self.web: ObserveServer | None = None
+        self.rollout = RolloutController(
+            self.state_dir,
+            topics=self.topics,
+            registry=self.registry,
+            arch=self.publisher.arch,
+            presence=self.presence,
+            session=self.session,
+            signing_key=self.publisher.signing_key,
+            metrics=sink,
+        )
+        self._requests_timer: Cancellable | None = None
 
     def _parts(self, sink: MetricsSink, on_round: RoundCallback | None) -> RoundParts:
         return RoundParts(
@@ -148,6 +168,7 @@ class Aggregator:
             self.web = self.observe.serve(self.mux, self._snapshot)
             log.info("metrics and dashboard on %s", self.web.url)
         self.session.start()
+        self.mux.call_soon(self._poll_requests)
 
     def stop(self) -> None:
         """Stop serving the dashboard (at once, from the caller's thread), then the session."""
@@ -161,7 +182,14 @@ class Aggregator:
             config=self.config, presence=self.presence, rounds=self.rounds, keyring=self.keyring
         )
 
+    def _poll_requests(self) -> None:
+        """Operators' rollout requests (aggregator/rollout_requests.py), on the loop."""
+        handle_requests(self.state_dir, self.rollout.run)
+        self._requests_timer = self.mux.call_later(POLL_SECONDS, self._poll_requests)
+
     def _stop(self) -> None:
+        if self._requests_timer is not None:
+            self._requests_timer.cancel()
         self.rounds.stop()
         self.journal.close()
         self.session.close()
@@ -169,6 +197,7 @@ class Aggregator:
     # -- incoming -----------------------------------------------------------------------------
     def _on_connected(self) -> None:
         self.rounds.on_connected()
+        self.rollout.on_connected()
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if self.rounds.handle(topic, payload):
@@ -192,6 +221,7 @@ class Aggregator:
                     self._clear_retained(topic, f"bad_status ({e.reason})", len(payload))
                 return
             self.rounds.on_status(device, st)
+            self.rollout.on_status(device, st)
 
     def _clear_retained(self, topic: str, why: str, size: int) -> None:
         """Delete the retained copy a device left on ``topic`` (an empty retained publish)."""

@@ -37,13 +37,12 @@ class ServiceState:
         Returns the checkpoint resumed from, None for a new model."""
         ckpt = self.file.load()
         if ckpt is None:
-            from models.torch_state import to_numpy_state
-            from models.zoo import build_model
+            from aggregator.warm_start import initial_weights
 
-            m = model
-            self.weights = to_numpy_state(build_model(m.name, m.input_dim, m.num_classes, m.seed))
+            self.weights = initial_weights(model)
             self.save(None, counted=())
-            log.info("aggregator: new model %s, version 0", m.name)
+            how = f"warm start from {model.init}" if model.init else f"seed {model.seed}"
+            log.info("aggregator: new model %s (%s), version 0", model.name, how)
         else:
             self.version, self.last_round = ckpt.version, ckpt.last_round
             self.weights, self.failed_rounds = ckpt.weights, ckpt.failed_rounds

@@ -21,6 +21,7 @@ from edge_agent.model_cache import ModelCache
 from edge_agent.outbox import Outbox
 from edge_agent.privacy import LocalDP
 from edge_agent.residual import Residual
+from edge_agent.serving import ReleaseFollower
 from edge_agent.states import AgentCounters, AgentState, next_state
 from edge_agent.store import AgentStore, HeldModel
 from edge_agent.uplink import TrainOutcome, Uplink, build_upload, calibration
@@ -68,7 +69,10 @@ class EdgeAgent:
         local_dp: LocalDP | None = None,
         model_cache: ModelCache | None = None,
         session_factory: SessionFactory | None = None,
+        holdout: LocalData | None = None,
     ) -> None:
+        """``holdout``: labelled samples for shadow evaluation of release candidates (not
+        trained on); without it the training data stands in (edge_agent.serving)."""
         self.device_id = device_id
         self.mux = mux
         self.topics = topics
@@ -107,6 +111,16 @@ class EdgeAgent:
         self._cache = model_cache or ModelCache()
         self._entry: Any = None  # keeps the shared model version alive while we hold it
         self._resent_outbox = False
+        shadow_on = holdout or data
+        self.release = ReleaseFollower(
+            device_id,
+            topics,
+            store.dir,
+            (shadow_on.x, shadow_on.y),
+            verify_key=aggregator_key,
+            limits=limits,
+            on_change=lambda: self._publish_status(DeviceState.ONLINE),
+        )
         offline = DeviceStatus(device_id, DeviceState.OFFLINE, ts=0.0).to_bytes()
         # The deployment's broker, credentials and TLS unless a factory is given (tests).
         sessions = session_factory or MqttSessions(
@@ -126,9 +140,19 @@ class EdgeAgent:
                     topics.all_model_chunks,
                     topics.task,
                     topics.receipt(device_id),
+                    topics.release,
+                    topics.release_candidate,
+                    topics.release_stable,
                 ],
-                # Only the newest model, chunk set and task matter, and they are retained.
-                latest_only=[topics.model, topics.all_model_chunks, topics.task],
+                # Only the newest model, chunk set, task and release matter; all retained.
+                latest_only=[
+                    topics.model,
+                    topics.all_model_chunks,
+                    topics.task,
+                    topics.release,
+                    topics.release_candidate,
+                    topics.release_stable,
+                ],
                 on_message=self._on_message,
                 on_connected=self._on_connected,
                 keepalive=keepalive,
@@ -150,7 +174,10 @@ class EdgeAgent:
 
     def _status(self, state: DeviceState) -> bytes:
         version = self.model.version if self.model else None
-        return DeviceStatus(self.device_id, state, version, time.time()).to_bytes()
+        r = self.release
+        return DeviceStatus(
+            self.device_id, state, version, time.time(), r.serving, r.report
+        ).to_bytes()
 
     def _publish_status(self, state: DeviceState) -> None:
         self.session.publish(
@@ -189,6 +216,8 @@ class EdgeAgent:
             elif topic == self.topics.task:
                 task = RoundTask.from_bytes(payload, self.limits)
                 self._on_task(check_task(task, self._aggregator_key, self.limits))
+            elif self.release.wants(topic):
+                self.release.offer(topic, payload)
             elif topic == self.topics.receipt(self.device_id):
                 r = Receipt.from_bytes(payload, self.limits)
                 self.outbox.remove(r.round, r.update_id)
@@ -202,6 +231,8 @@ class EdgeAgent:
         except ProtocolError as e:
             if topic == self.topics.task:
                 self.counters.tasks_rejected += 1
+            elif self.release.wants(topic):
+                self.counters.releases_rejected += 1
             else:
                 self.counters.models_rejected += 1
             log.warning("%s: ignored message on %s: %s", self.device_id, topic, e)

@@ -21,30 +21,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", type=log_level, default="INFO", help="DEBUG … CRITICAL")
     sub = p.add_subparsers(dest="agent_cmd", metavar="{predict}")
     pr = sub.add_parser("predict", help="classify samples with an ONNX model (onnxruntime only)")
-    pr.add_argument(
-        "--model", type=Path, required=True, help="ONNX file, e.g. STATE_DIR/model.onnx"
+    which = pr.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="ONNX file, e.g. STATE_DIR/model.onnx")
+    which.add_argument(
+        "--state-dir",
+        type=Path,
+        help="an agent's state_dir: answer with the version released to it (its serving "
+        "version, STATE_DIR/serving/), not the training model",
     )
     pr.add_argument("--input", type=Path, required=True, help=".npy, .npz (key x) or .csv rows")
     pr.add_argument("--json", action="store_true", help="print JSON with logits")
 
 
-def predict(model: Path, inp: Path, as_json: bool) -> None:
+def predict(model: Path | None, inp: Path, as_json: bool, state_dir: Path | None = None) -> None:
     from edge_agent.inference import OnnxPredictor, load_input
     from fedge.errors import ConfigError
 
-    if not model.is_file():
-        raise ConfigError(f"model file {model} not found")
+    version: int | None = None
+    if model is not None:
+        if not model.is_file():
+            raise ConfigError(f"model file {model} not found")
+        onnx = model.read_bytes()
+    else:
+        from edge_agent.serving_store import load_serving
+
+        assert state_dir is not None
+        version, onnx = load_serving(state_dir)
     if not inp.is_file():
         raise ConfigError(f"input file {inp} not found")
     try:
-        predictor = OnnxPredictor.from_path(model)
+        predictor = OnnxPredictor(onnx)
         x = load_input(inp)
         logits = predictor.predict_logits(x)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     classes = logits.argmax(axis=1)
     if as_json:
-        print(json.dumps({"classes": classes.tolist(), "logits": logits.tolist()}))
+        out = {"classes": classes.tolist(), "logits": logits.tolist()}
+        print(json.dumps(out if version is None else {"serving": version, **out}))
     else:
         for c in classes:
             print(int(c))
@@ -67,6 +81,14 @@ def run_agent(config: Path, log_level: str) -> None:
 
     setup_logging(log_level)
     cfg = load_agent_config(config)
+    if cfg.models:
+        from models.zoo import register_factory
+
+        for ref in cfg.models:
+            try:
+                register_factory(ref)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
     data = load_local_data(cfg.data, cfg.device_id)
     held = AgentStore(cfg.state_dir).load_model()
     problem = held and data.width_problem(held.arch.input_dim)
@@ -95,6 +117,7 @@ def run_agent(config: Path, log_level: str) -> None:
         local_dp=LocalDP(cfg.local_dp.clip_norm, cfg.local_dp.noise_multiplier)
         if cfg.local_dp
         else None,
+        holdout=load_local_data(cfg.holdout, cfg.device_id) if cfg.holdout else None,
     )
     print(
         f"fedge agent {cfg.device_id}: {len(data)} samples, broker {cfg.broker}, "
@@ -124,7 +147,7 @@ def run(args: argparse.Namespace) -> None:
     from fedge.errors import ConfigError
 
     if args.agent_cmd == "predict":
-        predict(args.model, args.input, args.json)
+        predict(args.model, args.input, args.json, args.state_dir)
     elif args.config is None:
         raise ConfigError("fedge agent needs --config FILE (or the 'predict' subcommand)")
     else:

@@ -44,6 +44,16 @@ class AgentConfig(BaseModel):
         "`fedge data split`: the file of this device id in its meta.json (--device-ids), else "
         "the first file no other device claimed (edge_agent/data.py)"
     )
+    holdout: Path | None = Field(
+        default=None,
+        description="labelled .npz (x, y) kept out of training, on which release candidates "
+        "are shadow-evaluated before this device serves them; unset: the training data",
+    )
+    models: list[str] = Field(
+        default_factory=list,
+        description="models of your own this device may train, as package.module:factory "
+        "(the aggregator's model.name); registered at start",
+    )
     keepalive: int = Field(default=30, ge=5, le=3600)
     signing_key: Path | None = Field(
         default=None, description="this device's Ed25519 key (from `fedge enroll`); signs updates"

@@ -36,6 +36,7 @@ class AgentCounters:
     rounds_skipped: int = 0
     models_rejected: int = 0
     tasks_rejected: int = 0  # unsigned, badly signed or implausible (fedge.task_check)
+    releases_rejected: int = 0  # release manifests or models refused (edge_agent.serving)
 
 
 def next_state(

@@ -9,6 +9,9 @@
     {p}/update/{device}   QoS 1             device -> aggregator    ModelUpdate
     {p}/status/{device}   retained, QoS 1   device -> all           DeviceStatus (also the will)
     {p}/receipt/{device}  QoS 1             aggregator -> device    Receipt (update recorded)
+    {p}/release           retained, QoS 1   aggregator -> devices   ReleaseManifest (serving)
+    {p}/release/candidate retained, QoS 1   aggregator -> devices   GlobalModel (manifest's version)
+    {p}/release/stable    retained, QoS 1   aggregator -> devices   GlobalModel (its previous)
 """
 
 from __future__ import annotations
@@ -68,6 +71,18 @@ class Topics:
     @property
     def all_model_chunks(self) -> str:
         return f"{self.prefix}/model/chunk/+"
+
+    @property
+    def release(self) -> str:
+        return f"{self.prefix}/release"
+
+    @property
+    def release_candidate(self) -> str:
+        return f"{self.prefix}/release/candidate"
+
+    @property
+    def release_stable(self) -> str:
+        return f"{self.prefix}/release/stable"
 
     @property
     def task(self) -> str:

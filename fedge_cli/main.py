@@ -135,6 +135,39 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
         "(local: durable, saves on every change; scale: saves every 60 s)",
     )
     p.add_argument("--log-level", type=log_level, default="WARNING", help="DEBUG … CRITICAL")
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        metavar="ONNX",
+        help="warm start: the fleet starts from this ONNX file's weights (model.init)",
+    )
+    p.add_argument(
+        "--rollout",
+        default=None,
+        metavar="STAGES",
+        help="after training, release the final version through these stages (e.g. "
+        "0.2,0.5,1) with shadow evaluation on each device's hold-out (20 %% of its data, not "
+        "trained on); writes OUT/rollout.json",
+    )
+    p.add_argument(
+        "--rollout-candidate",
+        choices=("good", "bad"),
+        default="good",
+        help="bad: the final weights shuffled, to show the automatic rollback (default good)",
+    )
+    p.add_argument(
+        "--rollout-max-regression",
+        type=float,
+        default=1.0,
+        help="accuracy points the canaries may lose, pooled (default: %(default)s)",
+    )
+    p.add_argument(
+        "--rollout-min-devices",
+        type=int,
+        default=2,
+        help="reports each stage waits for (fewer if its cohort is smaller; default 2)",
+    )
 
 
 def _delay_range(text: str) -> tuple[float, float]:
@@ -149,6 +182,7 @@ def _delay_range(text: str) -> tuple[float, float]:
 def _simulate(args: argparse.Namespace) -> None:
 
     from fedge.support.runtime import setup_logging
+    from fedge_cli.rollout import parse_stages
     from simulation.fleet import SimConfig, simulate
 
     setup_logging(args.log_level)
@@ -186,6 +220,11 @@ def _simulate(args: argparse.Namespace) -> None:
         early_stop_patience=args.early_stop_patience,
         adaptive_server_lr=args.adaptive_server_lr,
         metrics_port=args.metrics_port,
+        init=args.init,
+        rollout=parse_stages(args.rollout) if args.rollout else None,
+        rollout_candidate=args.rollout_candidate,
+        rollout_max_regression=args.rollout_max_regression,
+        rollout_min_devices=args.rollout_min_devices,
     )
     s = simulate(cfg)
     print(
@@ -313,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_arguments(st)
     st.set_defaults(func=status.run)
+    from fedge_cli import rollout
+
+    ro = sub.add_parser(
+        "rollout", help="release a version to the fleet in stages (docs/operations.md)"
+    )
+    rollout.add_arguments(ro)
+    ro.set_defaults(func=rollout.run)
     from fedge_cli import admin  # ca init|crl|broker-config, enroll, revoke
 
     admin.add_arguments(sub)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ModelSpec", "build_model", "list_models"]
+__all__ = ["ModelSpec", "build_model", "list_models", "register_factory"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,43 @@ _REGISTRY: dict[str, tuple[ModelSpec, _Factory]] = {
     "logreg": (ModelSpec("logreg", "multinomial logistic regression (one Linear)"), LogReg),
     "mlp": (ModelSpec("mlp", "MLP, two ReLU hidden layers of 64 units"), MLP),
 }
+
+
+def register_factory(ref: str) -> str:
+    """Register a model of your own, named by ``package.module:factory`` (the name it goes by
+    in configs and on the wire), without editing the zoo; returns the name.
+
+    ``factory(input_dim, num_classes)`` must return an ``nn.Module`` mapping float32
+    ``[batch, input_dim]`` to logits ``[batch, num_classes]``; checked here on a dummy batch.
+    The export round trip (ONNX initializer names equal ``state_dict`` keys, bit-exact) is
+    checked when the aggregator renders version 0. Only names a process registers itself
+    are built: a model name read off the wire never imports anything.
+    """
+    import importlib
+
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr.isidentifier():
+        raise ValueError(f"model {ref!r}: write package.module:factory")
+    if ref in _REGISTRY:
+        return ref
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"model {ref!r}: cannot import it: {e}") from None
+    if not callable(factory):
+        raise ValueError(f"model {ref!r}: {attr} is not callable")
+    _REGISTRY[ref] = (ModelSpec(ref, f"custom: {ref}"), factory)
+    try:
+        probe = build_model(ref, 3, 2)
+        with torch.no_grad():
+            out = probe(torch.zeros(2, 3))
+    except Exception as e:
+        del _REGISTRY[ref]
+        raise ValueError(f"model {ref!r}: factory(3, 2) failed on a [2, 3] batch: {e}") from None
+    if not isinstance(probe, nn.Module) or tuple(out.shape) != (2, 2):
+        del _REGISTRY[ref]
+        raise ValueError(f"model {ref!r}: factory(3, 2) must map [2, 3] to logits [2, 2]")
+    return ref
 
 
 def list_models() -> list[ModelSpec]:

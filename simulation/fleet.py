@@ -102,6 +102,12 @@ class SimConfig:
     # i mod S (simulation.topology); the summary gains wan_bytes.
     sites: int = 0
     wan: bool = False  # flat: devices reach the broker through a counted WAN link
+    # After training, release the final version through these stages (simulation/rollout_sim.py)
+    rollout: tuple[float, ...] | None = None
+    rollout_candidate: str = "good"  # or "bad": shuffled weights, to be rolled back
+    rollout_max_regression: float = 1.0
+    rollout_min_devices: int = 2
+    init: Path | None = None  # warm start from this ONNX file (model.init)
 
     def __post_init__(self) -> None:
         from aggregator.config import codec_problem
@@ -134,6 +140,8 @@ class SimConfig:
                 "--sites runs its own brokers and gateways, in sync mode: not "
                 "with --shard-workers, --broker or --mode async"
             )
+        if self.rollout_candidate not in ("good", "bad"):
+            raise ConfigError(f"--rollout-candidate is good or bad, got {self.rollout_candidate}")
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
         if self.device_delay is not None:
@@ -199,6 +207,7 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
                 raise BrokerUnavailable(f"simulation made no progress within {budget:.0f} s")
         wall = time.perf_counter() - t_fleet
         _wait_for_final_model(run.agents, run.aggregator.version, timeout=5.0)
+        rollout = _rollout(cfg, run, out, say)
     finally:
         run.stop()
         if broker is not None:
@@ -206,6 +215,8 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
         if topology is not None:
             topology.stop()
     summary = _summary(cfg, run, out, url, wall=wall, setup=t_fleet - t_start)
+    if rollout is not None:
+        summary["rollout"] = {"outcome": rollout["outcome"], "file": str(out / "rollout.json")}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -279,6 +290,7 @@ def _aggregator_config(
             input_dim=data.input_dim,
             num_classes=data.num_classes,
             seed=cfg.seed,
+            init=cfg.init,
         ),
         hyper=HyperConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr),
         codec=cfg.codec or default_codec(cfg.strategy),
@@ -343,6 +355,11 @@ def _start_agents(
     delays = device_delays(cfg.device_delay, cfg.devices, cfg.seed)
     model_cache = ModelCache()  # one copy of each version for all simulated devices
     for i, (x, y) in enumerate(data.parts):
+        holdout = None
+        if cfg.rollout:
+            from simulation.rollout_sim import split_holdout
+
+            (x, y), holdout = split_holdout(x, y, cfg.seed * 7919 + i)
         executor: Executor = run.executor
         if delays:
             executor = DelayedExecutor(run.executor, run.dev_mux, delays[i])
@@ -350,6 +367,7 @@ def _start_agents(
         agent = build_agent(
             i, x, y, mux=run.dev_mux, url=at, topics=topics, out=out, executor=executor,
             seed=cfg.seed, keys=keys, model_cache=model_cache, train_fn=train_fn,
+            holdout=holdout,
         )  # fmt: skip
         run.agents.append(agent)
         agent.start()
@@ -415,6 +433,21 @@ def _wan_summary(topology: Topology | None) -> dict[str, Any]:
         "wan": wan,
         "sites": {g.name: g.folded for g in topology.gateways} if topology else {},
     }
+
+
+def _rollout(
+    cfg: SimConfig, run: _Run, out: Path, say: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """``--rollout``: the final version released in stages (simulation/rollout_sim.py)."""
+    if not cfg.rollout or run.aggregator is None:
+        return None
+    from simulation.rollout_sim import run_rollout
+
+    return run_rollout(
+        run.aggregator, run.agents, out, stages=cfg.rollout, candidate=cfg.rollout_candidate,
+        max_regression=cfg.rollout_max_regression, min_devices=cfg.rollout_min_devices,
+        seed=cfg.seed, say=say,
+    )  # fmt: skip
 
 
 def _wait_for_final_model(agents: list[EdgeAgent], version: int, timeout: float) -> None:

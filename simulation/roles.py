@@ -70,6 +70,7 @@ def build_agent(
     keys: SimKeys | None,
     model_cache: ModelCache,
     train_fn: Callable[..., Any] | None = None,
+    holdout: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> EdgeAgent:
     """Simulated device ``dev-{i:04d}``: its own MQTT session on ``mux``, its store under
     ``out/agents``. Also used by ``bench/scale/run.py``, which runs the aggregator apart."""
@@ -87,4 +88,5 @@ def build_agent(
         signing_key=keys.device_keys[i] if keys else None,
         aggregator_key=keys.aggregator_key_pub if keys else None,
         model_cache=model_cache,
+        holdout=LocalData(*holdout) if holdout is not None else None,
     )

@@ -4,6 +4,7 @@
     update.py   ModelUpdate (signed by the device)
     model.py    ModelArch, GlobalModel (signed), ModelChunk
     status.py   DeviceStatus, Receipt
+    release.py  ReleaseManifest (signed), ShadowReport, the cohort rule
     hyper.py    TrainHyper and HYPER_BOUNDS
     common.py   schema version, kinds, field readers
 
@@ -16,6 +17,14 @@ import the names below from ``fedge.envelopes`` (its face); the modules are its 
 from fedge.envelopes.common import SCHEMA_VERSION, DeviceState, Kind
 from fedge.envelopes.hyper import HYPER_BOUNDS, Bounds, TrainHyper
 from fedge.envelopes.model import GlobalModel, ModelArch, ModelChunk
+from fedge.envelopes.release import (
+    ReleaseManifest,
+    ReleaseMode,
+    ShadowReport,
+    cohort_bound,
+    cohort_hash,
+    in_cohort,
+)
 from fedge.envelopes.status import DeviceStatus, Receipt
 from fedge.envelopes.task import RoundTask
 from fedge.envelopes.update import ModelUpdate
@@ -32,6 +41,12 @@ __all__ = [
     "ModelChunk",
     "ModelUpdate",
     "Receipt",
+    "ReleaseManifest",
+    "ReleaseMode",
     "RoundTask",
+    "ShadowReport",
     "TrainHyper",
+    "cohort_bound",
+    "cohort_hash",
+    "in_cohort",
 ]

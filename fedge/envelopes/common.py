@@ -29,6 +29,7 @@ class Kind(StrEnum):
     CHUNK = "chunk"
     STATUS = "status"
     RECEIPT = "receipt"
+    RELEASE = "release"
 
 
 class DeviceState(StrEnum):

@@ -4,7 +4,7 @@ update counts) (protocol §5.6, §5.7)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Self
+from typing import Any, Self
 
 from fedge.envelopes.common import (
     _MAX_ROUND,
@@ -14,20 +14,32 @@ from fedge.envelopes.common import (
     _device,
     _open,
 )
+from fedge.envelopes.release import ShadowReport
 from fedge.limits import DEFAULT_LIMITS, Limits
-from fedge.wire import pack
+from fedge.wire import Fields, pack
 
 
 @dataclass(frozen=True)
 class DeviceStatus:
-    """Retained liveness of a device; its last will publishes the offline form."""
+    """Retained liveness of a device; its last will publishes the offline form.
+
+    ``version`` is the training model it holds; ``serving`` the version it answers inference
+    with and ``shadow`` its last shadow evaluation of a release candidate (protocol §5.8):
+    both are sent only when set."""
 
     device: str
     state: DeviceState
     version: int | None = None
     ts: float = 0.0
+    serving: int | None = None
+    shadow: ShadowReport | None = None
 
     def to_bytes(self) -> bytes:
+        extra: dict[str, Any] = {}
+        if self.serving is not None:
+            extra["serving"] = self.serving
+        if self.shadow is not None:
+            extra["shadow"] = self.shadow.to_map()
         return pack(
             {
                 "v": SCHEMA_VERSION,
@@ -36,6 +48,7 @@ class DeviceStatus:
                 "state": str(self.state),
                 "version": self.version,
                 "ts": float(self.ts),
+                **extra,
             }
         )
 
@@ -47,9 +60,16 @@ class DeviceStatus:
             state=DeviceState(f.str("state", choices=tuple(s.value for s in DeviceState))),
             version=f.int("version", 0, _MAX_ROUND, optional=True),
             ts=f.float("ts", 0.0),
+            serving=f.int("serving", 0, _MAX_ROUND, optional=True),
+            shadow=_shadow(f, limits),
         )
         f.done()
         return st
+
+
+def _shadow(f: Fields, limits: Limits) -> ShadowReport | None:
+    raw = f.map("shadow", optional=True)
+    return None if raw is None else ShadowReport.read(raw, limits)
 
 
 @dataclass(frozen=True)

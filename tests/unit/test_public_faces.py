@@ -24,18 +24,19 @@ PACKAGES = ("fedge", "models", "edge_agent", "aggregator", "simulation", "fedge_
 FACES: dict[str, list[str]] = {
     "fedge": [
         "chunks", "clipping", "codecs", "envelopes", "errors", "identity", "key_registry",
-        "limits", "support", "task_check", "tensors", "topics", "transport", "wire",
+        "limits", "release_check", "support", "task_check", "tensors", "topics", "transport",
+        "wire",
     ],
     "fedge.transport": ["base", "memory", "mqtt", "mux", "session"],
     "fedge.support": ["config_io", "faults", "fsutil", "runtime", "shipped"],
     "models": ["int8", "onnx_export", "onnx_weights", "qat", "torch_state", "zoo"],
     "edge_agent": [
-        "agent", "cli", "config", "data", "inference", "model_cache", "store", "trainer",
-        "uplink",
+        "agent", "cli", "config", "data", "inference", "model_cache", "serving",
+        "serving_store", "shadow", "store", "trainer", "uplink",
     ],
     "aggregator": [
-        "cli", "config", "evaluation", "gateway", "keyring", "metrics", "service", "sharded",
-        "strategies",
+        "cli", "config", "evaluation", "gateway", "keyring", "metrics", "rollout",
+        "rollout_requests", "rollout_state", "service", "sharded", "strategies",
     ],
     "aggregator.gateway": ["cli", "settings", "site"],
     "aggregator.sharded": ["service", "settings", "worker"],

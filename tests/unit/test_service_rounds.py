@@ -116,7 +116,15 @@ def test_a_round_folds_its_updates_and_publishes_the_next_version(rig: Any) -> N
     assert (records[0]["round"], records[0]["devices"], records[0]["samples"]) == (1, 2, 40)
     nxt = current_task(broker)
     assert (nxt.round, nxt.base_version) == (2, 1)
-    assert loop.timers == 1  # the new round's deadline; round 1's was cancelled
+    # The new round's deadline (round 1's was cancelled) and the rollout request poll.
+    assert loop.timers == 2
+    meta = agg.registry.meta(1)  # the registry says what made the version
+    assert (meta["round"], meta["devices"]) == (1, ["dev-a", "dev-b"])
+    onnx, _ = agg.registry.load(1)
+    assert (meta["bytes"], meta["sha256"]) == (
+        len(onnx),
+        GlobalModel.from_bytes(broker.retained[TOPICS.model]).sha256,
+    )
 
 
 def test_a_round_short_of_quorum_fails_at_its_deadline(rig: Any) -> None:
