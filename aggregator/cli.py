@@ -20,12 +20,22 @@ def run(args: argparse.Namespace) -> None:
     from aggregator.config import load_aggregator_config
     from aggregator.service import Aggregator
     from fedge.support.runtime import setup_logging, wait_for_signal
+    from fedge.transport.mqtt import BrokerURL, probe_broker
     from fedge.transport.mux import Mux
 
     setup_logging(args.log_level)
     cfg = load_aggregator_config(args.config)
     mux = Mux("aggregator").start()
     agg = Aggregator(cfg, mux, on_round=lambda r: print(_line(r), flush=True))
+    # After the config's own errors: a wrong port (TLS, not MQTT) would make the session
+    # retry silently forever.
+    t = cfg.tls
+    probe_broker(
+        BrokerURL.parse(cfg.broker),
+        ca_cert=str(t.ca_cert) if t else None,
+        client_cert=str(t.client_cert) if t and t.client_cert else None,
+        client_key=str(t.client_key) if t and t.client_key else None,
+    )
     print(
         f"fedge aggregator: broker {cfg.broker}, fleet {cfg.fleet}, state {cfg.state_dir}",
         flush=True,
