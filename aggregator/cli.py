@@ -65,6 +65,7 @@ def _line(r: dict[str, Any]) -> str:
     return (
         f"round {r['round']} -> v{r['version']}: {r['devices']} devices,{acc_s} "
         f"up {r['uplink_bytes']} B, {float(r['seconds']):.1f} s"
+        + (" (resumed)" if r.get("resumed") else "")
     )
 
 

@@ -83,6 +83,13 @@ class RoundLifecycle:
         self.journal.discard_through(st.last_round - (1 if ckpt and ckpt.open_task else 0))
         self.publisher.render(st.version, st.weights)
         if self.config.rounds and st.version >= self.config.rounds:
+            # rounds is the fleet's total (the version to reach), across restarts.
+            log.warning(
+                "the model is at v%d and rounds is %d (a total across restarts, counted from "
+                "v0): nothing to train; raise rounds to train further",
+                st.version,
+                self.config.rounds,
+            )
             self.parts.done.set()
         elif ckpt is not None:
             st.restore_window(ckpt)
@@ -188,8 +195,9 @@ class RoundLifecycle:
         rnd.task_bytes = self.session.publish(self.parts.topics.task, task.to_bytes(), retain=True)
         log.info("round %d open (base v%d)", task.round, task.base_version)
 
-    def _start_round(self, task: RoundTask) -> OpenRound:
-        rnd = self.round = OpenRound(task, time.time())
+    def _start_round(self, task: RoundTask, resumed: bool = False) -> OpenRound:
+        opened = task.issued if resumed and task.issued else time.time()
+        rnd = self.round = OpenRound(task, opened, resumed=resumed)
         spec = spec_of(self.state.weights)  # once per round, for every update of it
         self.strategy.begin_round(spec)
         cap = SampleCap(self.config.max_num_samples, self.config.max_sample_ratio)
@@ -224,10 +232,11 @@ class RoundLifecycle:
             )
             self._checkpoint(counted=())
             return
-        self._start_round(task)
+        rnd = self._start_round(task, resumed=True)
         replayed = self.journal.open(task.round)
         self._replaying(replayed)
         for device, payload in replayed:
+            rnd.uplink_bytes += publish_packet_size(self.parts.topics.update(device), len(payload))
             self._fold(device, payload, journal=False)
         log.info("round %d resumed with %d journaled updates", task.round, len(replayed))
         if self.strategy.count >= self._target():
@@ -300,6 +309,7 @@ class RoundLifecycle:
         self._ended()
         self._checkpoint(counted=tuple(rnd.counted))
         self.journal.discard_through(rnd.round)
+        self._mark_closed(rnd)
         record = self._publish_version(rnd)
         self.metrics.write(record)
         if self.parts.on_round is not None:
@@ -308,6 +318,19 @@ class RoundLifecycle:
             self.parts.done.set()
         else:
             self._open_round()
+
+    def _mark_closed(self, rnd: OpenRound) -> None:
+        """Re-publish the closed round's task with its deadline at the closing time.
+
+        Rendering and publishing the next version takes a while; a device that (re)connects
+        meanwhile would get the closed round's task, still in its deadline, with the model it
+        was made for, train for nothing and be refused as ``wrong_round``. Past its deadline,
+        devices let it go (protocol.md §4). Sync rounds only: in async mode a device may still
+        answer an older round within the window."""
+        if self._accepting() is not None:
+            return
+        closed = self.publisher.sign_task(replace(rnd.task, deadline=time.time()))
+        self.session.publish(self.parts.topics.task, closed.to_bytes(), retain=True)
 
     def _refold_first_round(self, rnd: OpenRound) -> None:
         """A round without a weight reference (a new fleet's first) took each update as it came,
