@@ -234,6 +234,8 @@ class EdgeAgent:
             len(m.onnx),
             "signature verified" if self.models.verify_key is not None else "unsigned",
         )
+        # The retained status names the model held: `fedge status` and the dashboard read it.
+        self._publish_status(DeviceState.ONLINE)
         self._advance()
 
     def _on_task(self, t: RoundTask) -> None:
