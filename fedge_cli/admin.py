@@ -81,7 +81,7 @@ def _enroll(args: argparse.Namespace) -> None:
 
 
 def _revoke(args: argparse.Namespace) -> None:
-    serials = revoke(args.ca, args.device, args.aggregator_keys, args.fleet)
+    serials = revoke(args.ca, args.device, args.aggregator_keys)
     print(
         f"revoked {args.device} (certificates {', '.join(serials) or 'none'}); "
         f"send SIGHUP to the broker to apply the password file and CRL"
@@ -163,9 +163,4 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     rv.add_argument("device")
     rv.add_argument("--ca", type=Path, required=True)
     rv.add_argument("--aggregator-keys", type=Path, default=None, help="default: CA/keys")
-    rv.add_argument(
-        "--fleet",
-        default=None,
-        help="a fleet added with fedge ca fleet (default: the CA's first fleet)",
-    )
     rv.set_defaults(func=_revoke)

@@ -25,7 +25,7 @@ from fedge_cli.pki.cadir import (
 )
 from fedge_cli.pki.certs import now
 from fedge_cli.pki.credentials import give_aggregator_key, issue_credentials
-from fedge_cli.pki.fleets import fleet_identities
+from fedge_cli.pki.fleets import added_fleets, fleet_identities
 from fedge_cli.pki.passwords import remove_password
 
 __all__ = ["check_device", "enroll", "revoke"]
@@ -53,6 +53,16 @@ def _registry(ca: CaDir, keyring: Path | None, fleet: str | None) -> KeyRegistry
     return KeyRegistry(fleet_identities(ca, fleet).keys if keyring is None else Path(keyring))
 
 
+def _registries(ca: CaDir, keyring: Path | None) -> list[KeyRegistry]:
+    """``keyring``, or every key registry of the CA: its first fleet's and each added one's.
+    A device id is one broker identity (one password), whichever fleet it serves."""
+    if keyring is not None:
+        return [KeyRegistry(Path(keyring))]
+    return [KeyRegistry(ca.keys)] + [
+        KeyRegistry(fleet_identities(ca, g).keys) for g in added_fleets(ca)
+    ]
+
+
 def enroll(
     ca_dir: Path,
     device: str,
@@ -69,7 +79,7 @@ def enroll(
     check_device(device, ca)
     ids = fleet_identities(ca, fleet)
     registry = _registry(ca, keyring, fleet)
-    if registry.is_enrolled(device):
+    if any(r.is_enrolled(device) for r in {*_registries(ca, keyring), registry}):
         raise ConfigError(f"{device} is already enrolled; revoke it first: fedge revoke {device}")
     out = Path(out)
     signing_pub = issue_credentials(ca, device, out)
@@ -78,10 +88,9 @@ def enroll(
     return out
 
 
-def revoke(
-    ca_dir: Path, device: str, keyring: Path | None = None, fleet: str | None = None
-) -> list[str]:
-    """Remove the password, retire the public key, put every certificate on the CRL.
+def revoke(ca_dir: Path, device: str, keyring: Path | None = None) -> list[str]:
+    """Remove the password, retire the public key (from ``keyring``, else from every key
+    registry of the CA, whichever fleet the device serves), put every certificate on the CRL.
 
     Returns the revoked serials (hex). The broker applies the new password file and CRL on
     SIGHUP; ``aggregator.keyring`` notices the key registry change by itself.
@@ -89,7 +98,6 @@ def revoke(
     ca = CaDir(Path(ca_dir)).require()
     # Without the ACL check: a name enrolled before it became privileged must stay revocable.
     check_device(device)
-    registry = _registry(ca, keyring, fleet)
     record = load_record(ca, device)
     if record is None:
         raise ConfigError(f"{device} was never enrolled with the CA in {ca.root}")
@@ -99,5 +107,6 @@ def revoke(
     # certificates valid on the mutual-TLS listener.
     write_crl(ca.root)
     remove_password(ca.passwd, device)
-    registry.retire(device)
+    for registry in _registries(ca, keyring):
+        registry.retire(device)
     return serials
