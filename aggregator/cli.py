@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> None:
         ca_cert=str(t.ca_cert) if t else None,
         client_cert=str(t.client_cert) if t and t.client_cert else None,
         client_key=str(t.client_key) if t and t.client_key else None,
+        # a broker not up yet (boot, restart): the session retries; a wrong one: exit 2
+        unreachable_ok=True,
     )
     print(
         f"fedge aggregator: broker {cfg.broker}, fleet {cfg.fleet}, state {cfg.state_dir}",

@@ -79,6 +79,8 @@ def run_agent(config: Path, log_level: str) -> None:
         ca_cert=str(t.ca_cert) if t else None,
         client_cert=_opt(t.client_cert) if t else None,
         client_key=_opt(t.client_key) if t else None,
+        # a broker not up yet (boot, restart): the session retries; a wrong one: exit 2
+        unreachable_ok=True,
     )
     mux = Mux(f"agent-{cfg.device_id}").start()
     agent = EdgeAgent(

@@ -123,11 +123,17 @@ def probe_broker(
     ca_cert: str | None = None,
     client_cert: str | None = None,
     client_key: str | None = None,
+    unreachable_ok: bool = False,
 ) -> None:
     """Fail fast with one clear line when no MQTT broker answers at ``url``, or it speaks
     TLS and the URL does not (or the reverse): ``fedge.transport.probe``."""
     from fedge.transport.probe import probe_mqtt
 
     probe_mqtt(
-        url, timeout=timeout, ca_cert=ca_cert, client_cert=client_cert, client_key=client_key
+        url,
+        timeout=timeout,
+        ca_cert=ca_cert,
+        client_cert=client_cert,
+        client_key=client_key,
+        unreachable_ok=unreachable_ok,
     )

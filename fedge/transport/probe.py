@@ -20,6 +20,7 @@ The throw-away client id (``fedge-probe-<random>``) never takes a session over.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import ssl
@@ -30,6 +31,8 @@ from fedge.support.config_io import tls_context
 from fedge.transport.mqtt import BrokerURL
 
 __all__ = ["probe_mqtt"]
+
+log = logging.getLogger(__name__)
 
 _CONNACK = 0x20
 _TLS_RECORDS = (0x15, 0x16)  # alert, handshake
@@ -51,18 +54,26 @@ def probe_mqtt(
     ca_cert: str | None = None,
     client_cert: str | None = None,
     client_key: str | None = None,
+    unreachable_ok: bool = False,
 ) -> None:
     """Return if an MQTT broker answers at ``url``; else ``BrokerUnavailable`` with one line
-        that says what is there instead (module docstring). Unusable TLS files: ``InvalidValue``
-    naming the file (``fedge.support.config_io.tls_context``)."""
+    that says what is there instead (module docstring). Unusable TLS files: ``InvalidValue``
+    naming the file (``fedge.support.config_io.tls_context``).
+
+    ``unreachable_ok``: nothing accepting connections at ``url`` (refused, unreachable, no TCP
+    answer) is only logged, for a service whose broker may come up later (a device booting
+    before the network, a broker restarting): its session retries with back-off. Something
+    that answers, but wrongly, is a mistake in the config and still raises."""
     ctx = tls_context(ca_cert, client_cert, client_key) if url.tls else None
     deadline = time.monotonic() + timeout
     try:
         raw = socket.create_connection((url.host, url.port), timeout=timeout)
     except OSError as e:
-        raise BrokerUnavailable(
-            f"cannot reach the broker at {url}: {e.strerror or e}; is Mosquitto running there?"
-        ) from None
+        why = f"cannot reach the broker at {url}: {e.strerror or e}"
+        if unreachable_ok:
+            log.warning("%s; retrying in the background", why)
+            return
+        raise BrokerUnavailable(f"{why}; is Mosquitto running there?") from None
     with raw:
         sock: socket.socket = raw
         if ctx is not None:

@@ -195,3 +195,27 @@ def test_agent_with_a_missing_ca_cert_names_it(tmp_path: Path) -> None:
     cfg = _agent_config(tmp_path, "mqtts://127.0.0.1:9", f"tls: {{ca_cert: {missing}}}\n")
     p, _ = _run("agent", "--config", str(cfg))
     assert_one_line_error(p, f"tls.ca_cert {missing}: cannot read it")
+
+
+def test_an_agent_whose_broker_is_not_up_yet_waits_for_it(tmp_path: Path) -> None:
+    # Under systemd a device may boot before the network or its broker: nothing listening is
+    # not a mistake in the config, and the agent must not exit 2 (RestartPreventExitStatus=2).
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    cfg = _agent_config(tmp_path, f"mqtt://127.0.0.1:{port}")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "fedge_cli.main", "agent", "--config", str(cfg)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            p.wait(6)
+    finally:
+        p.terminate()
+        _, err = p.communicate(timeout=30)
+    assert "cannot reach the broker" in err
+    assert "retrying in the background" in err
