@@ -8,11 +8,13 @@ the TLS + password clients of ``test_broker_security``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fedge.envelopes import DeviceState, DeviceStatus
 from fedge.errors import ConfigError
 from fedge_cli import pki
 from fedge_cli.main import main
@@ -146,3 +148,22 @@ def test_fleet_identities_are_service_names_not_devices(fleets: TwoFleets) -> No
         pki.enroll(fleets.ca.root, "aggregator.b", fleets.root / "x")
     with pytest.raises(ConfigError, match="already in the CA"):
         pki.add_fleet(fleets.ca.root, "b")
+
+
+def test_fedge_status_reads_a_fleet_as_its_monitor_over_tls(
+    fleets: TwoFleets, clients: list[Client], capsys: pytest.CaptureFixture[str]
+) -> None:
+    dev_b = connect(clients, fleets, "dev-b")
+    status = DeviceStatus("dev-b", DeviceState.ONLINE, 3, ts=time.time()).to_bytes()
+    assert dev_b.publish("fedge/b/status/dev-b", status, retain=True) in ACCEPTED
+    monitor = fleets.identity("monitor.b")
+
+    main(["status", "--broker", f"mqtts://127.0.0.1:{fleets.broker.port}", "--fleet", "b",
+          "--username", "monitor.b", "--password-file", str(monitor / "password"),
+          "--ca-cert", str(fleets.ca.ca_crt), "--wait", "1"])  # fmt: skip
+
+    dev_b.publish("fedge/b/status/dev-b", b"", retain=True)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "fleet b: no round task published"
+    assert out[2].split()[:3] == ["dev-b", "online", "v3"]
+    assert out[-1] == "1 devices: 1 online, 0 offline"
