@@ -20,12 +20,24 @@ def run(args: argparse.Namespace) -> None:
     from aggregator.config import load_aggregator_config
     from aggregator.service import Aggregator
     from fedge.support.runtime import setup_logging, wait_for_signal
+    from fedge.transport.mqtt import BrokerURL, probe_broker
     from fedge.transport.mux import Mux
 
     setup_logging(args.log_level)
     cfg = load_aggregator_config(args.config)
     mux = Mux("aggregator").start()
     agg = Aggregator(cfg, mux, on_round=lambda r: print(_line(r), flush=True))
+    # After the config's own errors: a wrong port (TLS, not MQTT) would make the session
+    # retry silently forever.
+    t = cfg.tls
+    probe_broker(
+        BrokerURL.parse(cfg.broker),
+        ca_cert=str(t.ca_cert) if t else None,
+        client_cert=str(t.client_cert) if t and t.client_cert else None,
+        client_key=str(t.client_key) if t and t.client_key else None,
+        # a broker not up yet (boot, restart): the session retries; a wrong one: exit 2
+        unreachable_ok=True,
+    )
     print(
         f"fedge aggregator: broker {cfg.broker}, fleet {cfg.fleet}, state {cfg.state_dir}",
         flush=True,
@@ -55,6 +67,7 @@ def _line(r: dict[str, Any]) -> str:
     return (
         f"round {r['round']} -> v{r['version']}: {r['devices']} devices,{acc_s} "
         f"up {r['uplink_bytes']} B, {float(r['seconds']):.1f} s"
+        + (" (resumed)" if r.get("resumed") else "")
     )
 
 

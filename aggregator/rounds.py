@@ -32,6 +32,9 @@ class OpenRound:
     folded: list[tuple[str, int, str, int]] = field(default_factory=list)
     calib: Any = None  # aggregator.calibration.RangeMerger when the int8 twin is built
     weights: list[int] = field(default_factory=list)  # each folded update's weight (capped)
+    # Re-opened by a restarted service: opened_at is then the task's issue time, and
+    # uplink_bytes counts the journaled updates replayed (docs/operations.md, restarts).
+    resumed: bool = False
 
     @property
     def round(self) -> int:
@@ -69,6 +72,8 @@ class OpenRound:
             "task_bytes": self.task_bytes,
             "rejected": dict(self.rejected),
         }
+        if self.resumed:
+            out["resumed"] = True
         if self.epochs_reported:
             out["local_epochs_mean"] = self.epochs_sum / self.epochs_reported
             out["early_stopped"] = self.early_stopped

@@ -213,6 +213,9 @@ class EdgeAgent:
                 full = self.models.offer(topic, payload)
                 if full is not None:
                     self._on_model(full)
+            elif topic == self.topics.task and not payload:
+                # The aggregator closed the round (protocol §9.5): the next task follows.
+                self.task = None
             elif topic == self.topics.task:
                 task = RoundTask.from_bytes(payload, self.limits)
                 self._on_task(check_task(task, self._aggregator_key, self.limits))
@@ -266,6 +269,8 @@ class EdgeAgent:
             len(m.onnx),
             "signature verified" if self.models.verify_key is not None else "unsigned",
         )
+        # The retained status names the model held: `fedge status` and the dashboard read it.
+        self._publish_status(DeviceState.ONLINE)
         self._advance()
 
     def _on_task(self, t: RoundTask) -> None:

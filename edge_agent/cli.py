@@ -76,7 +76,7 @@ def run_agent(config: Path, log_level: str) -> None:
     from fedge.identity import load_signing_key, load_verify_key
     from fedge.support.runtime import setup_logging, wait_for_signal
     from fedge.topics import Topics
-    from fedge.transport.mqtt import BrokerURL
+    from fedge.transport.mqtt import BrokerURL, probe_broker
     from fedge.transport.mux import Mux
 
     setup_logging(log_level)
@@ -94,6 +94,16 @@ def run_agent(config: Path, log_level: str) -> None:
     problem = held and data.width_problem(held.arch.input_dim)
     if held is not None and problem:
         raise ConfigError(f"{problem} (model v{held.version} in {cfg.state_dir}); fix data:")
+    # The wrong port (TLS, not MQTT) would make the session retry silently forever.
+    t = cfg.tls
+    probe_broker(
+        BrokerURL.parse(cfg.broker),
+        ca_cert=str(t.ca_cert) if t else None,
+        client_cert=_opt(t.client_cert) if t else None,
+        client_key=_opt(t.client_key) if t else None,
+        # a broker not up yet (boot, restart): the session retries; a wrong one: exit 2
+        unreachable_ok=True,
+    )
     mux = Mux(f"agent-{cfg.device_id}").start()
     agent = EdgeAgent(
         device_id=cfg.device_id,

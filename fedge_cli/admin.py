@@ -1,4 +1,5 @@
-"""The identity commands: ``fedge ca init|crl|broker-config``, ``fedge enroll``, ``fedge revoke``.
+"""The identity commands: ``fedge ca init|fleet|crl|broker-config``, ``fedge enroll``,
+``fedge revoke``.
 
 Argument parsing and what each command prints; the work is in ``fedge_cli.pki`` (layout of a
 CA directory and of an identity in its docstring).
@@ -14,6 +15,7 @@ from fedge_cli.pki import (
     CRL_DAYS,
     DEFAULT_FLEET,
     DEFAULT_HOSTS,
+    add_fleet,
     enroll,
     init_ca,
     revoke,
@@ -27,7 +29,18 @@ __all__ = ["add_arguments"]
 def _ca_init(args: argparse.Namespace) -> None:
     ca = init_ca(args.dir, tuple(args.host or DEFAULT_HOSTS), args.fleet)
     print(f"CA in {ca.root}; broker files in {ca.broker}; aggregator identity in {ca.aggregator}")
+    print(f"fedge status's read-only identity (monitor) in {ca.monitor}")
     print(f"the broker's ACL ({ca.acl}) allows fleet {args.fleet!r} only")
+
+
+def _ca_fleet(args: argparse.Namespace) -> None:
+    ids = add_fleet(args.dir, args.fleet)
+    print(
+        f"fleet {ids.fleet}: aggregator identity {ids.aggregator_name} in {ids.aggregator}, "
+        f"monitor {ids.monitor_name} in {ids.monitor}, device keys in {ids.keys}"
+    )
+    print("enroll its devices with: fedge enroll DEVICE --fleet " + ids.fleet)
+    print("send SIGHUP to the broker to load the new ACL and passwords")
 
 
 def _ca_crl(args: argparse.Namespace) -> None:
@@ -63,7 +76,7 @@ def _broker_config(args: argparse.Namespace) -> None:
 
 
 def _enroll(args: argparse.Namespace) -> None:
-    out = enroll(args.ca, args.device, args.out, args.aggregator_keys)
+    out = enroll(args.ca, args.device, args.out, args.aggregator_keys, args.fleet)
     print(f"enrolled {args.device}: credentials in {out}; send SIGHUP to the broker")
 
 
@@ -78,7 +91,7 @@ def _revoke(args: argparse.Namespace) -> None:
 def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``ca``, ``enroll`` and ``revoke`` on the ``fedge`` sub-command parser."""
     ca = sub.add_parser("ca", help="the fleet's certificate authority and broker config")
-    csub = ca.add_subparsers(dest="ca_cmd", required=True, metavar="{init,crl,broker-config}")
+    csub = ca.add_subparsers(dest="ca_cmd", required=True, metavar="{init,fleet,crl,broker-config}")
     init = csub.add_parser("init", help="new CA, broker certificate and aggregator identity")
     init.add_argument("--dir", type=Path, required=True, help="new CA directory")
     init.add_argument(
@@ -94,6 +107,14 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         help="the one fleet the broker's ACL allows (default: %(default)s)",
     )
     init.set_defaults(func=_ca_init)
+    fl = csub.add_parser(
+        "fleet",
+        help="add a fleet to the broker: its own aggregator and monitor identities "
+        "(aggregator.FLEET, monitor.FLEET), key registry and ACL block",
+    )
+    fl.add_argument("fleet")
+    fl.add_argument("--dir", type=Path, required=True, help="the CA directory")
+    fl.set_defaults(func=_ca_fleet)
     crl = csub.add_parser("crl", help="re-sign the CRL before its nextUpdate date")
     crl.add_argument("--dir", type=Path, required=True)
     crl.add_argument(
@@ -132,6 +153,11 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     en.add_argument("--ca", type=Path, required=True)
     en.add_argument("--out", type=Path, required=True)
     en.add_argument("--aggregator-keys", type=Path, default=None, help="default: CA/keys")
+    en.add_argument(
+        "--fleet",
+        default=None,
+        help="a fleet added with fedge ca fleet (default: the CA's first fleet)",
+    )
     en.set_defaults(func=_enroll)
     rv = sub.add_parser("revoke", help="revoke a device: password, signing key, certificate")
     rv.add_argument("device")

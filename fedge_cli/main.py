@@ -6,6 +6,8 @@ Every user-facing error is one line on stderr and exit status 2, never a traceba
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -380,6 +382,18 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+        sys.stdout.flush()  # here, not at exit: a closed pipe is then caught below
+    except BrokenPipeError:
+        # `fedge strategies | head`: the reader left. No traceback; stdout goes to /dev/null
+        # so the interpreter's own flush at exit does not fail again; the status of a
+        # command killed by SIGPIPE.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
+
+
+def _main(argv: list[str] | None) -> None:
     from fedge.errors import FedgeError
 
     argv = sys.argv[1:] if argv is None else argv

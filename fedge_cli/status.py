@@ -29,6 +29,8 @@ class Seen:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    # `fedge ca init` makes `monitor` (CA/monitor/password); `fedge ca fleet G` makes
+    # `monitor.G` (CA/fleets/G/monitor/password) for a fleet added to the broker.
     p.add_argument("--broker", required=True, help="mqtt://HOST:PORT or mqtts://HOST:PORT")
     p.add_argument("--fleet", required=True, help="the fleet name (topic prefix fedge/<fleet>)")
     p.add_argument("--username", default="monitor", help="read-only identity (default: monitor)")
@@ -56,14 +58,14 @@ def read_fleet(
     from fedge.topics import Topics
     from fedge.transport.mqtt import BrokerURL, probe_broker
 
-    if username == "aggregator":
+    if username == "aggregator" or username.startswith("aggregator."):
         raise ValueError(
             "fedge status never connects as aggregator: it would take the aggregator's "
             "session over; use the read-only monitor identity"
         )
     broker = BrokerURL.parse(url)
     topics = Topics(fleet)
-    probe_broker(broker)
+    probe_broker(broker, ca_cert=ca_cert)
     seen = Seen()
     connected = threading.Event()
     refused: list[str] = []

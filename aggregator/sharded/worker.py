@@ -186,6 +186,8 @@ class ShardWorker:
             self._on_update(device, topic, payload)
             return
         try:
+            if topic == self.topics.task and not payload:
+                return  # the round closed (protocol §10.1): the reducer's request settles it
             if topic == self.topics.task:
                 task = RoundTask.from_bytes(payload, self.limits)
                 # Verified before it is held: a forged round 2**31 would make every real

@@ -50,6 +50,19 @@ def _device(f: Fields, key: str = "device") -> str:
         raise ProtocolError("schema", str(e)) from None
 
 
+MAX_CODEC_BYTES = 255  # the signed digests carry its length in one byte (fedge.identity)
+
+
+def _codec(f: Fields) -> str:
+    """The ``codec`` field: 1-255 ASCII characters, so that it fits the signed digests."""
+    c: str = f.str("codec")
+    if not c.isascii() or not 1 <= len(c) <= MAX_CODEC_BYTES:
+        raise ProtocolError(
+            "schema", f"codec must be 1-{MAX_CODEC_BYTES} ASCII characters, got {len(c)}"
+        )
+    return c
+
+
 def _nonce(f: Fields) -> bytes:
     n: bytes = f.bytes("nonce", max_len=NONCE_BYTES)
     if len(n) != NONCE_BYTES:

@@ -10,6 +10,7 @@ from fedge.envelopes.common import (
     SCHEMA_VERSION,
     SIGNATURE_BYTES,
     Kind,
+    _codec,
     _device,
     _nonce,
     _open,
@@ -82,7 +83,7 @@ class ModelUpdate:
             nonce=_nonce(f),
             # Not clamped here: the aggregator clamps to its own bound and counts the event.
             num_samples=f.int("num_samples", 1, 2**62),
-            codec=f.str("codec"),
+            codec=_codec(f),
             delta=f.bytes("delta", max_len=limits.max_payload_bytes),
             metrics=f.number_map("metrics"),
             signature=f.bytes("signature", max_len=SIGNATURE_BYTES, optional=True) or b"",

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, InvalidValue
 
-__all__ = ["TLSConfig", "load_yaml_config", "read_password_file", "validation_message"]
+__all__ = [
+    "TLSConfig",
+    "load_yaml_config",
+    "read_password_file",
+    "tls_context",
+    "validation_message",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -67,9 +74,63 @@ def read_password_file(raw: object) -> object:
 
 
 class TLSConfig(BaseModel):
-    """Files for an mqtts:// broker: the CA to trust, and a client certificate for mTLS."""
+    """Files for an mqtts:// broker: the CA to trust, and a client certificate for mTLS.
+
+    Each is loaded at validation (``tls_context``): a missing, unreadable or non-PEM file is one
+    line naming it at start, not an ``[Errno 2]`` from paho later."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     ca_cert: Path
     client_cert: Path | None = None
     client_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _loadable(self) -> TLSConfig:
+        tls_context(
+            str(self.ca_cert),
+            None if self.client_cert is None else str(self.client_cert),
+            None if self.client_key is None else str(self.client_key),
+        )
+        return self
+
+
+def tls_context(
+    ca_cert: str | None, client_cert: str | None = None, client_key: str | None = None
+) -> ssl.SSLContext:
+    """What paho's ``tls_set`` builds (server certificate and host name checked), each
+    unusable file named in an ``InvalidValue`` (a ``ValueError`` for pydantic too)."""
+    if ca_cert is not None:
+        _readable("tls.ca_cert", ca_cert)
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if ca_cert is not None:
+            ctx.load_verify_locations(cafile=ca_cert)
+    except (OSError, ssl.SSLError) as e:
+        raise InvalidValue(f"tls.ca_cert {ca_cert}: {_tls_why(e)}") from None
+    if client_cert is not None:
+        _readable("tls.client_cert", client_cert)
+        if client_key is not None:
+            _readable("tls.client_key", client_key)
+        try:
+            ctx.load_cert_chain(client_cert, client_key)
+        except (OSError, ssl.SSLError) as e:
+            raise InvalidValue(
+                f"tls.client_cert {client_cert} / tls.client_key {client_key}: {_tls_why(e)}"
+            ) from None
+    return ctx
+
+
+def _readable(what: str, path: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise InvalidValue(f"{what} {path}: cannot read it: {e.strerror or e}") from None
+
+
+def _tls_why(e: BaseException) -> str:
+    if isinstance(e, ssl.SSLError):
+        return f"not a PEM certificate (or key) that TLS can use ({e.reason or e})"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)

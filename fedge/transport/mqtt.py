@@ -116,16 +116,24 @@ def checked_packet_size(topic: str, payload_len: int, qos: int = 1) -> int:
     return size
 
 
-def probe_broker(url: BrokerURL, timeout: float = 3.0) -> None:
-    """Fail fast with one clear line when nothing listens at ``url``."""
-    import socket
+def probe_broker(
+    url: BrokerURL,
+    timeout: float = 3.0,
+    *,
+    ca_cert: str | None = None,
+    client_cert: str | None = None,
+    client_key: str | None = None,
+    unreachable_ok: bool = False,
+) -> None:
+    """Fail fast with one clear line when no MQTT broker answers at ``url``, or it speaks
+    TLS and the URL does not (or the reverse): ``fedge.transport.probe``."""
+    from fedge.transport.probe import probe_mqtt
 
-    from fedge.errors import BrokerUnavailable
-
-    try:
-        with socket.create_connection((url.host, url.port), timeout=timeout):
-            return
-    except OSError as e:
-        raise BrokerUnavailable(
-            f"cannot reach the broker at {url}: {e.strerror or e}; is Mosquitto running there?"
-        ) from None
+    probe_mqtt(
+        url,
+        timeout=timeout,
+        ca_cert=ca_cert,
+        client_cert=client_cert,
+        client_key=client_key,
+        unreachable_ok=unreachable_ok,
+    )

@@ -1,6 +1,6 @@
 """Fleet identity: the CA, broker passwords, enrolment and revocation, the broker's config.
 
-The commands (``fedge ca init|crl|broker-config``, ``fedge enroll``, ``fedge revoke``) are in
+The commands (``fedge ca init|fleet|crl|broker-config``, ``fedge enroll``, ``fedge revoke``) are in
 ``fedge_cli.admin``; the work is here, one module per job::
 
     cadir.py          the CA directory's layout and its issued-certificate records
@@ -10,6 +10,7 @@ The commands (``fedge ca init|crl|broker-config``, ``fedge enroll``, ``fedge rev
     credentials.py    one identity's password, client certificate and signing key
     enrolment.py      ``enroll`` / ``revoke``
     acl.py            the ACL pinned to one fleet; the names it gives more than a device's rights
+    fleets.py         ``ca fleet``: more fleets on one broker, each with its own identities
     broker_config.py  ``production.conf`` rendered for a CA, with the broker user's access checked
 
 A CA directory (``fedge ca init --dir CA``) holds everything the fleet's trust rests on::
@@ -21,6 +22,9 @@ A CA directory (``fedge ca init --dir CA``) holds everything the fleet's trust r
     CA/keys/devices/<id>.pub    the key registry the aggregator reads (fedge.key_registry)
     CA/keys/revoked/<id>-<fp>.pub   keys of revoked devices
     CA/aggregator/              the aggregator's own identity (made by ``ca init``)
+    CA/monitor/                 ``fedge status``'s read-only identity (made by ``ca init``)
+    CA/fleet.json               the first fleet and the ACL template (``fedge_cli.pki.fleets``)
+    CA/fleets/<G>/              a fleet added by ``ca fleet G``: aggregator/, monitor/, keys/
 
 An identity directory (``enroll`` output, and ``CA/aggregator``) holds ``password`` (0600),
 ``client.crt`` + ``client.key`` (0600), ``ca.crt``, ``signing.key`` (Ed25519, 0600),
@@ -40,8 +44,9 @@ from fedge_cli.pki.broker_config import (
     write_broker_config,
 )
 from fedge_cli.pki.ca import CRL_DAYS, DEFAULT_FLEET, DEFAULT_HOSTS, init_ca, write_crl
-from fedge_cli.pki.cadir import AGGREGATOR, CaDir
+from fedge_cli.pki.cadir import AGGREGATOR, MONITOR, CaDir
 from fedge_cli.pki.enrolment import enroll, revoke
+from fedge_cli.pki.fleets import add_fleet
 from fedge_cli.pki.passwords import hash_password, remove_password, set_password, verify_password
 
 __all__ = [
@@ -50,8 +55,10 @@ __all__ = [
     "CRL_DAYS",
     "DEFAULT_FLEET",
     "DEFAULT_HOSTS",
+    "MONITOR",
     "PRODUCTION_TEMPLATE",
     "CaDir",
+    "add_fleet",
     "enroll",
     "hash_password",
     "init_ca",

@@ -102,10 +102,11 @@ def write_broker_config(
     one and may be None.
 
     With ``fleet``, ``CA/broker/acl`` is first rendered anew from ``acl_template`` pinned to
-    that fleet (``fedge_cli.pki.acl.render_acl``); without it the CA's ACL stays as it is
-    (``fedge ca init`` pinned it to its ``--fleet``).
+    that fleet (``fedge_cli.pki.acl.render_acl``), with the blocks of the fleets added by
+    ``fedge ca fleet`` after it (``fedge_cli.pki.fleets``); without it the CA's ACL stays as
+    it is (``fedge ca init`` pinned it to its ``--fleet``).
     """
-    from fedge_cli.pki.acl import render_acl
+    from fedge_cli.pki.fleets import write_ca_acl
 
     ca = CaDir(Path(ca_dir).resolve()).require()
     if include and data_dir is not None:
@@ -118,9 +119,7 @@ def write_broker_config(
         data_dir = Path("/var/lib/mosquitto")
     data_dir, log_file = Path(data_dir).resolve(), Path(log_file).resolve()
     if fleet is not None:
-        acl = render_acl(Path(acl_template).read_text(), fleet)
-        atomic_write(ca.acl, acl.encode())
-        os.chmod(ca.acl, 0o644)
+        write_ca_acl(ca, fleet, Path(acl_template))
     if not data_dir.is_dir():
         raise ConfigError(
             f"data directory {data_dir} does not exist; create it for the broker user"

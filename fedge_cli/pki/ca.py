@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from fedge.errors import ConfigError
 from fedge.key_registry import KeyRegistry
 from fedge_cli.pki.acl import render_acl
 from fedge_cli.pki.broker_config import ACL_TEMPLATE
-from fedge_cli.pki.cadir import AGGREGATOR, CaDir, revoked_certificates, write_file
+from fedge_cli.pki.cadir import AGGREGATOR, MONITOR, CaDir, revoked_certificates, write_file
 from fedge_cli.pki.certs import (
     cert_pem,
     issue_certificate,
@@ -38,8 +39,9 @@ DEFAULT_FLEET = "default"  # the roles' default fleet (fedge.topics.Topics)
 def init_ca(
     ca_dir: Path, hosts: tuple[str, ...] = DEFAULT_HOSTS, fleet: str = DEFAULT_FLEET
 ) -> CaDir:
-    """A new CA, the broker's server certificate, an empty CRL, the aggregator identity, and
-    the broker's ACL pinned to ``fleet`` (``fedge_cli.pki.acl.render_acl``)."""
+    """A new CA, the broker's server certificate, an empty CRL, the aggregator and monitor
+    identities, and the broker's ACL pinned to ``fleet`` (``fedge_cli.pki.acl.render_acl``;
+    ``CA/fleet.json`` records ``fleet``, ``fedge_cli.pki.fleets``)."""
     ca = CaDir(Path(ca_dir))
     if ca.ca_crt.exists():
         raise ConfigError(f"{ca.root} already holds a CA; choose another --dir")
@@ -51,6 +53,8 @@ def init_ca(
     before = set(ca.root.iterdir()) if existed else set()
     try:
         _make_ca(ca, hosts, acl)
+        record = {"fleet": fleet, "acl_template": str(ACL_TEMPLATE.resolve())}
+        write_file(ca.fleet_record, json.dumps(record, indent=2).encode(), 0o644)
     except BaseException:
         # A half-made CA would be refused by the next `ca init` ("already holds a CA") and
         # half-work for `enroll`: remove what this call made, and nothing else.
@@ -85,6 +89,8 @@ def _make_ca(ca: CaDir, hosts: tuple[str, ...], acl: bytes) -> None:
     write_crl(ca.root)
     issue_credentials(ca, AGGREGATOR, ca.aggregator)
     give_aggregator_key(ca, ca.aggregator)
+    # fedge status's read-only identity: its password is in CA/monitor/password.
+    issue_credentials(ca, MONITOR, ca.monitor)
 
 
 def write_crl(ca_dir: Path, days: int = CRL_DAYS) -> Path:

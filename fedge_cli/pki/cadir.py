@@ -22,6 +22,7 @@ from fedge.support.fsutil import atomic_write
 
 __all__ = [
     "AGGREGATOR",
+    "MONITOR",
     "CaDir",
     "all_records",
     "load_record",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 AGGREGATOR = "aggregator"
+MONITOR = "monitor"  # the read-only identity of `fedge status`
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class CaDir:
     issued = property(lambda s: s.root / "issued")
     keys = property(lambda s: s.root / "keys")
     aggregator = property(lambda s: s.root / AGGREGATOR)
+    monitor = property(lambda s: s.root / MONITOR)
+    fleets = property(lambda s: s.root / "fleets")  # fleets added by `fedge ca fleet`
+    fleet_record = property(lambda s: s.root / "fleet.json")
 
     def require(self) -> CaDir:
         if not self.ca_crt.is_file() or not self.ca_key.is_file():

@@ -57,6 +57,8 @@ def issue_credentials(ca: CaDir, name: str, out: Path) -> VerifyKey:
     return signing.verify_key
 
 
-def give_aggregator_key(ca: CaDir, out: Path) -> None:
-    """Copy the aggregator's public signing key into the identity directory ``out``."""
-    shutil.copyfile(ca.aggregator / SIGNING_PUB, out / IDENTITY_FILES["aggregator_key"])
+def give_aggregator_key(ca: CaDir, out: Path, source: Path | None = None) -> None:
+    """Copy the public signing key of the aggregator whose identity is in ``source``
+    (default: the CA's first fleet's, ``CA/aggregator``) into the identity directory ``out``."""
+    src = ca.aggregator if source is None else source
+    shutil.copyfile(src / SIGNING_PUB, out / IDENTITY_FILES["aggregator_key"])

@@ -96,7 +96,8 @@ class Device:
         self._alive = True
 
     def _on_message(self, _c: Client, _u: object, msg: Any) -> None:
-        self.task = RoundTask.from_bytes(msg.payload)
+        if msg.payload:  # empty: the round closed (protocol §9.5); the next task follows
+            self.task = RoundTask.from_bytes(msg.payload)
 
     def _on_publish(self, _c: Client, _u: object, mid: int, _rc: object, _p: object) -> None:
         with self._lock:

@@ -92,7 +92,8 @@ class RawDevice:
 
     def _on_message(self, _c: Client, _u: object, msg: Any) -> None:
         if msg.topic.endswith("/round/current"):
-            self.task = RoundTask.from_bytes(msg.payload)
+            if msg.payload:  # empty: the round closed (protocol §9.5); the next task follows
+                self.task = RoundTask.from_bytes(msg.payload)
         else:
             self.receipts.append(Receipt.from_bytes(msg.payload))
 

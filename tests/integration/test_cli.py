@@ -272,3 +272,21 @@ def test_agent_predict_loads_only_the_device_side(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == [p.stdout.split()[0]] * 2
+
+
+def test_output_into_a_closed_pipe_is_no_traceback() -> None:
+    # `fedge strategies | head -1`: the reader is gone before fedge writes its lines.
+    p = subprocess.Popen(
+        [sys.executable, "-m", "fedge_cli.main", "strategies"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    assert p.stdout is not None
+    assert p.stderr is not None
+    p.stdout.close()
+    with p.stderr:
+        err = p.stderr.read().decode()
+    p.wait(60)
+    assert err == ""
+    assert p.returncode == 141  # as a command killed by SIGPIPE

@@ -13,6 +13,7 @@ from paho.mqtt.enums import MQTTProtocolVersion
 
 from fedge.transport.mqtt import BrokerURL
 from fedge_cli.main import main
+from fedge_cli.status import read_fleet
 from simulation.broker import MosquittoBroker
 from simulation.datasets import make_federated
 from tests.integration.fleet_helpers import RawDevice, wait_until
@@ -103,3 +104,25 @@ def test_the_monitor_identity_reads_statuses_and_can_write_nothing(
         monitor.loop_stop()
         monitor.disconnect()
         device.close()
+
+
+def test_each_device_announces_every_new_model_it_holds(fleet_factory: Any) -> None:
+    # Prepare: two rounds, so each device receives v0, v1 and v2 while it stays connected
+    data = make_federated("digits", 2, "iid", seed=0)
+    fleet = fleet_factory(data, rounds=2, target_devices=2, min_devices=2, round_timeout=30)
+    fleet.start_aggregator()
+    fleet.add_agent(0)
+    fleet.add_agent(1)
+    agg = fleet.aggregator
+    # Execute
+    wait_until(agg.done.is_set, 60, "two versions")
+    # Assert: the retained statuses name v2 without a reconnect: `fedge status` is current
+    seen: dict[str, int | None] = {}
+
+    def current() -> bool:
+        got = read_fleet(str(fleet.url), fleet.topics.fleet, wait=0.3)
+        seen.update({d: s.version for d, s in got.statuses.items()})
+        return seen == {"dev-0": 2, "dev-1": 2}
+
+    wait_until(current, 10, "statuses naming v2")
+    assert all(a.session.connects == 1 for a in fleet.agents.values())

@@ -41,6 +41,9 @@ metric_maps = st.dictionaries(
     max_size=DEFAULT_LIMITS.max_map_len,
 )
 
+# 1-255 ASCII characters: what fits the signed digests (fedge.identity)
+codec_names = st.text(st.characters(min_codepoint=0, max_codepoint=127), min_size=1, max_size=255)
+
 hypers = st.builds(
     TrainHyper,
     epochs=st.integers(1, 1000),
@@ -56,7 +59,7 @@ tasks = st.builds(
     round=rounds,
     base_version=versions,
     deadline=times,
-    codec=short_text,
+    codec=codec_names,
     hyper=hypers,
     nonce=nonces,
     selected=st.none() | st.lists(device_ids, max_size=8).map(tuple),
@@ -71,7 +74,7 @@ updates = st.builds(
     update_id=short_text,
     nonce=nonces,
     num_samples=st.integers(1, 2**62),
-    codec=short_text,
+    codec=codec_names,
     delta=st.binary(max_size=4096),
     metrics=metric_maps,
 )
@@ -612,3 +615,22 @@ def test_accepts_from_travels_only_when_set_and_never_beyond_the_round() -> None
     with pytest.raises(ProtocolError) as e:
         RoundTask.from_bytes(msgpack.packb(raw))
     assert e.value.reason == "schema"
+
+
+@pytest.mark.parametrize("codec", ["x" * 256, "fp32é", ""])
+def test_a_codec_that_does_not_fit_the_signed_digest_is_a_schema_error(codec: str) -> None:
+    # The task and update digests carry the codec's length in one byte (fedge.identity).
+    from fedge.envelopes import ModelUpdate, RoundTask, TrainHyper
+    from fedge.wire import pack
+
+    task = RoundTask(round=1, base_version=0, deadline=1.0, codec="fp32", hyper=TrainHyper(),
+                     nonce=bytes(16))  # fmt: skip
+    upd = ModelUpdate(device="d", round=1, base_version=0, update_id="u", nonce=bytes(16),
+                      num_samples=1, codec="fp32", delta=b"")  # fmt: skip
+    for env in (task, upd):
+        raw = msgpack.unpackb(env.to_bytes())
+        raw["codec"] = codec
+        with pytest.raises(ProtocolError) as e:
+            type(env).from_bytes(pack(raw))
+        assert e.value.reason == "schema"
+        assert "codec must be 1-255 ASCII characters" in str(e.value)

@@ -27,7 +27,7 @@ FACES: dict[str, list[str]] = {
         "limits", "release_check", "support", "task_check", "tensors", "topics", "transport",
         "wire",
     ],
-    "fedge.transport": ["base", "memory", "mqtt", "mux", "session"],
+    "fedge.transport": ["base", "memory", "mqtt", "mux", "probe", "session"],
     "fedge.support": ["config_io", "faults", "fsutil", "runtime", "shipped"],
     "models": ["int8", "onnx_export", "onnx_weights", "qat", "torch_state", "zoo"],
     "edge_agent": [
