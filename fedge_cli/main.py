@@ -16,7 +16,7 @@ __all__ = ["DEFAULT_SIM_CODEC", "main"]
 
 
 def _simulate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", help="digits, synthetic[:A,B] or mnist5k")
+    p.add_argument("--dataset", default="digits", help="digits, synthetic[:A,B], mnist5k or imu")
     p.add_argument("--devices", type=int, default=10)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--partition", default="dirichlet:0.5", help="iid, dirichlet:ALPHA, shards:K")
@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument(
         "--dataset",
         default="digits",
-        help="digits, synthetic[:A,B] or mnist5k (default: %(default)s)",
+        help="digits, synthetic[:A,B], mnist5k or imu (default: %(default)s)",
     )
     split.add_argument(
         "--devices", type=int, default=10, help="files device-000.npz … (default: %(default)s)"

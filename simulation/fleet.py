@@ -54,7 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _MAX_SIM_WORKERS = 4
-_DEFAULT_MODEL = {"digits": "mlp", "mnist5k": "mlp", "synthetic": "logreg"}
+_DEFAULT_MODEL = {"digits": "mlp", "mnist5k": "mlp", "synthetic": "logreg", "imu": "cnn1d"}
 
 
 @dataclass(frozen=True)
