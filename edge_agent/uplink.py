@@ -27,6 +27,7 @@ from fedge.codecs import Codec
 from fedge.envelopes import ModelUpdate, RoundTask
 from fedge.identity import SigningKey
 from fedge.limits import DEFAULT_LIMITS, Limits
+from fedge.masks import live
 from fedge.tensors import spec_of
 
 __all__ = [
@@ -104,6 +105,9 @@ def build_upload(
     encode this delta (the round is then skipped).
     """
     delta = {k: result.weights[k] - base[k] for k in base}
+    if task.mask:
+        # Only live weights travel: the aggregator scatters them back with the same mask.
+        delta = live(delta, task.mask.keep(spec_of(base)))
     if uplink.local_dp is not None:
         delta = uplink.local_dp.privatize(delta, dp_rng)
     rng = np.random.default_rng([uplink.seed & (2**64 - 1), task.round])

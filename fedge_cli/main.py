@@ -107,6 +107,13 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="halve the server learning rate after 3 versions without a better accuracy",
     )
+    p.add_argument(
+        "--prune",
+        default=None,
+        metavar="SPEC",
+        help="gradual magnitude pruning KIND:TARGET[@START-END][,SCOPE], e.g. structured:0.5 "
+        "(hidden units) or unstructured:0.75@1-20,global (weights); default off",
+    )
     p.add_argument("--no-sign", action="store_true", help="do not sign updates and models")
     p.add_argument(
         "--metrics-port",
@@ -172,6 +179,7 @@ def _simulate(args: argparse.Namespace) -> None:
         early_stop_patience=args.early_stop_patience,
         adaptive_server_lr=args.adaptive_server_lr,
         metrics_port=args.metrics_port,
+        prune=args.prune,
     )
     s = simulate(cfg)
     print(

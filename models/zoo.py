@@ -81,6 +81,7 @@ class CNN1D(nn.Module):
 
 _Factory = Callable[[int, int], nn.Module]
 
+
 # name -> (spec, factory). Adding an architecture is one entry here.
 _REGISTRY: dict[str, tuple[ModelSpec, _Factory]] = {
     "cnn1d": (ModelSpec("cnn1d", "1D-CNN for 6-axis IMU windows (16, 32 channels)"), CNN1D),

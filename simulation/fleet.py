@@ -22,6 +22,7 @@ from typing import Any
 
 from aggregator.config import AggregatorConfig, HyperConfig, ModelConfig, PlateauSettings
 from aggregator.evaluation import EvalSet
+from aggregator.prune_config import PruningConfig
 from aggregator.service import Aggregator
 from aggregator.sharded.worker import ShardWorker
 from edge_agent.agent import EdgeAgent
@@ -95,6 +96,7 @@ class SimConfig:
     early_stop_patience: int = 0  # > 0: devices stop on their held-out loss (10 % held out)
     adaptive_server_lr: bool = False  # halve server_lr after 3 versions without a better accuracy
     metrics_port: int | None = None  # serve /metrics and the dashboard here (0: any free port)
+    prune: str | None = None  # --prune SPEC (aggregator/prune_config.py); None: dense
 
     def __post_init__(self) -> None:
         from aggregator.config import codec_problem
@@ -120,6 +122,8 @@ class SimConfig:
                 f"--shard-workers must be in [0, {_MAX_SIM_WORKERS}] (broker_config/acl.sharded "
                 f"has sections for aggregator-0..{_MAX_SIM_WORKERS - 1}), got {self.shard_workers}"
             )
+        if self.prune is not None:
+            PruningConfig.parse(self.prune, self.rounds)
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
         if self.device_delay is not None:
@@ -278,6 +282,7 @@ def _aggregator_config(
         early_stop_patience=cfg.early_stop_patience,
         adaptive_server_lr=PlateauSettings() if cfg.adaptive_server_lr else None,
         metrics_port=cfg.metrics_port,
+        pruning=PruningConfig.parse(cfg.prune, cfg.rounds) if cfg.prune else None,
     )
 
 
@@ -348,6 +353,9 @@ def _summary(
         "wall_seconds": round(wall, 3),
         "setup_seconds": round(setup, 3),
         "model_onnx": str(agg.latest_model_path.resolve()),
+        # The serving model: structurally pruned units removed (the training model otherwise).
+        "model_bytes": int(last.get("serving_bytes", agg.latest_model_path.stat().st_size)),
+        "sparsity": last.get("sparsity", 0.0),
         "metrics": str((out / "metrics.jsonl").resolve()),
         "rejected": dict(agg.metrics.rejected),
         "shard_workers": {w.name: w.folded for w in run.workers},  # updates each one folded
