@@ -8,4 +8,14 @@ Other packages (the simulation, the CLI) may import the modules listed below
 (``tests/unit/test_public_faces.py`` pins them); the rest are the role's own.
 """
 
-__all__ = ["cli", "config", "evaluation", "keyring", "metrics", "service", "sharded", "strategies"]
+__all__ = [
+    "cli",
+    "config",
+    "evaluation",
+    "keyring",
+    "metrics",
+    "prune_config",
+    "service",
+    "sharded",
+    "strategies",
+]

@@ -28,13 +28,16 @@ FACES: dict[str, list[str]] = {
     ],
     "fedge.transport": ["base", "memory", "mqtt", "mux", "session"],
     "fedge.support": ["config_io", "faults", "fsutil", "runtime", "shipped"],
-    "models": ["int8", "onnx_export", "onnx_weights", "qat", "torch_state", "zoo"],
+    "models": [
+        "int8", "onnx_export", "onnx_weights", "qat", "shrink", "torch_state", "units", "zoo",
+    ],
     "edge_agent": [
         "agent", "cli", "config", "data", "inference", "model_cache", "store", "trainer",
         "uplink",
     ],
     "aggregator": [
-        "cli", "config", "evaluation", "keyring", "metrics", "service", "sharded", "strategies",
+        "cli", "config", "evaluation", "keyring", "metrics", "prune_config", "service", "sharded",
+        "strategies",
     ],
     "aggregator.sharded": ["service", "settings", "worker"],
     "simulation": [
