@@ -12,7 +12,7 @@ from aggregator.pruning import Pruner, schedule, structured_units, unstructured_
 from aggregator.strategies import make_strategy
 from edge_agent.residual import Residual
 from edge_agent.trainer import train_local
-from edge_agent.uplink import Uplink, build_upload
+from edge_agent.uplink import Uplink, build_upload, encode_with_feedback
 from fedge.codecs import parse_codec
 from fedge.envelopes import ModelArch, RoundTask, TrainHyper
 from fedge.errors import ConfigError, InvalidValue, ProtocolError
@@ -250,3 +250,25 @@ def test_prune_spec_parsing() -> None:
     for bad in ("structured", "pruned:0.5", "structured:1.5", "structured:0.5@5-3", "x:0.5,row"):
         with pytest.raises(ConfigError):
             PruningConfig.parse(bad, rounds=30)
+
+
+def test_error_feedback_residual_keeps_the_full_shape_across_a_growing_mask() -> None:
+    w = _weights()
+    p = _pruner("unstructured", 0.75)
+    p.step(2, w)
+    first = dict(p.keep)
+    delta = {
+        k: np.random.default_rng(3).normal(size=v.shape).astype(np.float32) for k, v in w.items()
+    }
+    codec = parse_codec("topk:0.1+int8")
+    rng = np.random.default_rng(0)
+
+    _, after, _ = encode_with_feedback(delta, codec, Residual(), rng, keep=first)
+    p.step(3, w)
+    _, again, _ = encode_with_feedback(delta, codec, after, rng, keep=p.keep)
+
+    for r in (after, again):
+        assert r.spec == spec_of(w)
+    for k, flags in p.keep.items():
+        assert (again.tensors[k][~flags] == 0).all()
+        assert (again.tensors[k][flags] != 0).any()
