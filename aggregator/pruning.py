@@ -11,9 +11,10 @@ state of it are zero).
 - ``unstructured``: weights (tensors of 2 or more dimensions) with the smallest magnitude
   among the live ones, ranked per tensor (``layer``) or over all of them (``global``). The
   target is the fraction of those weights pruned.
-- ``structured``: whole hidden units / output channels (``models.zoo.unit_groups``), scored
-  by the L2 norm of their weights (and bias) in the global model, divided by the square root
-  of their fan-in under ``global`` so that layers compare. The target is the fraction of
+- ``structured``: whole hidden units / output channels (``models.units.unit_groups``), scored
+  on the global model by the L2 norm of their incoming weights (and bias) times the L2 norm of
+  the weights that read them (the incoming norm divided by the square root of the fan-in
+  under ``global``, so that layers compare). The target is the fraction of
   units pruned; every layer keeps at least one unit.
 """
 
@@ -104,6 +105,12 @@ def structured_units(
         s = np.sqrt((w**2).sum(axis=1) + (weights[g.bias] ** 2 if g.bias else 0.0))
         if scope == "global":
             s = s / math.sqrt(w.shape[1])
+        # x the norm of what reads the unit: with ReLU a unit's incoming weights can shrink
+        # while its outgoing ones grow, so the product is what the unit contributes.
+        for tensor, axis in g.slices:
+            if tensor not in (g.weight, g.bias):
+                out = np.moveaxis(weights[tensor], axis, 0).reshape(len(s), -1)
+                s = s * np.sqrt((out**2).sum(axis=1))
         s[list(pruned.get(g.layer, ()))] = -1.0
         scores[g.layer] = s
     if scope == "global":
