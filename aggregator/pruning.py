@@ -109,8 +109,8 @@ def structured_units(
         # while its outgoing ones grow, so the product is what the unit contributes.
         for tensor, axis in g.slices:
             if tensor not in (g.weight, g.bias):
-                out = np.moveaxis(weights[tensor], axis, 0).reshape(len(s), -1)
-                s = s * np.sqrt((out**2).sum(axis=1))
+                reads = np.moveaxis(weights[tensor], axis, 0).reshape(len(s), -1)
+                s = s * np.sqrt((reads**2).sum(axis=1))
         s[list(pruned.get(g.layer, ()))] = -1.0
         scores[g.layer] = s
     if scope == "global":
