@@ -1,8 +1,9 @@
 """``pruning:`` in the aggregator's config, and the ``--prune SPEC`` text that writes it.
 
-SPEC is ``KIND:TARGET[@START-END][,SCOPE]``: ``structured:0.5`` prunes half the hidden units,
-``unstructured:0.9@1-20,global`` 90 % of the weights ranked over all layers, reached at
-version 20 along the cubic schedule (``aggregator.pruning``).
+SPEC is ``KIND:TARGET[@START-END][,SCOPE]``; TARGET is a weight sparsity. ``structured:0.5``
+zeroes half the model's weights by removing whole hidden units (26 of each 64 in the digits
+MLP), ``unstructured:0.9@1-20,global`` 90 % of the weights ranked over all layers, reached
+at version 20 along the cubic schedule (``aggregator.pruning``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class PruningConfig(BaseModel):
     kind: Literal["structured", "unstructured"] = Field(
         description="structured: whole hidden units / output channels; unstructured: weights"
     )
-    target: float = Field(gt=0, lt=1, description="final fraction pruned (of units or weights)")
+    target: float = Field(gt=0, lt=1, description="final weight sparsity (structured: by units)")
     start_round: int = Field(default=1, ge=1, description="first version that is pruned")
     end_round: int = Field(default=10, ge=1, description="version that reaches the target")
     scope: Literal["layer", "global"] = Field(

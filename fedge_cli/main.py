@@ -111,8 +111,8 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
         "--prune",
         default=None,
         metavar="SPEC",
-        help="gradual magnitude pruning KIND:TARGET[@START-END][,SCOPE], e.g. structured:0.5 "
-        "(hidden units) or unstructured:0.75@1-20,global (weights); default off",
+        help="gradual magnitude pruning to a weight sparsity, KIND:TARGET[@START-END][,SCOPE]: "
+        "structured:0.5 (whole hidden units) or unstructured:0.75@1-20,global; default off",
     )
     p.add_argument("--no-sign", action="store_true", help="do not sign updates and models")
     p.add_argument(
