@@ -70,25 +70,37 @@ def one_run(args: argparse.Namespace, spec: str, seed: int) -> dict[str, Any]:
         out=out, dataset=args.dataset, rounds=args.rounds, seed=seed, int8=args.int8,
         prune=None if spec == "none" else spec, **d,  # type: ignore[arg-type]
     )  # fmt: skip
-    s = simulate(cfg, say=lambda _s: None)
+    simulate(cfg, say=lambda _s: None)
+    return measure(out, args.dataset, spec, seed)
+
+
+def measure(out: Path, dataset: str, spec: str, seed: int) -> dict[str, Any]:
+    """One finished run's row, from its summary.json and model files."""
+    import zstandard
+
+    s = json.loads((out / "summary.json").read_text())
     models = out / "aggregator" / "models"
     version = s["rounds"]
     serving = models / f"v{version:06d}.serving.onnx"
     if not serving.exists():
         serving = models / f"v{version:06d}.onnx"
-    dim = 64 if args.dataset == "digits" else 384
+    dim = 64 if dataset == "digits" else 384
     row = {
         "spec": spec,
         "seed": seed,
         "accuracy": s["final_accuracy"],
         "sparsity": s["sparsity"],
         "model_bytes": s["model_bytes"],
+        # What a download of the file costs compressed: pruned zeros compress, dense weights not.
+        "model_zstd_bytes": len(zstandard.ZstdCompressor(level=19).compress(serving.read_bytes())),
         "up_per_round": s["uplink_bytes"] / version,
         "down_per_round": s["downlink_bytes"] / version,
         "lat1_us": latency_us(serving, dim, 1),
         "lat64_us": latency_us(serving, dim, 64),
     }
     twin = serving.with_suffix(".int8.onnx")
+    if not twin.exists():  # unstructured: the serving model is the training one
+        twin = models / f"v{version:06d}.int8.onnx"
     if twin.exists():
         row["int8_bytes"] = twin.stat().st_size
         row["int8_lat1_us"] = latency_us(twin, dim, 1)
@@ -100,9 +112,9 @@ def table(rows: list[dict[str, Any]], command: str) -> str:
     lines = [
         f"`{command}` on {platform.machine()} ({platform.python_version()}), mean over seeds:",
         "",
-        "| spec | accuracy | sparsity | serving ONNX B | lat b1 µs | lat b64 µs | up B/round "
-        "| down B/round |",
-        "|---|---|---|---|---|---|---|---|",
+        "| spec | accuracy | sparsity | serving ONNX B | zstd B | lat b1 µs | lat b64 µs "
+        "| int8 B | int8 b1 µs | int8 b64 µs | up B/round | down B/round |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for spec in dict.fromkeys(r["spec"] for r in rows):
         rs = [r for r in rows if r["spec"] == spec]
@@ -110,10 +122,16 @@ def table(rows: list[dict[str, Any]], command: str) -> str:
         def m(key: str, rs: list[dict[str, Any]] = rs) -> float:
             return statistics.mean(r[key] for r in rs)
 
+        def opt(key: str, fmt: str, rs: list[dict[str, Any]] = rs) -> str:
+            have = [r[key] for r in rs if key in r]
+            return format(statistics.mean(have), fmt) if len(have) == len(rs) else "n/a"
+
         lines.append(
             f"| {spec} | {m('accuracy'):.4f} ± {statistics.pstdev(r['accuracy'] for r in rs):.4f} "
-            f"| {m('sparsity'):.2f} | {m('model_bytes'):,.0f} | {m('lat1_us'):.1f} "
-            f"| {m('lat64_us'):.1f} | {m('up_per_round'):,.0f} | {m('down_per_round'):,.0f} |"
+            f"| {m('sparsity'):.2f} | {m('model_bytes'):,.0f} | {opt('model_zstd_bytes', ',.0f')} "
+            f"| {m('lat1_us'):.1f} | {m('lat64_us'):.1f} | {opt('int8_bytes', ',.0f')} "
+            f"| {opt('int8_lat1_us', '.1f')} | {opt('int8_lat64_us', '.1f')} "
+            f"| {m('up_per_round'):,.0f} | {m('down_per_round'):,.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -126,12 +144,20 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--int8", action="store_true", help="build the int8 twin (devices calibrate)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "pruning" / "results")
+    p.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="do not simulate: measure the finished runs in OUT/runs again",
+    )
     args = p.parse_args()
-    rows = [
-        one_run(args, spec, int(seed))
-        for spec in args.specs.split(",")
-        for seed in args.seeds.split(",")
-    ]
+    rows = []
+    for spec in args.specs.split(","):
+        for seed in args.seeds.split(","):
+            if args.measure_only:
+                run = args.out / "runs" / f"{spec.replace(':', '_')}-{seed}"
+                rows.append(measure(run, args.dataset, spec, int(seed)))
+            else:
+                rows.append(one_run(args, spec, int(seed)))
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python bench/pruning/run.py " + shlex.join(sys.argv[1:])
     (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
