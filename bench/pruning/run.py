@@ -133,6 +133,19 @@ def table(rows: list[dict[str, Any]], command: str) -> str:
             f"| {opt('int8_lat1_us', '.1f')} | {opt('int8_lat64_us', '.1f')} "
             f"| {m('up_per_round'):,.0f} | {m('down_per_round'):,.0f} |"
         )
+    dense = [r["accuracy"] for r in rows if r["spec"] == "none"]
+    if dense:
+        base = statistics.mean(dense)
+        lines.append("")
+        for kind in ("structured", "unstructured"):
+            ok = [
+                statistics.mean(r["sparsity"] for r in rows if r["spec"] == spec)
+                for spec in dict.fromkeys(r["spec"] for r in rows)
+                if spec.startswith(kind + ":")
+                and base - statistics.mean(r["accuracy"] for r in rows if r["spec"] == spec) <= 0.01
+            ]
+            best = f"{max(ok):.2f}" if ok else "none of those run"
+            lines.append(f"Highest {kind} sparsity within 1 pp of dense ({base:.4f}): {best}.")
     return "\n".join(lines) + "\n"
 
 
