@@ -15,6 +15,7 @@ __all__ = [
     "gateway",
     "keyring",
     "metrics",
+    "prune_config",
     "rollout",
     "rollout_requests",
     "rollout_state",

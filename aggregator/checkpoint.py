@@ -121,15 +121,21 @@ class StateFile:
     ``strategy.*``) and adaptive schedules (their own keys) folded in on save and handed
     back to them on load, so a restart continues the same optimizer and schedules."""
 
-    def __init__(self, path: Path, strategy: _Stateful, adaptive: _Stateful) -> None:
+    def __init__(
+        self, path: Path, strategy: _Stateful, adaptive: _Stateful, *extra: _Stateful
+    ) -> None:
         self.path = Path(path)
         self.strategy = strategy
         self.adaptive = adaptive
+        # More state with keys of its own (the pruner's ``pruning.*``).
+        self.extra = extra
 
     def save(self, ckpt: Checkpoint) -> None:
         """Write ``ckpt`` atomically, its ``state`` taken from the strategy and schedules."""
         state = {f"strategy.{k}": plain(v) for k, v in self.strategy.state_dict().items()}
         state.update(self.adaptive.state_dict())
+        for part in self.extra:
+            state.update({k: plain(v) for k, v in part.state_dict().items()})
         save_checkpoint(self.path, replace(ckpt, state=state))
 
     def load(self) -> Checkpoint | None:
@@ -144,6 +150,8 @@ class StateFile:
             if strategy:
                 self.strategy.load_state_dict(strategy)
             self.adaptive.load_state_dict(ckpt.state)
+            for part in self.extra:
+                part.load_state_dict(ckpt.state)
         return ckpt
 
 

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from aggregator.prune_config import PruningConfig
 from fedge.codecs import parse_codec
 from fedge.envelopes import HYPER_BOUNDS, TrainHyper
 from fedge.support.config_io import TLSConfig, load_yaml_config, read_password_file
@@ -149,6 +150,9 @@ class AggregatorConfig(BaseModel):
         default=False, description="publish an int8 QDQ model calibrated from devices' ranges"
     )
     qat: bool = Field(default=False, description="ask devices to train quantization-aware")
+    pruning: PruningConfig | None = Field(
+        default=None, description="gradual magnitude pruning (aggregator/pruning.py); None = off"
+    )
     rounds: int = Field(default=0, ge=0, description="stop after this many versions; 0 = forever")
     target_devices: int = Field(default=10, ge=1, description="close a round when this many count")
     min_devices: int = Field(default=2, ge=1, description="quorum needed at the deadline")

@@ -80,6 +80,8 @@ class RoundLifecycle:
         """Load or create the model (slow: torch, ONNX export); resume an open round."""
         st = self.state
         ckpt = st.load(self.config.model)
+        if self.parts.pruner is not None:
+            self.parts.pruner.restore(spec_of(st.weights))
         self.journal.discard_through(st.last_round - (1 if ckpt and ckpt.open_task else 0))
         self.publisher.render(st.version, st.weights)
         if self.config.rounds and st.version >= self.config.rounds:
@@ -185,6 +187,7 @@ class RoundLifecycle:
             selected=self.presence.select(self.state.last_round),
             issued=now,
             accepts_from=accepts_from,
+            mask=self.parts.pruner.mask if self.parts.pruner is not None else None,
         )
         task = self.publisher.sign_task(unsigned)
         rnd = self._start_round(task)
@@ -303,6 +306,8 @@ class RoundLifecycle:
             return
         self.state.weights = new
         self.state.version += 1
+        if self.parts.pruner is not None:
+            self.parts.pruner.step(self.state.version, self.state.weights)
         if rnd.weights:  # a sharded reducer folds partial sums, not weights
             self.state.weight_reference = lower_median(rnd.weights)
         self.round = None
@@ -371,6 +376,8 @@ class RoundLifecycle:
             ranges = rnd.calib.merged() if rnd.calib.reports else None
             metrics.update(pub.render_int8(self.state.version, ranges))
             self.calib_ranges = ranges or self.calib_ranges
+        if self.parts.pruner is not None:
+            metrics.update(self.parts.pruner.serve(pub, self.state.version, self.calib_ranges))
         pub.publish(self.session)
         if self.config.keep_versions:
             self.parts.registry.prune(self.config.keep_versions)

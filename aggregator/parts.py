@@ -16,6 +16,7 @@ from aggregator.journal import RoundJournal
 from aggregator.keyring import KeyRing
 from aggregator.metrics import MetricsSink
 from aggregator.presence import Presence
+from aggregator.pruning import Pruner
 from aggregator.publisher import ModelPublisher
 from aggregator.registry import ModelRegistry
 from aggregator.strategies.base import Strategy
@@ -50,3 +51,4 @@ class RoundParts:
     keyring: KeyRing | None
     done: threading.Event
     on_round: RoundCallback | None
+    pruner: Pruner | None = None  # aggregator/pruning.py, with ``pruning:`` configured

@@ -31,6 +31,7 @@ from aggregator.modes import AsyncRounds, SyncRounds
 from aggregator.observe.fleetview import FleetSnapshot
 from aggregator.parts import RoundCallback, RoundParts
 from aggregator.presence import Presence
+from aggregator.pruning import Pruner
 from aggregator.publisher import ModelPublisher
 from aggregator.registry import ModelRegistry
 from aggregator.rollout import RolloutController
@@ -95,6 +96,7 @@ class Aggregator:
         self._sink: MetricsSink = sink
         self.strategy = _strategy(config)
         self.adaptive = AdaptiveLR(config, self.strategy, has_eval=self.eval_set is not None)
+        self.pruner = _pruner(config, self.strategy)
         self.keyring = KeyRing(config.device_keys) if config.device_keys else None
         self.publisher = _publisher(config, self.topics, self.registry, self.eval_set)
         self.done = threading.Event()
@@ -151,13 +153,19 @@ class Aggregator:
             publisher=self.publisher,
             registry=self.registry,
             journal=self.journal,
-            state_file=StateFile(self.ckpt_path, self.strategy, self.adaptive),
+            state_file=StateFile(
+                self.ckpt_path,
+                self.strategy,
+                self.adaptive,
+                *([self.pruner] if self.pruner else []),
+            ),
             intake=self.intake,
             presence=self.presence,
             metrics=sink,
             keyring=self.keyring,
             done=self.done,
             on_round=on_round,
+            pruner=self.pruner,
         )
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -343,3 +351,9 @@ def _mqtt_sessions(config: AggregatorConfig, mux: Loop) -> MqttSessions:
         client_cert=str(tls.client_cert) if tls and tls.client_cert else None,
         client_key=str(tls.client_key) if tls and tls.client_key else None,
     )
+
+
+def _pruner(config: AggregatorConfig, strategy: Strategy) -> Pruner | None:
+    if config.pruning is None:
+        return None
+    return Pruner(config.pruning, config.model.name, strategy)

@@ -18,6 +18,7 @@ from fedge.codecs import parse_codec
 from fedge.envelopes import ModelUpdate
 from fedge.errors import InvalidUpdate
 from fedge.limits import Limits
+from fedge.masks import live_spec, scatter
 from fedge.tensors import TensorSpec
 
 __all__ = ["Accepted", "validate_update"]
@@ -70,7 +71,13 @@ def validate_update(
         if not upd.signature:
             raise InvalidUpdate("unsigned", f"{upd.device}: update carries no signature")
         keyring.check_update(upd.device, upd.digest(), upd.signature)
-    delta = parse_codec(upd.codec).decode(upd.delta, spec, limits)
+    if t.mask:
+        # The task's own mask (checked against the model when the round opened).
+        keep = t.mask.keep(spec)
+        values = parse_codec(upd.codec).decode(upd.delta, live_spec(spec, keep), limits)
+        delta = scatter(values, keep, spec)
+    else:
+        delta = parse_codec(upd.codec).decode(upd.delta, spec, limits)
     n = min(upd.num_samples, max_num_samples)
     w = n if max_weight is None else min(n, max_weight)
     return Accepted(upd, delta, n, clamped=w != upd.num_samples, weight=w)

@@ -33,6 +33,7 @@ from fedge.identity import SigningKey, VerifyKey
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.support.faults import crash_point
 from fedge.task_check import check_task, plausible_last_round
+from fedge.tensors import spec_of
 from fedge.topics import Topics
 from fedge.transport.base import SessionFactory, SessionRequest
 from fedge.transport.mqtt import BrokerURL, publish_packet_size
@@ -309,9 +310,15 @@ class EdgeAgent:
         if problem:
             self._skip_round(t, problem)
             return
-        self.state = AgentState.TRAINING
         weights = self._global_weights(m)
-        fut = self.executor.submit(self._train, m.arch, weights, t, self.seed * 1_000_003 + t.round)
+        try:
+            keep = t.mask.keep(spec_of(weights)) if t.mask else None
+        except ValueError as e:
+            self._skip_round(t, f"cannot honour mask: {e}")
+            return
+        self.state = AgentState.TRAINING
+        seed = self.seed * 1_000_003 + t.round
+        fut = self.executor.submit(self._train, m.arch, weights, t, seed, keep)
         fut.add_done_callback(lambda f: self.mux.call_soon(self._trained, t, m, weights, codec, f))
 
     def _global_weights(self, m: HeldModel) -> dict[str, np.ndarray]:
@@ -322,16 +329,23 @@ class EdgeAgent:
         return self._weights
 
     def _train(
-        self, arch: ModelArch, weights: Mapping[str, np.ndarray], t: RoundTask, seed: int
+        self,
+        arch: ModelArch,
+        weights: Mapping[str, np.ndarray],
+        t: RoundTask,
+        seed: int,
+        keep: Mapping[str, np.ndarray] | None = None,
     ) -> Any:
         train = self._train_fn
         if train is None:
             from edge_agent.trainer import train_local
 
             train = train_local
-        if t.hyper.qat:
-            return train(arch, weights, self.data.x, self.data.y, t.hyper, seed, qat=True)
-        return train(arch, weights, self.data.x, self.data.y, t.hyper, seed)
+        # Keyword arguments only when used: a train function need not know them.
+        kw: dict[str, Any] = {"qat": True} if t.hyper.qat else {}
+        if keep is not None:
+            kw["mask"] = keep  # pruned weights stay exactly zero (protocol §5.2, mask)
+        return train(arch, weights, self.data.x, self.data.y, t.hyper, seed, **kw)
 
     def _trained(
         self,

@@ -48,10 +48,15 @@ def train_local(
     seed: int,
     *,
     qat: bool = False,
+    mask: Mapping[str, np.ndarray] | None = None,
 ) -> TrainResult:
+    """``mask`` (tensor name -> boolean live flags, ``fedge.masks``): the weights it prunes
+    are zero from the start and again after every optimizer step, so they come back exactly
+    zero whatever momentum, weight decay or the proximal term did."""
     t0 = time.perf_counter()
     model = build_model(arch.name, arch.input_dim, arch.num_classes)
     load_numpy_state(model, weights)
+    masked = _Masked(model, mask) if mask else None
     if qat:
         enable_qat(model)  # keeps state_dict keys, so the delta below is unchanged in shape
     model.train()
@@ -85,6 +90,8 @@ def train_local(
                 loss = loss + 0.5 * hyper.prox_mu * prox
             loss.backward()
             opt.step()
+            if masked is not None:
+                masked.apply()
             total_loss += float(loss.detach()) * len(yb)
             total_correct += int((logits.detach().argmax(1) == yb).sum())
             seen += len(yb)
@@ -99,6 +106,25 @@ def train_local(
         epochs=epochs,
         val_loss=stopper.best_loss if stopper is not None and stopper.best else None,
     )
+
+
+class _Masked:
+    """Multiplies the masked parameters by their live flags (in place, no autograd)."""
+
+    def __init__(self, model: nn.Module, mask: Mapping[str, np.ndarray]) -> None:
+        params = dict(model.named_parameters())
+        unknown = sorted(set(mask) - set(params))
+        if unknown:
+            raise ValueError(f"mask names tensors the model does not have: {unknown}")
+        self.pairs = [
+            (params[k], torch.from_numpy(np.asarray(v, dtype=np.float32))) for k, v in mask.items()
+        ]
+        self.apply()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for p, flags in self.pairs:
+            p.mul_(flags)
 
 
 class _EarlyStop:

@@ -27,6 +27,7 @@ from fedge.codecs import Codec
 from fedge.envelopes import ModelUpdate, RoundTask
 from fedge.identity import SigningKey
 from fedge.limits import DEFAULT_LIMITS, Limits
+from fedge.masks import Keep, live, live_spec, scatter
 from fedge.tensors import spec_of
 
 __all__ = [
@@ -104,10 +105,13 @@ def build_upload(
     encode this delta (the round is then skipped).
     """
     delta = {k: result.weights[k] - base[k] for k in base}
+    keep = task.mask.keep(spec_of(base)) if task.mask else None
     if uplink.local_dp is not None:
         delta = uplink.local_dp.privatize(delta, dp_rng)
     rng = np.random.default_rng([uplink.seed & (2**64 - 1), task.round])
-    blob, after, changed = encode_with_feedback(delta, codec, residual, rng, uplink.limits)
+    blob, after, changed = encode_with_feedback(
+        delta, codec, residual, rng, uplink.limits, keep=keep
+    )
     update = ModelUpdate(
         device=uplink.device_id,
         round=task.round,
@@ -131,22 +135,38 @@ def encode_with_feedback(
     residual: Residual,
     rng: np.random.Generator,
     limits: Limits = DEFAULT_LIMITS,
+    *,
+    keep: Keep | None = None,
 ) -> tuple[bytes, Residual, bool]:
     """Encode ``delta + residual``; keep what the aggregator will not see.
 
     Returns the blob, the residual after it (a new object: ``residual`` is not modified) and
     whether that residual must be persisted. A lossless codec flushes any residual left by
     earlier lossy rounds and keeps none; with no residual to flush there is nothing to save.
+
+    With a pruning mask (``keep``) only the live entries of masked tensors are encoded
+    (``fedge.masks.live``); the residual stays in the model's full shape, so it survives a
+    mask that grows between rounds, and its pruned entries are dropped (zero).
     """
     after = residual.copy()
     target = after.apply(delta)
-    blob = codec.encode(target, rng)
+    if keep:
+        target = {
+            k: (np.where(keep[k], v, np.float32(0)) if k in keep else v) for k, v in target.items()
+        }
+        blob = codec.encode(live(target, keep), rng)
+    else:
+        blob = codec.encode(target, rng)
     if codec.lossless:
         if not after:
             return blob, after, False
         after.reset()
         return blob, after, True
-    sent = codec.decode(blob, spec_of(target), limits)
+    if keep:
+        spec = spec_of(target)
+        sent = scatter(codec.decode(blob, live_spec(spec, keep), limits), keep, spec)
+    else:
+        sent = codec.decode(blob, spec_of(target), limits)
     after.update(target, sent)
     return blob, after, True
 

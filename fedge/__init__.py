@@ -18,6 +18,7 @@ __all__ = [
     "identity",
     "key_registry",
     "limits",
+    "masks",
     "release_check",
     "support",
     "task_check",

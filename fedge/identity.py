@@ -340,8 +340,12 @@ def task_digest(
     nonce: bytes,
     selected: Sequence[str] | None,
     accepts_from: int | None,
+    mask: bytes | None = None,
 ) -> bytes:
     """The bytes the aggregator signs for one round task: every field of it.
+
+    ``mask`` is the SHA-256 of a pruning mask's canonical map (``fedge.masks.Mask.digest``);
+    a task without a mask signs exactly the bytes it signed before masks existed.
 
     ``hyper`` is the ten training settings in the order of the layout (module docstring):
     epochs, batch_size, lr, momentum, weight_decay, prox_mu, qat, calibrate,
@@ -388,4 +392,8 @@ def task_digest(
         parts.append(b"\x01" + struct.pack(">I", _uint(len(selected), _U32, "len(selected)")))
         parts += [_short(validate_device_id(d).encode("ascii"), "device id", 1) for d in selected]
     parts.append(struct.pack(">I", _uint(accepts_from or 0, _U32, "accepts_from")))
+    if mask is not None:
+        if len(mask) != 32:
+            raise ValueError("mask must be the 32-byte SHA-256 of the mask")
+        parts.append(b"\x01" + mask)
     return b"".join(parts)

@@ -18,7 +18,7 @@ __all__ = ["DEFAULT_SIM_CODEC", "main"]
 
 
 def _simulate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", help="digits, synthetic[:A,B] or mnist5k")
+    p.add_argument("--dataset", default="digits", help="digits, synthetic[:A,B], mnist5k or imu")
     p.add_argument("--devices", type=int, default=10)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--partition", default="dirichlet:0.5", help="iid, dirichlet:ALPHA, shards:K")
@@ -120,6 +120,13 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
         "--adaptive-server-lr",
         action="store_true",
         help="halve the server learning rate after 3 versions without a better accuracy",
+    )
+    p.add_argument(
+        "--prune",
+        default=None,
+        metavar="SPEC",
+        help="gradual magnitude pruning to a weight sparsity, KIND:TARGET[@START-END][,SCOPE]: "
+        "structured:0.5 (whole hidden units) or unstructured:0.75@1-20,global; default off",
     )
     p.add_argument("--no-sign", action="store_true", help="do not sign updates and models")
     p.add_argument(
@@ -227,6 +234,7 @@ def _simulate(args: argparse.Namespace) -> None:
         rollout_candidate=args.rollout_candidate,
         rollout_max_regression=args.rollout_max_regression,
         rollout_min_devices=args.rollout_min_devices,
+        prune=args.prune,
     )
     s = simulate(cfg)
     print(
@@ -316,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument(
         "--dataset",
         default="digits",
-        help="digits, synthetic[:A,B] or mnist5k (default: %(default)s)",
+        help="digits, synthetic[:A,B], mnist5k or imu (default: %(default)s)",
     )
     split.add_argument(
         "--devices", type=int, default=10, help="files device-000.npz … (default: %(default)s)"

@@ -9,4 +9,13 @@ nothing else. Import the submodule you need:
 - `models.onnx_weights` imports onnx and numpy only (safe on inference devices).
 """
 
-__all__ = ["int8", "onnx_export", "onnx_weights", "qat", "torch_state", "zoo"]
+__all__ = [
+    "int8",
+    "onnx_export",
+    "onnx_weights",
+    "qat",
+    "shrink",
+    "torch_state",
+    "units",
+    "zoo",
+]

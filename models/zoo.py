@@ -55,10 +55,36 @@ class LogReg(nn.Module):
         return self.linear(x)
 
 
+class CNN1D(nn.Module):
+    """A Pi-class 1D-CNN for six-axis IMU windows (``simulation.imu``): the flat input
+    ``[batch, 6 * T]`` is channel-major, reshaped to ``[batch, 6, T]``; two convolutions
+    (16 and 32 channels, kernel 5, ReLU, the first max-pooled by 2), global average pooling,
+    one Linear. 3.3 k parameters. The reshape uses only the constant 6, so removing output
+    channels (structured pruning) leaves the graph valid."""
+
+    channels = 6
+
+    def __init__(self, input_dim: int, num_classes: int) -> None:
+        super().__init__()
+        if input_dim % self.channels or input_dim // self.channels < 8:
+            raise ValueError(f"cnn1d needs input_dim = 6 * T with T >= 8, got {input_dim}")
+        self.conv1 = nn.Conv1d(self.channels, 16, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv1d(16, 32, kernel_size=5, padding=2)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(x.shape[0], self.channels, -1)
+        x = torch.max_pool1d(torch.relu(self.conv1(x)), 2)
+        x = torch.relu(self.conv2(x))
+        return self.fc(x.mean(dim=2))
+
+
 _Factory = Callable[[int, int], nn.Module]
+
 
 # name -> (spec, factory). Adding an architecture is one entry here.
 _REGISTRY: dict[str, tuple[ModelSpec, _Factory]] = {
+    "cnn1d": (ModelSpec("cnn1d", "1D-CNN for 6-axis IMU windows (16, 32 channels)"), CNN1D),
     "logreg": (ModelSpec("logreg", "multinomial logistic regression (one Linear)"), LogReg),
     "mlp": (ModelSpec("mlp", "MLP, two ReLU hidden layers of 64 units"), MLP),
 }

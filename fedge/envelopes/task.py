@@ -19,6 +19,7 @@ from fedge.envelopes.common import (
 from fedge.envelopes.hyper import TrainHyper
 from fedge.errors import InvalidValue
 from fedge.limits import DEFAULT_LIMITS, Limits
+from fedge.masks import Mask
 from fedge.wire import pack
 
 
@@ -40,6 +41,9 @@ class RoundTask:
     # Ed25519 by the aggregator over digest(): every field above. Empty when the fleet does
     # not sign; then it is not sent at all (an optional key added after v1's freeze).
     signature: bytes = b""
+    # Pruning (fedge.masks): the weights devices keep at zero this round; None: dense. An
+    # optional key, covered by the signature through the mask's digest.
+    mask: Mask | None = None
 
     def __post_init__(self) -> None:
         if self.accepts_from is not None and not 1 <= self.accepts_from <= self.round:
@@ -79,6 +83,7 @@ class RoundTask:
             nonce=self.nonce,
             selected=self.selected,
             accepts_from=self.accepts_from,
+            mask=self.mask.digest() if self.mask else None,
         )
 
     def to_bytes(self) -> bytes:
@@ -87,6 +92,8 @@ class RoundTask:
             extra["accepts_from"] = self.accepts_from
         if self.signature:
             extra["signature"] = self.signature
+        if self.mask:
+            extra["mask"] = self.mask.to_map()
         return pack(
             {
                 "v": SCHEMA_VERSION,
@@ -119,6 +126,13 @@ class RoundTask:
             selected=_opt_tuple(f.str_list("selected", optional=True)),
             accepts_from=accepts_from,
             signature=f.bytes("signature", max_len=SIGNATURE_BYTES, optional=True) or b"",
+            mask=_mask(f.map("mask", optional=True), limits),
         )
         f.done()
         return task
+
+
+def _mask(obj: Any, limits: Limits) -> Mask | None:
+    if obj is None:
+        return None
+    return Mask.from_map(obj, limits.max_tensors, limits.max_str_len) or None

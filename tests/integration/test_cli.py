@@ -112,6 +112,7 @@ def test_strategies_columns_line_up() -> None:
         (("--codec", "int3"), ("unknown codec 'int3'",)),
         (("--strategy", "fedavgg"), ("unknown strategy 'fedavgg'", "fedavg")),
         (("--strategy", "fedprox", "--strategy-opt", "muu=1"), ("no option 'muu'",)),
+        (("--prune", "structured:1.5"), ("--prune 'structured:1.5'", "KIND:TARGET")),
     ],
 )
 def test_simulate_refuses_bad_values_before_starting(

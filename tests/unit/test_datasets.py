@@ -181,7 +181,7 @@ def test_synthetic_defaults_to_one_one_and_ignores_partition() -> None:
 
 @pytest.mark.parametrize("dataset", ["mnist", "Digits ", "digits:1", "cifar10"])
 def test_unknown_dataset(dataset: str) -> None:
-    with pytest.raises(ValueError, match="choose one of: digits, synthetic, mnist5k"):
+    with pytest.raises(ValueError, match="choose one of: digits, synthetic, mnist5k, imu"):
         make_federated(dataset, 2, "iid")
 
 
@@ -207,7 +207,7 @@ def test_make_federated_validates(kwargs: dict, match: str) -> None:
 
 
 def test_datasets_constant() -> None:
-    assert DATASETS == ("digits", "synthetic", "mnist5k")
+    assert DATASETS == ("digits", "synthetic", "mnist5k", "imu")
 
 
 def test_federated_data_validates_arrays() -> None:

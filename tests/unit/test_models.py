@@ -108,7 +108,7 @@ def test_build_model_maps_a_batch_to_logits() -> None:
 
 
 def test_build_model_rejects_unknown_names_listing_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"^unknown model 'x'; known: logreg, mlp$"):
+    with pytest.raises(ValueError, match=r"^unknown model 'x'; known: cnn1d, logreg, mlp$"):
         build_model("x", INPUT_DIM, NUM_CLASSES)
 
 
@@ -119,7 +119,7 @@ def test_build_model_rejects_degenerate_sizes(input_dim: int, num_classes: int) 
 
 
 def test_list_models_names_every_architecture_sorted() -> None:
-    assert [spec.name for spec in list_models()] == ["logreg", "mlp"]
+    assert [spec.name for spec in list_models()] == ["cnn1d", "logreg", "mlp"]
     assert all(spec.description for spec in list_models())
 
 

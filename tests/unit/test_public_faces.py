@@ -24,19 +24,21 @@ PACKAGES = ("fedge", "models", "edge_agent", "aggregator", "simulation", "fedge_
 FACES: dict[str, list[str]] = {
     "fedge": [
         "chunks", "clipping", "codecs", "envelopes", "errors", "identity", "key_registry",
-        "limits", "release_check", "support", "task_check", "tensors", "topics", "transport",
-        "wire",
+        "limits", "masks", "release_check", "support", "task_check", "tensors", "topics",
+        "transport", "wire",
     ],
     "fedge.transport": ["base", "memory", "mqtt", "mux", "probe", "session"],
     "fedge.support": ["config_io", "faults", "fsutil", "runtime", "shipped"],
-    "models": ["int8", "onnx_export", "onnx_weights", "qat", "torch_state", "zoo"],
+    "models": [
+        "int8", "onnx_export", "onnx_weights", "qat", "shrink", "torch_state", "units", "zoo",
+    ],
     "edge_agent": [
         "agent", "cli", "config", "data", "inference", "model_cache", "serving",
         "serving_store", "shadow", "store", "trainer", "uplink",
     ],
     "aggregator": [
-        "cli", "config", "evaluation", "gateway", "keyring", "metrics", "rollout",
-        "rollout_requests", "rollout_state", "service", "sharded", "strategies",
+        "cli", "config", "evaluation", "gateway", "keyring", "metrics", "prune_config",
+        "rollout", "rollout_requests", "rollout_state", "service", "sharded", "strategies",
     ],
     "aggregator.gateway": ["cli", "settings", "site"],
     "aggregator.sharded": ["service", "settings", "worker"],
