@@ -18,6 +18,7 @@ __all__ = [
     "identity",
     "key_registry",
     "limits",
+    "secagg",
     "support",
     "task_check",
     "tensors",

@@ -24,8 +24,9 @@ PACKAGES = ("fedge", "models", "edge_agent", "aggregator", "simulation", "fedge_
 FACES: dict[str, list[str]] = {
     "fedge": [
         "chunks", "clipping", "codecs", "envelopes", "errors", "identity", "key_registry",
-        "limits", "support", "task_check", "tensors", "topics", "transport", "wire",
+        "limits", "secagg", "support", "task_check", "tensors", "topics", "transport", "wire",
     ],
+    "fedge.secagg": ["client", "crypto", "graph", "messages", "prg", "ring", "server", "shamir"],
     "fedge.transport": ["base", "memory", "mqtt", "mux", "session"],
     "fedge.support": ["config_io", "faults", "fsutil", "runtime", "shipped"],
     "models": ["int8", "onnx_export", "onnx_weights", "qat", "torch_state", "zoo"],
