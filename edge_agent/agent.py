@@ -21,6 +21,7 @@ from edge_agent.model_cache import ModelCache
 from edge_agent.outbox import Outbox
 from edge_agent.privacy import LocalDP
 from edge_agent.residual import Residual
+from edge_agent.secagg import SecAggDevice, SecAggOptions
 from edge_agent.states import AgentCounters, AgentState, next_state
 from edge_agent.store import AgentStore, HeldModel
 from edge_agent.uplink import TrainOutcome, Uplink, build_upload, calibration
@@ -68,6 +69,7 @@ class EdgeAgent:
         local_dp: LocalDP | None = None,
         model_cache: ModelCache | None = None,
         session_factory: SessionFactory | None = None,
+        secagg: SecAggOptions | None = None,
     ) -> None:
         self.device_id = device_id
         self.mux = mux
@@ -107,6 +109,17 @@ class EdgeAgent:
         self._cache = model_cache or ModelCache()
         self._entry: Any = None  # keeps the shared model version alive while we hold it
         self._resent_outbox = False
+        # Secure rounds (edge_agent/secagg.py): stage messages and this device's inbox.
+        self.secagg = SecAggDevice(
+            device_id,
+            topics,
+            self._publish_secagg,
+            limits=limits,
+            seed=seed,
+            signing_key=signing_key,
+            aggregator_key=aggregator_key,
+            options=secagg,
+        )
         offline = DeviceStatus(device_id, DeviceState.OFFLINE, ts=0.0).to_bytes()
         # The deployment's broker, credentials and TLS unless a factory is given (tests).
         sessions = session_factory or MqttSessions(
@@ -126,6 +139,7 @@ class EdgeAgent:
                     topics.all_model_chunks,
                     topics.task,
                     topics.receipt(device_id),
+                    *self.secagg.subscriptions,
                 ],
                 # Only the newest model, chunk set and task matter, and they are retained.
                 latest_only=[topics.model, topics.all_model_chunks, topics.task],
@@ -182,6 +196,8 @@ class EdgeAgent:
         qos = 1 if topic == self.topics.receipt(self.device_id) else 0  # latest-only: QoS 0
         self.counters.rx_bytes += publish_packet_size(topic, len(payload), qos)
         try:
+            if self.secagg.handle(topic, payload):
+                return
             if self.models.wants(topic):
                 full = self.models.offer(topic, payload)
                 if full is not None:
@@ -240,6 +256,7 @@ class EdgeAgent:
         if self.task is not None and t.round < self.task.round:
             return  # a stale retained/redelivered task; the newer one stands
         self.task = t
+        self.secagg.on_task(t)
         self.outbox.drop_before(t.oldest_accepted)  # those rounds closed: no receipt will come
         self._advance()
 
@@ -326,6 +343,11 @@ class EdgeAgent:
             result.seconds,
             result.loss,
         )
+        if self.secagg.takes(t):
+            # Secure round: the delta leaves only masked (edge_agent/secagg.py).
+            self.secagg.submit(t, base, result.weights, result.num_samples)
+            self._uploaded(t, True)
+            return
         calib = calibration(self.uplink, m.onnx, self.data.x, t)
         try:
             up = build_upload(self.uplink, base, result, t, codec, self.residual, calib=calib)
@@ -379,6 +401,12 @@ class EdgeAgent:
             done(False, str(e))
             return
         self.counters.tx_bytes += size
+
+    def _publish_secagg(self, topic: str, payload: bytes) -> None:
+        try:
+            self.counters.tx_bytes += self.session.publish(topic, payload, qos=1)
+        except ProtocolError as e:
+            log.error("%s: secure-round message not sent: %s", self.device_id, e)
 
     def _uploaded(self, t: RoundTask, ok: bool) -> None:
         if ok:

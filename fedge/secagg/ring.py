@@ -16,13 +16,22 @@ of the last byte are zero. ``m`` elements take ``ceil(m * B / 8)`` bytes.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
 from fedge.errors import InvalidValue, ProtocolError
 
-__all__ = ["MAX_RING_BITS", "RingSpec", "pack_bits", "unpack_bits"]
+__all__ = [
+    "MAX_RING_BITS",
+    "RingSpec",
+    "flat_order",
+    "flatten",
+    "pack_bits",
+    "unflatten",
+    "unpack_bits",
+]
 
 MAX_RING_BITS = 32  # the PRG draws 32-bit words; B must divide into them
 
@@ -103,6 +112,25 @@ class RingSpec:
         c = self.centred(ring_sum)
         values = c[:-1].astype(np.float64) * (self.clip / self.levels)
         return values, float(c[-1]) / self.levels
+
+
+def flat_order(names: Iterable[str]) -> list[str]:
+    """Tensor names in the order their values sit in the ring vector: UTF-8 byte order, each
+    tensor row-major."""
+    return sorted(names, key=lambda k: k.encode())
+
+
+def flatten(tensors: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.ravel(tensors[k]) for k in flat_order(tensors)])
+
+
+def unflatten(flat: np.ndarray, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+    out, at = {}, 0
+    for name in flat_order(shapes):
+        size = math.prod(shapes[name])
+        out[name] = flat[at : at + size].reshape(shapes[name])
+        at += size
+    return out
 
 
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
