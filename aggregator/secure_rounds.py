@@ -81,7 +81,9 @@ class SecureRounds(SyncRounds):
         self._stage_started = 0.0
         self._stage_seconds: dict[str, float] = {}
         self._relay_bytes = 0
+        self._masked_bytes = 0
         self._spec: TensorSpec = {}
+        self._headroom_bits = self._count = 0
         self._result: tuple[np.ndarray, float, tuple[str, ...]] | None = None
 
     @classmethod
@@ -93,12 +95,13 @@ class SecureRounds(SyncRounds):
         sa, c = self.sa, self.config
         n = sa.max_devices or c.target_devices
         ring = RingSpec.for_devices(sa.value_bits, n, sa.clip, sa.weight_cap)
-        opened = Open(rnd.round, rnd.task.nonce, ring)
         count = sum(int(np.prod(s)) for s in spec.values()) + 1
+        self._headroom_bits, self._count = ring.headroom_bits, count
+        opened = Open(rnd.round, rnd.task.nonce, ring)
         degree = sa.degree or auto_degree(n)
         self.server = SecAggServer(opened, degree, sa.threshold, count)
         self._spec, self._result = spec, None
-        self._stage_seconds, self._relay_bytes = {}, 0
+        self._stage_seconds, self._relay_bytes, self._masked_bytes = {}, 0, 0
         self._announce(opened)
         self._enter("advertise", sa.advertise_timeout)
 
@@ -222,6 +225,8 @@ class SecureRounds(SyncRounds):
         except ProtocolError as e:
             self.intake.reject(rnd, e.reason, f"{device} {stage}: {e}", device)
             return True
+        if stage == "masked":
+            self._masked_bytes += size
         self._next_stage()
         return True
 
@@ -268,6 +273,9 @@ class SecureRounds(SyncRounds):
             "survivors": len(rnd.counted),
             "stage_seconds": {k: round(v, 3) for k, v in self._stage_seconds.items()},
             "relay_bytes": self._relay_bytes,
+            "masked_bytes": self._masked_bytes,
+            "ring_bits": self.sa.value_bits + self._headroom_bits,
+            "elements": self._count,
         }
         return record
 

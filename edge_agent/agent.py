@@ -402,9 +402,9 @@ class EdgeAgent:
             return
         self.counters.tx_bytes += size
 
-    def _publish_secagg(self, topic: str, payload: bytes) -> None:
+    def _publish_secagg(self, topic: str, payload: bytes, retain: bool) -> None:
         try:
-            self.counters.tx_bytes += self.session.publish(topic, payload, qos=1)
+            self.counters.tx_bytes += self.session.publish(topic, payload, qos=1, retain=retain)
         except ProtocolError as e:
             log.error("%s: secure-round message not sent: %s", self.device_id, e)
 

@@ -16,13 +16,14 @@ protocol tolerates.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fedge.envelopes import RoundTask
+from fedge.envelopes import DeviceState, DeviceStatus, RoundTask
 from fedge.errors import ProtocolError
 from fedge.identity import SigningKey, VerifyKey
 from fedge.limits import Limits
@@ -35,14 +36,15 @@ __all__ = ["SecAggDevice", "SecAggOptions"]
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[str, bytes], None]
+Publish = Callable[[str, bytes, bool], None]  # topic, payload, retain
 
 
 @dataclass(frozen=True)
 class SecAggOptions:
     """``secure_only``: never send a plain update. ``vanish_after(round)``: the stage after
     which this device stops answering in that round ("advertise", "shares", "masked"), or
-    None (simulated dropouts)."""
+    None (simulated dropouts: the device then says it is offline, as its will would on a lost
+    connection, and online again at the next round's task)."""
 
     secure_only: bool = False
     vanish_after: Callable[[int], str | None] | None = None
@@ -78,6 +80,7 @@ class SecAggDevice:
         self.client: SecAggClient | None = None
         self._pending: tuple[int, np.ndarray, int] | None = None  # round, flat delta, samples
         self._vanish: str | None = None
+        self._offline_round = 0  # the round a simulated dropout said it went offline in
 
     @property
     def subscriptions(self) -> list[str]:
@@ -90,6 +93,7 @@ class SecAggDevice:
     # -- from the agent -------------------------------------------------------------------------
     def on_task(self, t: RoundTask) -> None:
         self.task = t
+        self._back(t.round)
         self._start()
 
     def submit(
@@ -134,6 +138,7 @@ class SecAggDevice:
         body: Any = read_body(signed, cls, self._limits)
         if isinstance(body, Open):
             self.seen_secure = True
+            self._back(body.round)
             if self.opened is None or body.round > self.opened.round:
                 self.opened = body
                 self._start()
@@ -174,7 +179,22 @@ class SecAggDevice:
     def _live(self, after: str) -> bool:
         """False once this device has (in simulation) vanished after stage ``after``."""
         order = ("advertise", "shares", "masked")
-        return self._vanish is None or order.index(after) < order.index(self._vanish)
+        if self._vanish is None or order.index(after) < order.index(self._vanish):
+            return True
+        if not self._offline_round and self.client is not None:
+            self._offline_round = self.client.round
+            self._status(DeviceState.OFFLINE)
+        return False
+
+    def _back(self, round_id: int) -> None:
+        """A simulated dropout is back at the next round (its Open or task, whichever first)."""
+        if self._offline_round and round_id > self._offline_round:
+            self._offline_round = 0
+            self._status(DeviceState.ONLINE)
+
+    def _status(self, state: DeviceState) -> None:
+        msg = DeviceStatus(self.device, state, None, time.time()).to_bytes()
+        self._publish(self.topics.status(self.device), msg, True)
 
     def _guard(self, step: Callable[[Any], Any], arg: Any) -> Any:
         try:
@@ -185,4 +205,4 @@ class SecAggDevice:
 
     def _send(self, stage: str, signed: Signed | None) -> None:
         if signed is not None:
-            self._publish(self.topics.secagg(stage, self.device), signed.to_bytes())
+            self._publish(self.topics.secagg(stage, self.device), signed.to_bytes(), False)

@@ -109,6 +109,18 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-sign", action="store_true", help="do not sign updates and models")
     p.add_argument(
+        "--secagg",
+        action="store_true",
+        help="secure aggregation: the aggregator sees masked vectors and learns only the sum",
+    )
+    p.add_argument(
+        "--secagg-dropout",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="with --secagg: each round this share of devices vanishes at a random stage",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         default=None,
@@ -172,6 +184,8 @@ def _simulate(args: argparse.Namespace) -> None:
         early_stop_patience=args.early_stop_patience,
         adaptive_server_lr=args.adaptive_server_lr,
         metrics_port=args.metrics_port,
+        secagg=args.secagg,
+        secagg_dropout=args.secagg_dropout,
     )
     s = simulate(cfg)
     print(

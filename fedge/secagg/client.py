@@ -85,6 +85,7 @@ class SecAggClient:
         self.neighbours: tuple[str, ...] = ()
         self.threshold = 0
         self.held: dict[str, tuple[bytes, bytes]] | None = None  # sender -> (seed, key) share
+        self._own = (b"", b"")  # our share of our own secrets (seed, key)
         self.sent_masked = False
         self.replied = False
 
@@ -107,9 +108,15 @@ class SecAggClient:
         if not 1 <= roster.threshold <= len(self.neighbours):
             raise ProtocolError("secagg", f"threshold {roster.threshold} out of range")
         self.peers, self.threshold = peers, roster.threshold
+        # Holders: the neighbours and this device itself (its own share stays here).
+        x_self = order.index(self.device) + 1
         xs = [order.index(d) + 1 for d in self.neighbours]
-        seed_sh = shamir.split(self._b, xs, self.threshold)
-        key_sh = shamir.split(self._s.private, xs, self.threshold)
+        seed_sh = shamir.split(self._b, [*xs, x_self], self.threshold)
+        key_sh = shamir.split(self._s.private, [*xs, x_self], self.threshold)
+        self._own = (
+            shamir.encode_share(x_self, seed_sh[x_self]),
+            shamir.encode_share(x_self, key_sh[x_self]),
+        )
         sealed = []
         for d, x in zip(self.neighbours, xs, strict=True):
             k = agree(self._c.private, peers[d].c_pk, self.opened.nonce, SHARE_INFO)
@@ -165,9 +172,10 @@ class SecAggClient:
         if self.device not in req.survivors:
             raise ProtocolError("secagg", "we sent our input but are not named a survivor")
         survivors, dropped = set(req.survivors), set(req.dropped)
-        if len(survivors & set(self.neighbours)) < self.threshold:
+        if len(survivors & set(self.neighbours)) + 1 < self.threshold:
             raise ProtocolError("secagg", "fewer survivors than the threshold")
         self.replied = True
-        seeds = tuple((d, s) for d, (s, _) in sorted(self.held.items()) if d in survivors)
+        held = {**self.held, self.device: self._own}
+        seeds = tuple((d, s) for d, (s, _) in sorted(held.items()) if d in survivors)
         keys = tuple((d, k) for d, (_, k) in sorted(self.held.items()) if d in dropped)
         return self._sign(UnmaskReply(self.round, self.device, seeds, keys))

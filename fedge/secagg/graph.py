@@ -26,8 +26,9 @@ def effective_degree(n: int, degree: int) -> int:
 
 
 def threshold_for(degree: int, fraction: float) -> int:
-    """Shares needed out of ``degree``: ``floor(fraction * degree) + 1``, at most ``degree``.
-    With ``fraction >= 0.5`` that is a strict majority of a device's neighbours."""
+    """Shares needed to recover a device's secret: ``floor(fraction * degree) + 1``, at most
+    ``degree``. Its ``degree + 1`` holders are its neighbours and itself; with ``fraction >=
+    0.5`` the threshold is a strict majority of its neighbours."""
     return max(1, min(degree, math.floor(fraction * degree) + 1))
 
 

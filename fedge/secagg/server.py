@@ -137,11 +137,11 @@ class SecAggServer:
         x = self.order.index(r.device) + 1
         parsed = []
         for owner, raw in r.seeds:
-            if owner not in req.survivors or r.device not in self.graph[owner]:
+            if owner not in req.survivors or not self._holds(r.device, owner):
                 raise ProtocolError("secagg", f"{r.device} sent a seed share of {owner}")
             parsed.append((self.seed_shares, owner, shamir.decode_share(raw)))
         for owner, raw in r.keys:
-            if owner not in req.dropped or r.device not in self.graph[owner]:
+            if owner not in req.dropped or not self._holds(r.device, owner):
                 raise ProtocolError("secagg", f"{r.device} sent a key share of {owner}")
             parsed.append((self.key_shares, owner, shamir.decode_share(raw)))
         for table, owner, (sx, sy) in parsed:
@@ -149,6 +149,10 @@ class SecAggServer:
                 raise ProtocolError("secagg", f"{r.device} sent a share of another point")
             table[owner][sx] = sy
         self.replied.add(r.device)
+
+    def _holds(self, holder: str, owner: str) -> bool:
+        """Whether ``holder`` holds a share of ``owner``'s secrets: its neighbours and itself."""
+        return holder == owner or holder in self.graph[owner]
 
     def missing(self) -> list[str]:
         """Devices whose secret cannot be recovered yet (too few shares)."""

@@ -31,8 +31,8 @@ FACES: dict[str, list[str]] = {
     "fedge.support": ["config_io", "faults", "fsutil", "runtime", "shipped"],
     "models": ["int8", "onnx_export", "onnx_weights", "qat", "torch_state", "zoo"],
     "edge_agent": [
-        "agent", "cli", "config", "data", "inference", "model_cache", "store", "trainer",
-        "uplink",
+        "agent", "cli", "config", "data", "inference", "model_cache", "secagg", "store",
+        "trainer", "uplink",
     ],
     "aggregator": [
         "cli", "config", "evaluation", "keyring", "metrics", "service", "sharded", "strategies",
