@@ -148,13 +148,14 @@ def test_dropouts_after_sharing_and_after_upload_keep_the_sum(
     # Everything the aggregator received: adverts, sealed shares, masked vectors, replies.
     kinds = {"advertise": Advertise, "shares": ShareBundle, "masked": MaskedInput,
              "reply": UnmaskReply}  # fmt: skip
-    statuses = [p for t, p in seen if fleet.topics.device_of(t, "status")]
-    for p in statuses:
-        DeviceStatus.from_bytes(p)  # online/offline announcements, nothing else
-    seen = [(t, p) for t, p in seen if not fleet.topics.device_of(t, "status")]
+    received = list(seen)  # the aggregator's thread may still append statuses
+    for t, p in received:
+        if fleet.topics.device_of(t, "status"):
+            DeviceStatus.from_bytes(p)  # online/offline announcements, nothing else
+    received = [(t, p) for t, p in received if not fleet.topics.device_of(t, "status")]
     plain_packed = {pack_bits(q, ring.bits) for q in inputs.values()}
     masked = 0
-    for topic, payload in seen:
+    for topic, payload in received:
         stage = topic.split("/")[-2]
         assert stage in kinds, topic
         body: Any = read_body(Signed.from_bytes(payload, fleet.aggregator.limits), kinds[stage],
