@@ -2,7 +2,7 @@
 
 The aggregator never holds an individual update: devices send masked ring vectors, and the
 aggregator recovers only the sum of the survivors' weighted, quantized deltas and the sum of
-their weights (fedge.secagg; protocol §11). One round, each stage with its own deadline:
+their weights (fedge.secagg; protocol §16). One round, each stage with its own deadline:
 
 1. **advertise**: the task and ``Open`` (retained on ``{p}/secagg/stage``) go out; devices
    start training and advertise two X25519 keys, signed by their identity. Closes when every

@@ -345,7 +345,7 @@ class EdgeAgent:
         )
         if self.secagg.takes(t):
             # Secure round: the delta leaves only masked (edge_agent/secagg.py).
-            self.secagg.submit(t, base, result.weights, result.num_samples)
+            self.secagg.submit(t, base, result.weights, result.num_samples, self.uplink.local_dp)
             self._uploaded(t, True)
             return
         calib = calibration(self.uplink, m.onnx, self.data.x, t)

@@ -1,4 +1,4 @@
-"""A device's secure rounds over its session (fedge.secagg; protocol §11).
+"""A device's secure rounds over its session (fedge.secagg; protocol §16).
 
 The agent trains as usual; what differs is the upload. ``SecAggDevice`` follows the stage
 messages on ``{p}/secagg/stage`` and its ``{p}/inbox/{device}``: it advertises keys once it
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.privacy import LocalDP
 from fedge.envelopes import DeviceState, DeviceStatus, RoundTask
 from fedge.errors import ProtocolError
 from fedge.identity import SigningKey, VerifyKey
@@ -97,11 +98,19 @@ class SecAggDevice:
         self._start()
 
     def submit(
-        self, t: RoundTask, base: Mapping[str, np.ndarray], weights: Mapping[str, Any], n: int
+        self,
+        t: RoundTask,
+        base: Mapping[str, np.ndarray],
+        weights: Mapping[str, Any],
+        n: int,
+        local_dp: LocalDP | None = None,
     ) -> None:
-        """The trained weights of round ``t``: masked and sent once the inbox is in."""
-        delta = flatten({k: np.asarray(weights[k], np.float64) - base[k] for k in base})
-        self._pending = (t.round, delta, int(n))
+        """The trained weights of round ``t``: masked and sent once the inbox is in. With
+        ``local_dp`` the delta is clipped and noised first, as a plain upload's would be."""
+        delta = {k: np.asarray(weights[k], np.float64) - base[k] for k in base}
+        if local_dp is not None:
+            delta = dict(local_dp.privatize(delta, None))
+        self._pending = (t.round, flatten(delta), int(n))
         self._send_masked()
 
     # -- incoming -------------------------------------------------------------------------------

@@ -10,7 +10,7 @@
     {p}/status/{device}   retained, QoS 1   device -> all           DeviceStatus (also the will)
     {p}/receipt/{device}  QoS 1             aggregator -> device    Receipt (update recorded)
 
-Secure rounds (``fedge.secagg``, protocol §11):
+Secure rounds (``fedge.secagg``, protocol §16):
 
     {p}/secagg/stage             retained, QoS 1   aggregator -> devices   Open, Roster, Unmask
     {p}/inbox/{device}           QoS 1             aggregator -> device    Inbox (sealed shares)

@@ -5,7 +5,7 @@ tight bit packing), ``prg`` (masks from ChaCha20 keyed through HKDF), ``shamir``
 of 32-byte secrets over the prime 2^256 + 297), ``crypto`` (X25519 agreement + HKDF, AEAD
 share encryption), ``graph`` (the sparse neighbour graph from a public seed), ``messages``
 (the signed wire messages), ``client`` (one device's round) and ``server`` (what the
-aggregator keeps and how it recovers the sum). docs/protocol.md §11 is the byte-level contract.
+aggregator keeps and how it recovers the sum). docs/protocol.md §16 is the byte-level contract.
 
 The names below are the modules other packages may import.
 """

@@ -1,4 +1,4 @@
-"""The signed messages of a secure round (docs/protocol.md §11).
+"""The signed messages of a secure round (docs/protocol.md §16).
 
 Every message is the msgpack map ``{"v": 1, "kind": "secagg", "body": bin, "sig": bin}``;
 ``body`` is itself a msgpack map whose ``type`` names the stage, and ``sig`` is Ed25519 over
