@@ -205,3 +205,38 @@ def test_too_few_survivors_fail_the_round_cleanly(
     lines = fleet.aggregator.config.metrics_path.read_text().splitlines()
     assert any("secagg unmask: cannot unmask" in line for line in lines)
     assert fleet.aggregator.round is not None  # the next round opened
+
+
+def test_signed_fleet_refuses_an_advert_not_signed_by_the_enrolled_key(
+    fleet_factory: Any, digits10: FederatedData, tmp_path: Any
+) -> None:
+    from fedge.identity import SigningKey, save_signing_key
+    from fedge.key_registry import KeyRegistry
+
+    registry = KeyRegistry(tmp_path / "keys").create()
+    keys = [SigningKey.generate() for _ in range(4)]
+    for i, k in enumerate(keys):
+        registry.add(f"dev-{i}", k.verify_key)
+    agg_key = SigningKey.generate()
+    save_signing_key(tmp_path / "keys" / "aggregator.key", agg_key)
+    fleet = fleet_factory(
+        digits10, secure_aggregation=SA, rounds=1, target_devices=4, min_devices=3,
+        round_timeout=30, device_keys=tmp_path / "keys",
+        signing_key=tmp_path / "keys" / "aggregator.key",
+    )  # fmt: skip
+    fleet.start_aggregator()
+    base = {k: v.copy() for k, v in fleet.aggregator.weights.items()}
+    opts = SecAggOptions(secure_only=True)
+    for i in range(4):
+        # dev-3 signs with a key that is not the one enrolled for it.
+        key = keys[i] if i < 3 else SigningKey.generate()
+        fleet.add_agent(i, train_fn=make_train(i), secagg=opts, signing_key=key,
+                        aggregator_key=agg_key.verify_key)  # fmt: skip
+    wait_until(lambda: fleet.records or fleet.aggregator.failed_rounds, 40, "a secure round")
+    assert fleet.records, f"round failed: {fleet.aggregator.failed_rounds}"
+    assert fleet.aggregator.metrics.rejected.get("bad_signature", 0) >= 1
+    ring = RingSpec.for_devices(SA.value_bits, 4, SA.clip, SA.weight_cap)
+    expect = plain_quantized_fedavg(base, [ring_input(i, base, 1, ring) for i in range(3)], ring)
+    for k in expect:
+        np.testing.assert_array_equal(fleet.aggregator.weights[k], expect[k])
+    assert sorted(fleet.records[0]["counted"]) == ["dev-0", "dev-1", "dev-2"]
