@@ -152,6 +152,8 @@ class SecAggDevice:
                 self.opened = body
                 self._start()
             return
+        if isinstance(body, Unmask) and body.round == self._offline_round:
+            self._back(body.round + 1)  # the round it vanished from is closing: back for the next
         c = self.client
         if c is None or body.round != c.round:
             return
