@@ -26,7 +26,9 @@ FACES: dict[str, list[str]] = {
         "chunks", "clipping", "codecs", "envelopes", "errors", "identity", "key_registry",
         "limits", "secagg", "support", "task_check", "tensors", "topics", "transport", "wire",
     ],
-    "fedge.secagg": ["client", "crypto", "graph", "messages", "prg", "ring", "server", "shamir"],
+    "fedge.secagg": [
+        "client", "crypto", "envelope", "graph", "messages", "prg", "ring", "server", "shamir",
+    ],
     "fedge.transport": ["base", "memory", "mqtt", "mux", "session"],
     "fedge.support": ["config_io", "faults", "fsutil", "runtime", "shipped"],
     "models": ["int8", "onnx_export", "onnx_weights", "qat", "torch_state", "zoo"],
