@@ -145,8 +145,10 @@ class SecAggDevice:
         if cls is None:
             raise ProtocolError("schema", f"unknown secagg stage {kind!r}")
         body: Any = read_body(signed, cls, self._limits)
+        # Any stage message (a restarted device may first see a roster or an unmask request)
+        # says the fleet runs secure rounds: from now on no plain update leaves this device.
+        self.seen_secure = True
         if isinstance(body, Open):
-            self.seen_secure = True
             self._back(body.round)
             if self.opened is None or body.round > self.opened.round:
                 self.opened = body
