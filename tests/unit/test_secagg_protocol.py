@@ -223,3 +223,54 @@ def test_client_refuses_leaky_requests() -> None:
         clients["d"].share(server.roster())
     with pytest.raises(ProtocolError, match="both"):
         read_body(Signed.make(Unmask(1, ("a",), ("a",)), None), Unmask, L)
+
+
+def test_server_refuses_bad_input_without_changing_state() -> None:
+    ring = RingSpec.for_devices(8, 4, clip=1.0, weight_cap=10)
+    opened = Open(1, os.urandom(16), ring)
+    devices = ["a", "b", "c"]
+    clients = {d: SecAggClient(d, opened) for d in devices}
+    server = SecAggServer(opened, 100, 0.5, 5)
+    for d in devices:
+        s = clients[d].advertise()
+        server.add_advert(read_body(s, Advertise, L), s)
+    again = clients["a"].advertise()
+    with pytest.raises(ProtocolError, match="twice") as e:
+        server.add_advert(read_body(again, Advertise, L), again)
+    assert e.value.reason == "duplicate"
+    roster = server.roster()
+    bundles = {d: read_body(clients[d].share(roster), ShareBundle, L) for d in devices}
+    short = ShareBundle(1, "a", bundles["a"].sealed[:1])
+    with pytest.raises(ProtocolError, match="one share per neighbour"):
+        server.add_shares(short)
+    assert "a" not in server.shared
+    for b in bundles.values():
+        server.add_shares(b)
+    with pytest.raises(ProtocolError, match="out of stage"):
+        server.add_masked(MaskedInput(1, "a", 5, bytes(ring.packed_bytes(5))))
+    boxes = server.inboxes()
+    for d in devices:
+        clients[d].receive(boxes[d])
+    with pytest.raises(ProtocolError) as e:
+        server.add_masked(MaskedInput(1, "a", 6, bytes(ring.packed_bytes(6))))
+    assert e.value.reason == "shape"
+    with pytest.raises(ProtocolError, match="bytes, expected"):
+        server.add_masked(MaskedInput(1, "a", 5, bytes(ring.packed_bytes(5) + 1)))
+    assert not server.masked
+    x = {d: ring.encode(np.full(4, 0.1), 5, np.random.default_rng(0)) for d in devices}
+    for d in ("a", "b"):
+        server.add_masked(read_body(clients[d].masked(x[d]), MaskedInput, L))
+    req = server.unmask_request()
+    assert req.dropped == ("c",)
+    # "a" offering a seed share of the dropped "c" is refused: it would unmask c's input.
+    a_reply = read_body(clients["a"].unmask(req), UnmaskReply, L)
+    forged = UnmaskReply(1, "a", (*a_reply.seeds, ("c", a_reply.keys[0][1])), ())
+    with pytest.raises(ProtocolError, match="seed share of c"):
+        server.add_reply(forged)
+    server.add_reply(a_reply)
+    server.add_reply(read_body(clients["b"].unmask(req), UnmaskReply, L))
+    assert server.ready()
+    plain = np.zeros(5, np.uint64)
+    ring.add(plain, x["a"])
+    ring.add(plain, x["b"])
+    np.testing.assert_array_equal(server.finish(), plain)
