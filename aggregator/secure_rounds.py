@@ -245,6 +245,9 @@ class SecureRounds(SyncRounds):
         if body.device != device:
             raise ProtocolError("schema", f"message of {body.device} on {device}'s topic")
         if stage == "advertise":
+            rnd = self.round
+            if rnd is not None and not rnd.task.asks(device):
+                raise ProtocolError("not_selected", f"{device} was not asked in round {rnd.round}")
             s.add_advert(body, signed)
         elif stage == "shares":
             s.add_shares(body)
