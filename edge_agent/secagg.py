@@ -25,7 +25,7 @@ import numpy as np
 
 from edge_agent.privacy import LocalDP
 from fedge.envelopes import DeviceState, DeviceStatus, RoundTask
-from fedge.errors import ProtocolError
+from fedge.errors import InvalidValue, ProtocolError
 from fedge.identity import SigningKey, VerifyKey
 from fedge.limits import Limits
 from fedge.secagg.client import SecAggClient
@@ -184,9 +184,14 @@ class SecAggDevice:
         if c is None or p is None or p[0] != c.round or c.held is None or c.sent_masked:
             return
         _, delta, n = p
-        rng = np.random.default_rng([self._seed, c.round])
-        values = c.ring.encode(delta, n, rng)
         self._pending = None
+        rng = np.random.default_rng([self._seed, c.round])
+        try:
+            values = c.ring.encode(delta, n, rng)
+        except InvalidValue as e:  # a diverged local model: nothing to send this round
+            log.error("%s: round %d: not sent: %s", self.device, c.round, e)
+            self.client = None
+            return
         self._send("masked", self._guard(c.masked, values))
 
     def _live(self, after: str) -> bool:
