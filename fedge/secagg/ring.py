@@ -85,9 +85,10 @@ class RingSpec:
     def encode(self, delta: np.ndarray, num_samples: int, rng: np.random.Generator) -> np.ndarray:
         """The ``m + 1`` ring elements (uint64) of one device's weighted, clipped delta."""
         w = min(max(int(num_samples), 0), self.weight_cap) / self.weight_cap
-        x = np.clip(np.asarray(delta, np.float64).ravel(), -self.clip, self.clip)
-        if not np.isfinite(x).all():
+        x = np.asarray(delta, np.float64).ravel()
+        if not np.isfinite(x).all():  # before clipping, which would make an Inf finite
             raise InvalidValue("delta is not finite")
+        x = np.clip(x, -self.clip, self.clip)
         scaled = np.append(x * (w * self.levels / self.clip), w * self.levels)
         q = np.floor(scaled + rng.random(scaled.shape)).astype(np.int64)
         return (q % self.modulus).astype(np.uint64)

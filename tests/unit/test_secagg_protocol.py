@@ -146,6 +146,12 @@ def test_decoded_sum_is_the_weighted_sum() -> None:
     np.testing.assert_allclose(values, expect, atol=4 * ring.clip / ring.levels)
 
 
+def test_non_finite_delta_is_refused_not_clipped() -> None:
+    ring = RingSpec.for_devices(8, 4, clip=1.0, weight_cap=10)
+    with pytest.raises(ValueError, match="not finite"):
+        ring.encode(np.array([0.1, np.inf]), 5, np.random.default_rng(0))
+
+
 def test_masked_vectors_look_uniform_and_inputs_do_not() -> None:
     n = 6
     ring = RingSpec.for_devices(8, n, clip=1.0, weight_cap=10)
