@@ -50,6 +50,7 @@ def run_one(cfg: SimConfig) -> dict[str, Any]:
         "devices": cfg.devices,
         "seed": cfg.seed,
         "rounds": summary["rounds"],
+        "published": len(ok),
         "failed_rounds": summary["failed_rounds"],
         "final_accuracy": summary["final_accuracy"],
         "updates": sum(r["devices"] for r in ok),
@@ -76,8 +77,9 @@ def _table(runs: list[dict[str, Any]], command: str) -> str:
         "2 shared cores; each run its own Mosquitto on loopback.",
         "",
         f"| devices | mode | final accuracy (mean ± sd, {seeds} seeds) | Δ vs plain (pp) | failed "
-        "rounds | uplink / round | relay / round | s / round | wire bits / parameter |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "rounds | uplink / round | of which keys, shares, replies | relay / round | s / round "
+        "| wire bits / parameter |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     params = next((r["params"] for r in runs if r["params"]), None)
     for n in sorted({r["devices"] for r in runs}):
@@ -94,16 +96,28 @@ def _table(runs: list[dict[str, Any]], command: str) -> str:
                 bits = statistics.fmean(
                     8 * r["uplink_per_round"] * r["rounds"] / max(r["updates"], 1) for r in rs
                 ) / (params or 1)
+            overhead = "-"
+            if rs[0]["secagg"]:
+                per_round = [
+                    r["uplink_per_round"] - r["secagg"]["masked_bytes"] / max(_published(r), 1)
+                    for r in rs
+                ]
+                overhead = f"{statistics.fmean(per_round) / 1e3:.1f} kB"
             lines.append(
                 f"| {n} | {mode} | {statistics.fmean(acc):.4f} ± {sd:.4f} | {delta:+.2f} | "
                 f"{sum(r['failed_rounds'] for r in rs)} | "
                 f"{statistics.fmean(r['uplink_per_round'] for r in rs) / 1e3:.1f} kB | "
+                f"{overhead} | "
                 f"{statistics.fmean(r['relay_per_round'] for r in rs) / 1e3:.1f} kB | "
                 f"{statistics.fmean(r['seconds_per_round'] for r in rs):.2f} | {bits:.2f} |"
             )
     lines.append("")
     lines.append(f"Flower's SecAgg+ sends {FLOWER_BITS} bits per parameter.")
     return "\n".join(lines) + "\n"
+
+
+def _published(r: dict[str, Any]) -> int:
+    return int(r.get("published", r["rounds"]))
 
 
 def main() -> None:
@@ -114,7 +128,15 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--partition", default="dirichlet:0.5")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "secagg" / "results")
+    p.add_argument(
+        "--table-only", metavar="COMMAND", help="re-render OUT/results.md from OUT/results.json"
+    )
     a = p.parse_args()
+    if a.table_only:
+        runs_done = json.loads((a.out / "results.json").read_text())
+        (a.out / "results.md").write_text(_table(runs_done, a.table_only))
+        print(_table(runs_done, a.table_only))
+        return
     logging.basicConfig(level=logging.ERROR)
     command = "python bench/secagg/run.py " + shlex.join(sys.argv[1:])
     runs: list[dict[str, Any]] = []
