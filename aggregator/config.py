@@ -290,12 +290,14 @@ def secagg_problem(c: AggregatorConfig) -> str | None:
     sa = c.secure_aggregation
     assert sa is not None
     linear = ", ".join(n for n, cls in STRATEGIES.items() if cls.sums_linearly)
-    if not STRATEGIES[c.strategy].sums_linearly:
+    linear += ", dp-fedavg"
+    dp = c.strategy == "dp-fedavg"  # noise on the sum: devices clip, the aggregator adds noise
+    if not (STRATEGIES[c.strategy].sums_linearly or dp):
         return (
             f"secure_aggregation: strategy {c.strategy} needs each device's update and the "
             f"aggregator sees only the sum; use one of {linear}"
         )
-    if float(c.strategy_opts.get("clip_norm", 0) or 0) > 0:
+    if not dp and float(c.strategy_opts.get("clip_norm", 0) or 0) > 0:
         return (
             "secure_aggregation: clip_norm bounds each update's norm in the clear, which the "
             "aggregator no longer sees; devices clip each coordinate to secure_aggregation.clip"

@@ -25,6 +25,7 @@ checkpointed but the task; an aggregator restarted mid-round fails that round.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -33,6 +34,7 @@ import numpy as np
 from aggregator.modes import SyncRounds
 from aggregator.parts import RoundParts
 from aggregator.rounds import OpenRound
+from aggregator.strategies.dp_fedavg import DPFedAvg
 from aggregator.strategies.streaming import StreamingStrategy
 from fedge.envelopes import RoundTask
 from fedge.errors import ProtocolError
@@ -73,7 +75,7 @@ class SecureRounds(SyncRounds):
         super().__init__(parts)
         sa = self.config.secure_aggregation
         assert sa is not None
-        assert isinstance(self.strategy, StreamingStrategy)
+        assert isinstance(self.strategy, StreamingStrategy | DPFedAvg)
         self.sa = sa
         self.server: SecAggServer | None = None
         self.stage = ""
@@ -97,7 +99,8 @@ class SecureRounds(SyncRounds):
         ring = RingSpec.for_devices(sa.value_bits, n, sa.clip, sa.weight_cap)
         count = sum(int(np.prod(s)) for s in spec.values()) + 1
         self._headroom_bits, self._count = ring.headroom_bits, count
-        opened = Open(rnd.round, rnd.task.nonce, ring)
+        dp = isinstance(self.strategy, DPFedAvg)
+        opened = Open(rnd.round, rnd.task.nonce, ring, self._l2_clip() if dp else 0.0)
         degree = sa.degree or auto_degree(n)
         self.server = SecAggServer(opened, degree, sa.threshold, count)
         self._spec, self._result = spec, None
@@ -263,12 +266,25 @@ class SecureRounds(SyncRounds):
             return
         values, weight, survivors = res
         sums = unflatten(values, {k: tuple(v) for k, v in self._spec.items()})
-        assert isinstance(self.strategy, StreamingStrategy)
-        self.strategy.fold_sum(sums, weight, len(survivors))
+        if isinstance(self.strategy, DPFedAvg):
+            # Each survivor clipped to C; quantization adds less than one quantum c/L per
+            # coordinate, so one update reaches the sum with norm < C + sqrt(m) c / L.
+            m = sum(int(np.prod(s)) for s in self._spec.values())
+            bound = self._l2_clip() + math.sqrt(m) * self.sa.clip / (
+                (1 << (self.sa.value_bits - 1)) - 1
+            )
+            self.strategy.fold_clipped_sum(sums, len(survivors), bound)
+        else:
+            assert isinstance(self.strategy, StreamingStrategy)
+            self.strategy.fold_sum(sums, weight, len(survivors))
         rnd.counted = dict.fromkeys(survivors, "masked")
         rnd.folded = [(d, rnd.round, "masked", 0) for d in survivors]
         rnd.samples = round(weight * self.sa.weight_cap)
         self.metrics.accept(len(survivors))
+
+    def _l2_clip(self) -> float:
+        assert isinstance(self.strategy, DPFedAvg)
+        return float(self.strategy.options.clip_norm)
 
     def _publish_version(self, rnd: OpenRound) -> dict[str, Any]:
         record = super()._publish_version(rnd)

@@ -185,6 +185,11 @@ class SecAggDevice:
             return
         _, delta, n = p
         self._pending = None
+        if c.opened.l2_clip > 0:  # central DP on the sum: clipped, equally weighted
+            norm = float(np.linalg.norm(delta))
+            if norm > c.opened.l2_clip:
+                delta = delta * (c.opened.l2_clip / norm)
+            n = c.ring.weight_cap
         rng = np.random.default_rng([self._seed, c.round])
         try:
             values = c.ring.encode(delta, n, rng)

@@ -21,8 +21,9 @@ def check_strategy(strategy: str) -> None:
     from aggregator.strategies import STRATEGIES
 
     cls = STRATEGIES.get(strategy)
-    if cls is not None and not cls.sums_linearly:
+    if cls is not None and not cls.sums_linearly and strategy != "dp-fedavg":
         linear = ", ".join(n for n, c in STRATEGIES.items() if c.sums_linearly)
+        linear += ", dp-fedavg"
         raise ConfigError(
             f"--secagg with --strategy {strategy}: it needs each device's update and the "
             f"aggregator sees only the sum; use one of {linear}"

@@ -52,6 +52,8 @@ class Open(Body):
     round: int
     nonce: bytes  # the round task's nonce: salt of every key derivation, seed of the graph
     ring: RingSpec
+    # > 0 (central DP on the sum): each device clips its delta to this L2 norm and weighs 1.
+    l2_clip: float = 0.0
 
     def to_map(self) -> dict[str, Any]:
         r = self.ring
@@ -63,6 +65,7 @@ class Open(Body):
             "headroom_bits": r.headroom_bits,
             "clip": float(r.clip),
             "weight_cap": r.weight_cap,
+            "l2_clip": float(self.l2_clip),
         }
 
     @classmethod
@@ -79,6 +82,7 @@ class Open(Body):
                 f.float("clip", 0.0),
                 f.int("weight_cap", 1, 2**31),
             ),
+            f.float("l2_clip", 0.0),
         )
 
 

@@ -245,3 +245,26 @@ def test_signed_fleet_refuses_an_advert_not_signed_by_the_enrolled_key(
     for k in expect:
         np.testing.assert_array_equal(fleet.aggregator.weights[k], expect[k])
     assert sorted(fleet.records[0]["counted"]) == ["dev-0", "dev-1", "dev-2"]
+
+
+def test_central_dp_noise_on_the_secure_sum(fleet_factory: Any, digits10: FederatedData) -> None:
+    fleet = fleet_factory(
+        digits10, secure_aggregation=SA, rounds=1, target_devices=4, min_devices=3,
+        round_timeout=30, strategy="dp-fedavg",
+        strategy_opts={"clip_norm": 1.0, "noise_multiplier": 0.5, "expected_devices": 4},
+    )  # fmt: skip
+    fleet.start_aggregator()
+    base = {k: v.copy() for k, v in fleet.aggregator.weights.items()}
+    for i in range(4):
+        fleet.add_agent(i, train_fn=make_train(i), secagg=SecAggOptions(secure_only=True))
+    wait_until(lambda: fleet.records or fleet.aggregator.failed_rounds, 40, "a secure DP round")
+    rec = fleet.records[0]
+    params = sum(v.size for v in base.values())
+    # Sensitivity: the clip plus at most one quantum per coordinate.
+    assert rec["dp_sensitivity"] == pytest.approx(1.0 + params**0.5 * SA.clip / 127)
+    assert rec["dp_epsilon"] > 0
+    assert rec["devices"] == 4
+    moved = np.concatenate([(fleet.aggregator.weights[k] - base[k]).ravel() for k in base])
+    # Each fixed delta has norm ~ 0.2 * sqrt(params) >> 1: clipped to 1 on the device, so the
+    # step is the noise (std 0.5 * sensitivity / 4) plus a mean of norm <= 1.
+    assert np.std(moved) == pytest.approx(0.5 * rec["dp_sensitivity"] / 4, rel=0.1)
