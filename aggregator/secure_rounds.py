@@ -124,8 +124,19 @@ class SecureRounds(SyncRounds):
         self._stage_timer = self.parts.loop.call_later(max(0.0, timeout), self._stage_deadline)
 
     def _stage_deadline(self) -> None:
+        if not self.session.connected:
+            # Not while the broker is away: on_connected fails the round once it is back.
+            self._stage_timer = self.parts.loop.call_later(1.0, self._stage_deadline)
+            return
         self._stage_timer = None
         self._next_stage(deadline=True)
+
+    def on_connected(self) -> None:
+        if self.round is not None and not self.parts.done.is_set():
+            # Stage messages may have been lost both ways while the broker was away, and a
+            # stage cannot be replayed: start over with a new round.
+            self._fail("broker connection lost mid-round")
+        super().on_connected()
 
     def _next_stage(self, *, deadline: bool = False) -> None:
         """Move on when the stage's deadline came, or when waiting gains nothing."""
