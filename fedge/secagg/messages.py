@@ -138,7 +138,7 @@ class Roster(Body):
 
     @classmethod
     def read(cls, f: Fields, limits: Limits) -> Self:
-        raw = f._get("adverts", False)
+        raw = f.raw("adverts")
         if not isinstance(raw, list) or len(raw) > limits.max_array_len:
             raise InvalidValue("adverts must be a bounded list")
         adverts = []
@@ -176,7 +176,7 @@ class ShareBundle(Body):
         return cls(
             f.int("round", 1, _MAX_ROUND),
             _dev(f.str("device")),
-            _pairs(f._get("sealed", False), _SEALED, limits.max_array_len),
+            _pairs(f.raw("sealed"), _SEALED, limits.max_array_len),
         )
 
 
@@ -237,8 +237,8 @@ class Unmask(Body):
     def read(cls, f: Fields, limits: Limits) -> Self:
         out = cls(
             f.int("round", 1, _MAX_ROUND),
-            _devices(f._get("survivors", False), limits.max_array_len),
-            _devices(f._get("dropped", False), limits.max_array_len),
+            _devices(f.raw("survivors"), limits.max_array_len),
+            _devices(f.raw("dropped"), limits.max_array_len),
         )
         if set(out.survivors) & set(out.dropped):
             raise InvalidValue("a device cannot be both a survivor and dropped")
@@ -271,8 +271,8 @@ class UnmaskReply(Body):
         out = cls(
             f.int("round", 1, _MAX_ROUND),
             _dev(f.str("device")),
-            _pairs(f._get("seeds", False), SHARE_BYTES, n),
-            _pairs(f._get("keys", False), SHARE_BYTES, n),
+            _pairs(f.raw("seeds"), SHARE_BYTES, n),
+            _pairs(f.raw("keys"), SHARE_BYTES, n),
         )
         if {d for d, _ in out.seeds} & {d for d, _ in out.keys}:
             raise InvalidValue("never both shares of one device")
