@@ -21,9 +21,11 @@ __all__ = [
     "AggregatorConfig",
     "HyperConfig",
     "ModelConfig",
+    "SecureAggregationConfig",
     "TLSConfig",
     "codec_problem",
     "load_aggregator_config",
+    "secagg_problem",
 ]
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
@@ -78,6 +80,30 @@ class PlateauSettings(BaseModel):
     threshold: float = Field(default=1e-3, ge=0)
     cooldown: int = Field(default=0, ge=0)
     min_lr: float = Field(default=1e-4, gt=0)
+
+
+class SecureAggregationConfig(BaseModel):
+    """``secure_aggregation:``: rounds in which the aggregator learns only the sum
+    (fedge.secagg; docs/security.md "Secure aggregation")."""
+
+    model_config = _STRICT
+    value_bits: int = Field(default=8, ge=2, le=24, description="bits per quantized value")
+    clip: float = Field(default=0.5, gt=0, description="each delta coordinate is clipped to +-clip")
+    weight_cap: int = Field(
+        default=256, ge=1, description="sample counts above this weigh as this much"
+    )
+    max_devices: int | None = Field(
+        default=None, ge=2, description="most inputs a round sums (ring headroom); None: target"
+    )
+    degree: int | None = Field(
+        default=None, ge=2, description="neighbours per device; None: 2*ceil(1.5*log2 n)"
+    )
+    threshold: float = Field(
+        default=0.5, ge=0.5, lt=1, description="shares needed: floor(threshold*degree)+1"
+    )
+    advertise_timeout: float = Field(default=15.0, gt=0, description="seconds for key adverts")
+    share_timeout: float = Field(default=15.0, gt=0, description="seconds for sealed shares")
+    unmask_timeout: float = Field(default=15.0, gt=0, description="seconds for unmask replies")
 
 
 class AggregatorConfig(BaseModel):
@@ -182,6 +208,9 @@ class AggregatorConfig(BaseModel):
         default=None, description="the aggregator's Ed25519 key; set = every model is signed"
     )
     tls: TLSConfig | None = None
+    secure_aggregation: SecureAggregationConfig | None = Field(
+        default=None, description="set: the aggregator sees masked vectors and the sum only"
+    )
     eval_data: Path | None = Field(default=None, description=".npz with x, y for central eval")
     metrics_file: Path | None = Field(default=None, description="default: STATE_DIR/metrics.jsonl")
     metrics_port: int | None = Field(
@@ -244,6 +273,10 @@ class AggregatorConfig(BaseModel):
                     "shard_workers works with mode: sync and int8: false (the workers do not "
                     "forward staleness or calibration ranges)"
                 )
+        if self.secure_aggregation is not None:
+            problem = secagg_problem(self)
+            if problem:
+                raise ValueError(problem)
         return self
 
     @property
@@ -263,6 +296,39 @@ def codec_problem(strategy: str, codec: str) -> str | None:
         f"strategy {strategy} compares updates coordinate by coordinate, and a {codec} update "
         f"is zero almost everywhere: use a dense codec (e.g. {DENSE_CODEC}) or a linear strategy"
     )
+
+
+def secagg_problem(c: AggregatorConfig) -> str | None:
+    """Why ``c`` cannot run secure rounds, or None."""
+    import math
+
+    from aggregator.strategies import STRATEGIES
+
+    sa = c.secure_aggregation
+    assert sa is not None
+    linear = ", ".join(n for n, cls in STRATEGIES.items() if cls.sums_linearly)
+    linear += ", dp-fedavg"
+    dp = c.strategy == "dp-fedavg"  # noise on the sum: devices clip, the aggregator adds noise
+    if not (STRATEGIES[c.strategy].sums_linearly or dp):
+        return (
+            f"secure_aggregation: strategy {c.strategy} needs each device's update and the "
+            f"aggregator sees only the sum; use one of {linear}"
+        )
+    if not dp and float(c.strategy_opts.get("clip_norm", 0) or 0) > 0:
+        return (
+            "secure_aggregation: clip_norm bounds each update's norm in the clear, which the "
+            "aggregator no longer sees; devices clip each coordinate to secure_aggregation.clip"
+        )
+    if c.codec.startswith("topk:"):
+        return f"secure_aggregation: codec {c.codec} sparsifies; masked vectors are dense"
+    if c.mode != "sync" or c.shard_workers or c.int8:
+        return "secure_aggregation works with mode: sync, no shard_workers and int8: false"
+    n = sa.max_devices or c.target_devices
+    if sa.value_bits + math.ceil(math.log2(n)) > 32:
+        return f"secure_aggregation: value_bits + ceil(log2 {n}) must be at most 32"
+    if sa.advertise_timeout + sa.share_timeout + sa.unmask_timeout >= c.round_timeout:
+        return "secure_aggregation: the stage timeouts must leave round_timeout time to train"
+    return None
 
 
 def load_aggregator_config(path: Path) -> AggregatorConfig:

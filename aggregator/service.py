@@ -37,6 +37,7 @@ from aggregator.registry import ModelRegistry
 from aggregator.rollout import RolloutController
 from aggregator.rollout_requests import POLL_SECONDS, handle_requests
 from aggregator.rounds import OpenRound
+from aggregator.secure_rounds import SecureRounds
 from aggregator.sharded.mode import ShardedRounds
 from aggregator.sharded.rounds import ShardedRound
 from aggregator.strategies import STRATEGIES, make_strategy
@@ -327,6 +328,8 @@ def _mode(config: AggregatorConfig) -> type[RoundLifecycle]:
     """The round policy of the configured mode (the config refuses sharded async)."""
     if config.shard_workers:
         return ShardedRounds
+    if config.secure_aggregation is not None:
+        return SecureRounds
     return AsyncRounds if config.mode == "async" else SyncRounds
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "data",
     "inference",
     "model_cache",
+    "secagg",
     "serving",
     "serving_store",
     "shadow",

@@ -21,6 +21,7 @@ from edge_agent.model_cache import ModelCache
 from edge_agent.outbox import Outbox
 from edge_agent.privacy import LocalDP
 from edge_agent.residual import Residual
+from edge_agent.secagg import SecAggDevice, SecAggOptions
 from edge_agent.serving import ReleaseFollower
 from edge_agent.states import AgentCounters, AgentState, next_state
 from edge_agent.store import AgentStore, HeldModel
@@ -71,6 +72,7 @@ class EdgeAgent:
         model_cache: ModelCache | None = None,
         session_factory: SessionFactory | None = None,
         holdout: LocalData | None = None,
+        secagg: SecAggOptions | None = None,
     ) -> None:
         """``holdout``: labelled samples for shadow evaluation of release candidates (not
         trained on); without it the training data stands in (edge_agent.serving)."""
@@ -122,6 +124,17 @@ class EdgeAgent:
             limits=limits,
             on_change=lambda: self._publish_status(DeviceState.ONLINE),
         )
+        # Secure rounds (edge_agent/secagg.py): stage messages and this device's inbox.
+        self.secagg = SecAggDevice(
+            device_id,
+            topics,
+            self._publish_secagg,
+            limits=limits,
+            seed=seed,
+            signing_key=signing_key,
+            aggregator_key=aggregator_key,
+            options=secagg,
+        )
         offline = DeviceStatus(device_id, DeviceState.OFFLINE, ts=0.0).to_bytes()
         # The deployment's broker, credentials and TLS unless a factory is given (tests).
         sessions = session_factory or MqttSessions(
@@ -144,6 +157,7 @@ class EdgeAgent:
                     topics.release,
                     topics.release_candidate,
                     topics.release_stable,
+                    *self.secagg.subscriptions,
                 ],
                 # Only the newest model, chunk set, task and release matter; all retained.
                 latest_only=[
@@ -210,6 +224,8 @@ class EdgeAgent:
         qos = 1 if topic == self.topics.receipt(self.device_id) else 0  # latest-only: QoS 0
         self.counters.rx_bytes += publish_packet_size(topic, len(payload), qos)
         try:
+            if self.secagg.handle(topic, payload):
+                return
             if self.models.wants(topic):
                 full = self.models.offer(topic, payload)
                 if full is not None:
@@ -278,6 +294,7 @@ class EdgeAgent:
         if self.task is not None and t.round < self.task.round:
             return  # a stale retained/redelivered task; the newer one stands
         self.task = t
+        self.secagg.on_task(t)
         self.outbox.drop_before(t.oldest_accepted)  # those rounds closed: no receipt will come
         self._advance()
 
@@ -377,6 +394,11 @@ class EdgeAgent:
             result.seconds,
             result.loss,
         )
+        if self.secagg.takes(t):
+            # Secure round: the delta leaves only masked (edge_agent/secagg.py).
+            self.secagg.submit(t, base, result.weights, result.num_samples, self.uplink.local_dp)
+            self._uploaded(t, True)
+            return
         calib = calibration(self.uplink, m.onnx, self.data.x, t)
         try:
             up = build_upload(self.uplink, base, result, t, codec, self.residual, calib=calib)
@@ -430,6 +452,12 @@ class EdgeAgent:
             done(False, str(e))
             return
         self.counters.tx_bytes += size
+
+    def _publish_secagg(self, topic: str, payload: bytes, retain: bool) -> None:
+        try:
+            self.counters.tx_bytes += self.session.publish(topic, payload, qos=1, retain=retain)
+        except ProtocolError as e:
+            log.error("%s: secure-round message not sent: %s", self.device_id, e)
 
     def _uploaded(self, t: RoundTask, ok: bool) -> None:
         if ok:

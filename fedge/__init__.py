@@ -20,6 +20,7 @@ __all__ = [
     "limits",
     "masks",
     "release_check",
+    "secagg",
     "support",
     "task_check",
     "tensors",

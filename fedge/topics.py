@@ -12,6 +12,13 @@
     {p}/release           retained, QoS 1   aggregator -> devices   ReleaseManifest (serving)
     {p}/release/candidate retained, QoS 1   aggregator -> devices   GlobalModel (manifest's version)
     {p}/release/stable    retained, QoS 1   aggregator -> devices   GlobalModel (its previous)
+
+Secure rounds (``fedge.secagg``, protocol §16):
+
+    {p}/secagg/stage             retained, QoS 1   aggregator -> devices   Open, Roster, Unmask
+    {p}/inbox/{device}           QoS 1             aggregator -> device    Inbox (sealed shares)
+    {p}/secagg/{stage}/{device}  QoS 1             device -> aggregator    advertise, shares,
+                                                                           masked, reply
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ from dataclasses import dataclass
 
 from fedge.errors import InvalidValue
 
-__all__ = ["Topics", "validate_device_id"]
+__all__ = ["SECAGG_STAGES", "Topics", "validate_device_id"]
+
+# What a device sends in a secure round, one topic level each (fedge.secagg.messages).
+SECAGG_STAGES = ("advertise", "shares", "masked", "reply")
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -104,6 +114,23 @@ class Topics:
     @property
     def all_statuses(self) -> str:
         return f"{self.prefix}/status/+"
+
+    @property
+    def secagg_stage(self) -> str:
+        return f"{self.prefix}/secagg/stage"
+
+    def secagg(self, stage: str, device: str) -> str:
+        if stage not in SECAGG_STAGES:
+            raise InvalidValue(f"unknown secagg stage {stage!r}")
+        return f"{self.prefix}/secagg/{stage}/{validate_device_id(device)}"
+
+    @property
+    def all_secagg(self) -> str:
+        """What devices send in secure rounds (the stage topic has one level less)."""
+        return f"{self.prefix}/secagg/+/+"
+
+    def inbox(self, device: str) -> str:
+        return f"{self.prefix}/inbox/{validate_device_id(device)}"
 
     def device_of(self, topic: str, kind: str) -> str | None:
         """The device id in ``{p}/{kind}/{device}``, or None if the topic is not of that form."""

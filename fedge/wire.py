@@ -233,6 +233,10 @@ class Fields:
             self._bad(key, f"must be a map, got {type(v).__name__}")
         return v
 
+    def raw(self, key: _Str) -> Any:
+        """A required value as decoded, for a caller that validates its structure itself."""
+        return self._get(key, False)
+
     def done(self) -> None:
         extra = set(self._obj) - self._seen
         if extra:

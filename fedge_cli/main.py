@@ -130,6 +130,18 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-sign", action="store_true", help="do not sign updates and models")
     p.add_argument(
+        "--secagg",
+        action="store_true",
+        help="secure aggregation: the aggregator sees masked vectors and learns only the sum",
+    )
+    p.add_argument(
+        "--secagg-dropout",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="with --secagg: each round this share of devices vanishes at a random stage",
+    )
+    p.add_argument(
         "--metrics-port",
         type=int,
         default=None,
@@ -235,6 +247,8 @@ def _simulate(args: argparse.Namespace) -> None:
         rollout_max_regression=args.rollout_max_regression,
         rollout_min_devices=args.rollout_min_devices,
         prune=args.prune,
+        secagg=args.secagg,
+        secagg_dropout=args.secagg_dropout,
     )
     s = simulate(cfg)
     print(

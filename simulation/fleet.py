@@ -20,7 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aggregator.config import AggregatorConfig, HyperConfig, ModelConfig, PlateauSettings
+from aggregator.config import (
+    DENSE_CODEC,
+    AggregatorConfig,
+    HyperConfig,
+    ModelConfig,
+    PlateauSettings,
+)
 from aggregator.evaluation import EvalSet
 from aggregator.prune_config import PruningConfig
 from aggregator.service import Aggregator
@@ -42,6 +48,7 @@ from simulation.heterogeneity import (
 )
 from simulation.keys import SimKeys
 from simulation.roles import build_agent, start_shard_workers
+from simulation.secagg import check_strategy, secagg_device, secagg_settings, secagg_summary
 from simulation.topology import Topology, default_acl, site_names
 
 __all__ = [
@@ -110,6 +117,8 @@ class SimConfig:
     rollout_min_devices: int = 2
     init: Path | None = None  # warm start from this ONNX file (model.init)
     prune: str | None = None  # --prune SPEC (aggregator/prune_config.py); None: dense
+    secagg: bool = False  # secure aggregation: the aggregator sees masked vectors only
+    secagg_dropout: float = 0.0  # each round, this share of devices vanishes at a random stage
 
     def __post_init__(self) -> None:
         from aggregator.config import codec_problem
@@ -124,6 +133,12 @@ class SimConfig:
         problem = self.codec and codec_problem(self.strategy, self.codec)
         if problem:
             raise ConfigError(f"--codec {self.codec} with --strategy {self.strategy}: {problem}")
+        if self.secagg:
+            check_strategy(self.strategy)
+        if self.secagg_dropout and not self.secagg:
+            raise ConfigError("--secagg-dropout needs --secagg")
+        if not 0.0 <= self.secagg_dropout < 1.0:
+            raise ConfigError(f"--secagg-dropout must be in [0, 1), got {self.secagg_dropout}")
         if self.devices < 1:
             raise ConfigError(f"--devices must be >= 1, got {self.devices}")
         if self.rounds < 1:
@@ -185,7 +200,12 @@ def simulate(cfg: SimConfig, say: Callable[[str], None] = print) -> dict[str, An
     say(
         f"broker {url}  |  {cfg.dataset}: {cfg.devices} devices, partition {cfg.partition}, "
         f"sizes {min(data.sizes)}-{max(data.sizes)}, test {len(data.test[1])}  |  "
-        f"{cfg.strategy}, codec {cfg.codec or default_codec(cfg.strategy)}"
+        f"{cfg.strategy}, "
+        + (
+            "secure aggregation"
+            if cfg.secagg
+            else f"codec {cfg.codec or default_codec(cfg.strategy)}"
+        )
     )
     run = _Run(topology=topology)
     try:
@@ -297,7 +317,7 @@ def _aggregator_config(
             init=cfg.init,
         ),
         hyper=HyperConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr),
-        codec=cfg.codec or default_codec(cfg.strategy),
+        codec=cfg.codec or (DENSE_CODEC if cfg.secagg else default_codec(cfg.strategy)),
         strategy=cfg.strategy,
         strategy_opts=dict(cfg.strategy_opts),
         server_lr=cfg.server_lr,
@@ -320,6 +340,7 @@ def _aggregator_config(
         adaptive_server_lr=PlateauSettings() if cfg.adaptive_server_lr else None,
         metrics_port=cfg.metrics_port,
         pruning=PruningConfig.parse(cfg.prune, cfg.rounds) if cfg.prune else None,
+        **secagg_settings(cfg.secagg, devices),
     )
 
 
@@ -373,6 +394,7 @@ def _start_agents(
             i, x, y, mux=run.dev_mux, url=at, topics=topics, out=out, executor=executor,
             seed=cfg.seed, keys=keys, model_cache=model_cache, train_fn=train_fn,
             holdout=holdout,
+            secagg=secagg_device(cfg.secagg, cfg.secagg_dropout, cfg.seed, i),
         )  # fmt: skip
         run.agents.append(agent)
         agent.start()
@@ -404,6 +426,7 @@ def _summary(
         "rejected": dict(agg.metrics.rejected),
         "shard_workers": {w.name: w.folded for w in run.workers},  # updates each one folded
         **_wan_summary(run.topology),
+        "secagg": secagg_summary(ok) if cfg.secagg else None,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "broker": str(url),
     }

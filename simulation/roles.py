@@ -17,6 +17,7 @@ from aggregator.sharded.worker import ShardWorker
 from edge_agent.agent import EdgeAgent
 from edge_agent.data import LocalData
 from edge_agent.model_cache import ModelCache
+from edge_agent.secagg import SecAggOptions
 from edge_agent.store import AgentStore
 from fedge.topics import Topics
 from fedge.transport.mqtt import BrokerURL
@@ -71,6 +72,7 @@ def build_agent(
     model_cache: ModelCache,
     train_fn: Callable[..., Any] | None = None,
     holdout: tuple[np.ndarray, np.ndarray] | None = None,
+    secagg: SecAggOptions | None = None,
 ) -> EdgeAgent:
     """Simulated device ``dev-{i:04d}``: its own MQTT session on ``mux``, its store under
     ``out/agents``. Also used by ``bench/scale/run.py``, which runs the aggregator apart."""
@@ -89,4 +91,5 @@ def build_agent(
         aggregator_key=keys.aggregator_key_pub if keys else None,
         model_cache=model_cache,
         holdout=LocalData(*holdout) if holdout is not None else None,
+        secagg=secagg,
     )

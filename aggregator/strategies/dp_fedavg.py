@@ -218,6 +218,8 @@ class DPFedAvg(Strategy):
         self.rng = rng if rng is not None else np.random.default_rng()
         self._sum: NoisyClippedSum | None = None
         self._last_clipped = 0
+        # Secure rounds: the sum's sensitivity once quantization is counted (>= clip_norm).
+        self._sensitivity = float(self.options.clip_norm)
 
     @property
     def epsilon(self) -> float:
@@ -233,6 +235,23 @@ class DPFedAvg(Strategy):
 
     def _begin(self, spec: dict[str, tuple[int, ...]]) -> None:
         self._sum = NoisyClippedSum(spec, self.options.clip_norm)
+        self._sensitivity = float(self.options.clip_norm)
+
+    def fold_clipped_sum(
+        self, sums: Mapping[str, np.ndarray], count: int, sensitivity: float
+    ) -> None:
+        """Take the round's sum of ``count`` updates each clipped by its device (secure
+        aggregation: the aggregator sees only the sum). ``sensitivity`` bounds one update's
+        L2 norm as it reached the sum (clip_norm plus what quantization may add); the noise
+        is scaled to it, so epsilon stays what the accountant reports."""
+        self._require_round("fold_clipped_sum")
+        assert self._sum is not None
+        if set(sums) != set(self._sum.sums) or not count > 0:
+            raise AggregationError("the secure sum does not match the model, or is empty")
+        for k, acc in self._sum.sums.items():
+            acc += np.asarray(sums[k], np.float64)
+        self._sum.count += int(count)
+        self._sensitivity = max(self._sensitivity, float(sensitivity))
 
     def _fold(self, delta: Mapping[str, np.ndarray], weight: float, scale: float) -> None:
         # ``weight`` (num_samples) is ignored on purpose: it would scale the sensitivity.
@@ -255,7 +274,7 @@ class DPFedAvg(Strategy):
                 f"privacy budget spent: {self.rounds_done} of {self.options.rounds} rounds "
                 f"released (epsilon {self.epsilon:.3g}); no further model is published"
             )
-        noisy = self._sum.release(self.noise_multiplier * self.options.clip_norm, self.rng)
+        noisy = self._sum.release(self.noise_multiplier * self._sensitivity, self.rng)
         # Counted before the caller knows whether the model is usable: over-counting a round
         # that is then dropped only makes the reported epsilon conservative.
         self.rounds_done += 1
@@ -270,6 +289,7 @@ class DPFedAvg(Strategy):
             "dp_delta": self.options.delta,
             "dp_noise_multiplier": self.noise_multiplier,
             "dp_clip_norm": self.options.clip_norm,
+            "dp_sensitivity": self._sensitivity,
             "dp_clipped": float(self._last_clipped),
             "dp_rounds": float(self.rounds_done),
         }

@@ -24,8 +24,9 @@ PACKAGES = ("fedge", "models", "edge_agent", "aggregator", "simulation", "fedge_
 FACES: dict[str, list[str]] = {
     "fedge": [
         "chunks", "clipping", "codecs", "envelopes", "errors", "identity", "key_registry",
-        "limits", "masks", "release_check", "support", "task_check", "tensors", "topics",
-        "transport", "wire",
+        "client", "crypto", "envelope", "fedge.secagg", "graph", "limits", "masks",
+        "messages", "prg", "release_check", "ring", "secagg", "server", "shamir", "support",
+        "task_check", "tensors", "topics", "transport", "wire",
     ],
     "fedge.transport": ["base", "memory", "mqtt", "mux", "probe", "session"],
     "fedge.support": ["config_io", "faults", "fsutil", "runtime", "shipped"],
@@ -33,7 +34,7 @@ FACES: dict[str, list[str]] = {
         "int8", "onnx_export", "onnx_weights", "qat", "shrink", "torch_state", "units", "zoo",
     ],
     "edge_agent": [
-        "agent", "cli", "config", "data", "inference", "model_cache", "serving",
+        "agent", "cli", "config", "data", "inference", "model_cache", "secagg", "serving",
         "serving_store", "shadow", "store", "trainer", "uplink",
     ],
     "aggregator": [
