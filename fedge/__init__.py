@@ -18,6 +18,7 @@ __all__ = [
     "identity",
     "key_registry",
     "limits",
+    "patches",
     "support",
     "task_check",
     "tensors",

@@ -3,6 +3,7 @@
     task.py     RoundTask (signed by the aggregator)
     update.py   ModelUpdate (signed by the device)
     model.py    ModelArch, GlobalModel (signed), ModelChunk
+    patch.py    ModelPatch (signed; the arithmetic is fedge.patches)
     status.py   DeviceStatus, Receipt
     hyper.py    TrainHyper and HYPER_BOUNDS
     common.py   schema version, kinds, field readers
@@ -16,6 +17,7 @@ import the names below from ``fedge.envelopes`` (its face); the modules are its 
 from fedge.envelopes.common import SCHEMA_VERSION, DeviceState, Kind
 from fedge.envelopes.hyper import HYPER_BOUNDS, Bounds, TrainHyper
 from fedge.envelopes.model import GlobalModel, ModelArch, ModelChunk
+from fedge.envelopes.patch import ModelPatch
 from fedge.envelopes.status import DeviceStatus, Receipt
 from fedge.envelopes.task import RoundTask
 from fedge.envelopes.update import ModelUpdate
@@ -30,6 +32,7 @@ __all__ = [
     "Kind",
     "ModelArch",
     "ModelChunk",
+    "ModelPatch",
     "ModelUpdate",
     "Receipt",
     "RoundTask",

@@ -29,6 +29,7 @@ class Kind(StrEnum):
     CHUNK = "chunk"
     STATUS = "status"
     RECEIPT = "receipt"
+    PATCH = "patch"
 
 
 class DeviceState(StrEnum):

@@ -24,7 +24,7 @@ PACKAGES = ("fedge", "models", "edge_agent", "aggregator", "simulation", "fedge_
 FACES: dict[str, list[str]] = {
     "fedge": [
         "chunks", "clipping", "codecs", "envelopes", "errors", "identity", "key_registry",
-        "limits", "support", "task_check", "tensors", "topics", "transport", "wire",
+        "limits", "patches", "support", "task_check", "tensors", "topics", "transport", "wire",
     ],
     "fedge.transport": ["base", "memory", "mqtt", "mux", "session"],
     "fedge.support": ["config_io", "faults", "fsutil", "runtime", "shipped"],
