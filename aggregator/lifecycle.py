@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.downlink import DownlinkChain
 from aggregator.parts import RoundParts
 from aggregator.presence import RevocationWatch
 from aggregator.rounds import OpenRound, RoundContext
@@ -54,7 +55,10 @@ class RoundLifecycle:
         self.intake = parts.intake
         self.presence = parts.presence
         self.metrics = parts.metrics
-        self.state = ServiceState(parts.state_file)
+        c = self.config
+        codec = None if c.downlink_codec == "full" else c.downlink_codec
+        chain = DownlinkChain(codec, c.patch_retain, feedback=c.downlink_feedback)
+        self.state = ServiceState(parts.state_file, chain)
         # The ranges the last int8 twin was built from: the next merge is bounded by them
         # (in memory only: the first twin after a restart is trimmed but not bounded).
         self.calib_ranges: dict[str, tuple[float, float]] | None = None
@@ -81,7 +85,7 @@ class RoundLifecycle:
         st = self.state
         ckpt = st.load(self.config.model)
         self.journal.discard_through(st.last_round - (1 if ckpt and ckpt.open_task else 0))
-        self.publisher.render(st.version, st.weights)
+        self.publisher.render(st.version, st.downlink.served(st.weights))
         if self.config.rounds and st.version >= self.config.rounds:
             self.parts.done.set()
         elif ckpt is not None:
@@ -98,6 +102,7 @@ class RoundLifecycle:
     def on_connected(self) -> None:
         # Re-publishing is idempotent (same version and hash) and repairs a broker that lost
         # its retained messages.
+        self.state.downlink.publish(self.session, self.parts.topics, every=True)
         self.publisher.publish(self.session)
         if self._revocations is not None and not self._revocations.started:
             self._revocations.look()
@@ -292,8 +297,11 @@ class RoundLifecycle:
             # Finite inputs can still overflow float32; never publish or checkpoint that.
             self._fail_round(rnd, "aggregate is not finite (overflow); model kept")
             return
-        self.state.weights = new
         self.state.version += 1
+        # The patch to the new version is made before the checkpoint that holds it.
+        self.state.weights = self.state.downlink.advance(
+            self.state.version, new, self.publisher.signing_key
+        )
         if rnd.weights:  # a sharded reducer folds partial sums, not weights
             self.state.weight_reference = lower_median(rnd.weights)
         self.round = None
@@ -340,12 +348,21 @@ class RoundLifecycle:
     def _publish_version(self, rnd: OpenRound) -> dict[str, Any]:
         """Render, evaluate, publish the new version; step the schedules; its record."""
         pub = self.publisher
-        metrics: dict[str, Any] = dict(pub.render(self.state.version, self.state.weights))
+        chain = self.state.downlink
+        metrics: dict[str, Any] = dict(
+            pub.render(self.state.version, chain.served(self.state.weights))
+        )
         if rnd.calib is not None:
             ranges = rnd.calib.merged() if rnd.calib.reports else None
             metrics.update(pub.render_int8(self.state.version, ranges))
             self.calib_ranges = ranges or self.calib_ranges
+        chain.publish(self.session, self.parts.topics)  # before the full model: devices patch
         pub.publish(self.session)
+        if chain.active:
+            metrics.update(
+                patch_bytes=chain.patch_bytes,
+                downlink_residual=chain.residual_norm(self.state.weights),
+            )
         if self.config.keep_versions:
             self.parts.registry.prune(self.config.keep_versions)
         metrics.update(self.strategy.round_metrics())

@@ -67,6 +67,8 @@ class SimConfig:
     seed: int = 0
     broker: str | None = None
     codec: str | None = None  # None: default_codec(strategy)
+    downlink_codec: str = "full"  # or a patch codec (aggregator/downlink.py)
+    patch_retain: int = 8
     model: str | None = None
     epochs: int = 5
     batch_size: int = 32
@@ -105,6 +107,8 @@ class SimConfig:
         # would report them as a pydantic block after the broker is up.
         if self.codec is not None:
             parse_codec(self.codec)
+        if self.downlink_codec.strip().lower() != "full":
+            parse_codec(self.downlink_codec)
         make_strategy(self.strategy, dict(self.strategy_opts), server_lr=self.server_lr)
         problem = self.codec and codec_problem(self.strategy, self.codec)
         if problem:
@@ -260,6 +264,8 @@ def _aggregator_config(
         ),
         hyper=HyperConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr),
         codec=cfg.codec or default_codec(cfg.strategy),
+        downlink_codec=cfg.downlink_codec,
+        patch_retain=cfg.patch_retain,
         strategy=cfg.strategy,
         strategy_opts=dict(cfg.strategy_opts),
         server_lr=cfg.server_lr,
@@ -345,6 +351,7 @@ def _summary(
         "dp_epsilon": last.get("dp_epsilon"),  # None unless --strategy dp-fedavg
         "uplink_bytes": sum(r["uplink_bytes"] for r in ok),
         "downlink_bytes": sum(a.counters.rx_bytes for a in run.agents),
+        **_downlink_split(run.agents),
         "wall_seconds": round(wall, 3),
         "setup_seconds": round(setup, 3),
         "model_onnx": str(agg.latest_model_path.resolve()),
@@ -353,6 +360,18 @@ def _summary(
         "shard_workers": {w.name: w.folded for w in run.workers},  # updates each one folded
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "broker": str(url),
+    }
+
+
+def _downlink_split(agents: list[EdgeAgent]) -> dict[str, int]:
+    """What came down, by kind, counted at the devices (MQTT PUBLISH packets)."""
+    c = [a.counters for a in agents]
+    return {
+        "downlink_patch_bytes": sum(x.rx_patch_bytes for x in c),
+        "downlink_model_bytes": sum(x.rx_model_bytes for x in c),
+        "downlink_task_bytes": sum(x.rx_task_bytes for x in c),
+        "patches_rejected": sum(x.patches_rejected for x in c),
+        "resyncs": sum(a.downlink.resyncs for a in agents),
     }
 
 

@@ -38,8 +38,8 @@ FACES: dict[str, list[str]] = {
     ],
     "aggregator.sharded": ["service", "settings", "worker"],
     "simulation": [
-        "DEFAULT_SIM_CODEC", "broker", "datasets", "default_codec", "fleet", "keys", "partition",
-        "synthetic",
+        "DEFAULT_DOWNLINK_CODEC", "DEFAULT_SIM_CODEC", "broker", "datasets", "default_codec",
+        "fleet", "keys", "partition", "synthetic",
     ],
     "fedge_cli": ["main"],
 }  # fmt: skip
