@@ -205,6 +205,7 @@ class _Run:
     agg_mux: Mux | None = None
     dev_mux: Mux | None = None
     executor: ThreadPoolExecutor | None = None
+    downlink_curve: list[int] = field(default_factory=list)  # bytes down per version
 
     def stop(self) -> None:
         for a in self.agents:
@@ -295,6 +296,7 @@ def _printer(
 
     def on_round(rec: dict[str, Any]) -> None:
         down = sum(a.counters.rx_bytes for a in run.agents)
+        run.downlink_curve.append(down - prev["down"])
         say(
             f"round {rec['round']:3d}  v{rec['version']:<3d} | devices {rec['devices']:3d}/"
             f"{cfg.devices} | acc {rec.get('accuracy', float('nan')):.4f} | "
@@ -352,6 +354,7 @@ def _summary(
         "uplink_bytes": sum(r["uplink_bytes"] for r in ok),
         "downlink_bytes": sum(a.counters.rx_bytes for a in run.agents),
         **_downlink_split(run.agents),
+        "downlink_curve": run.downlink_curve,
         "wall_seconds": round(wall, 3),
         "setup_seconds": round(setup, 3),
         "model_onnx": str(agg.latest_model_path.resolve()),
