@@ -8,8 +8,8 @@ receives one patch per version. It subscribes to the full model again (a *resync
 
 - a patch starts after the oldest one still retained and past what it holds
   (``held < retained_from``: it missed more versions than the retained patches cover),
-- a patch does not apply (its base hash is not the held weights', or its result hash differs:
-  a corrupted or diverged local model),
+- a patch does not apply (the hash of its result differs: a corrupted or diverged local
+  model),
 - a task names a newer base version than the patches it holds can reach (patches lost, or
   the aggregator sends full models only).
 
@@ -54,7 +54,7 @@ class Patched:
 
     version: int
     weights: dict[str, np.ndarray]
-    sha256: str  # weights_sha256
+    sha256: bytes  # weights_sha256
 
 
 class Downlink:
@@ -75,7 +75,7 @@ class Downlink:
         self.full = not holding
         self.session: RoleSession | None = None
         self._pending: dict[int, ModelPatch] = {}  # by from_version
-        self._held_sha: tuple[int, str] | None = None  # (version, weights_sha256)
+        self._held_sha: tuple[int, bytes] | None = None  # (version, weights_sha256)
         self.seen_patch = False  # a verified patch arrived: this fleet sends patches
         self.patches_applied = 0
         self.resyncs = 0
@@ -116,7 +116,7 @@ class Downlink:
         if self.session is not None:
             self.session.unsubscribe(self.full_topics)
 
-    def _sha(self, version: int, weights: Weights) -> str:
+    def _sha(self, version: int, weights: Weights) -> bytes:
         if self._held_sha is None or self._held_sha[0] != version:
             self._held_sha = (version, weights_sha256(weights))
         return self._held_sha[1]
@@ -167,7 +167,7 @@ class Downlink:
             try:
                 current = apply_patch(current, p, self.limits)
             except ProtocolError as e:
-                if e.reason not in ("bad_base", "bad_hash"):
+                if e.reason != "bad_hash":
                     raise
                 self.resync(f"patch v{p.to_version} does not apply: {e.detail}")
                 break

@@ -30,7 +30,7 @@ class ModelCache:
     def __init__(self) -> None:
         self._entries: weakref.WeakValueDictionary[str, _Entry] = weakref.WeakValueDictionary()
         # The same, by the weights' hash (fedge.patches): agents that applied the same patch.
-        self._patched: weakref.WeakValueDictionary[str, _Entry] = weakref.WeakValueDictionary()
+        self._patched: weakref.WeakValueDictionary[bytes, _Entry] = weakref.WeakValueDictionary()
 
     def get(
         self, sha256: str, onnx: bytes, parse: Callable[[bytes], dict[str, np.ndarray]]
@@ -42,7 +42,7 @@ class ModelCache:
         return entry
 
     def patched(
-        self, weights_sha256: str, make: Callable[[], tuple[bytes, dict[str, np.ndarray]]]
+        self, weights_sha256: bytes, make: Callable[[], tuple[bytes, dict[str, np.ndarray]]]
     ) -> _Entry:
         """The entry for weights reached by a patch (``make``: their ONNX and arrays)."""
         entry = self._patched.get(weights_sha256)

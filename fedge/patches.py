@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import time
 from collections.abc import Mapping
 from dataclasses import replace
 
@@ -42,15 +41,15 @@ __all__ = ["add_delta", "apply_patch", "make_patch", "verify_patch", "weights_sh
 Weights = Mapping[str, np.ndarray]
 
 
-def weights_sha256(weights: Weights) -> str:
-    """Lowercase hex sha256 of ``weights`` (the layout in the module docstring)."""
+def weights_sha256(weights: Weights) -> bytes:
+    """The 32-byte sha256 of ``weights`` (the layout in the module docstring)."""
     h = hashlib.sha256()
     for name in sorted(weights, key=lambda n: n.encode("utf-8")):
         raw = name.encode("utf-8")
         h.update(struct.pack(">H", len(raw)))
         h.update(raw)
         h.update(np.ascontiguousarray(weights[name], dtype="<f4").tobytes(order="C"))
-    return h.hexdigest()
+    return h.digest()
 
 
 def add_delta(base: Weights, decoded: Weights) -> dict[str, np.ndarray]:
@@ -89,12 +88,10 @@ def apply_patch(
 ) -> dict[str, np.ndarray]:
     """The weights of ``patch.to_version`` from ``base`` (those of ``from_version``).
 
-    ``ProtocolError``: a blob too large or malformed, ``bad_base`` when ``base`` is not the
-    weights the patch was made for, ``bad_hash`` when the result does not match. The
+    ``ProtocolError``: a blob too large or malformed, ``bad_hash`` when the result does not
+    match (``base`` is not the weights the patch was made for, or the patch is corrupt). The
     signature is the caller's to check first (``verify_patch``).
     """
-    if weights_sha256(base) != patch.base_sha256:
-        raise ProtocolError("bad_base", f"patch v{patch.to_version}: held weights differ")
     new = add_delta(base, _decode(patch, spec_of(base), limits))
     if not all(np.isfinite(a).all() for a in new.values()):
         raise ProtocolError("non_finite", f"patch v{patch.to_version}: result not finite")
@@ -128,10 +125,8 @@ def make_patch(
         to_version=from_version + 1,
         codec=c.name,
         delta=blob,
-        base_sha256=weights_sha256(view),
         sha256=weights_sha256(new_view),
         retained_from=retained_from,
-        created=time.time(),
     )
     if signing_key is not None:
         patch = replace(patch, signature=signing_key.sign(patch.digest()))

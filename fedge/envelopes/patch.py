@@ -6,8 +6,7 @@ Signed bytes (integers big-endian, strings ASCII), Ed25519 by the aggregator's m
     patch_digest = b"fedge.patch.v1\\x00\\x00"                16 bytes
                    u32 from_version | u32 to_version
                    u8 len(codec) | codec
-                   base_sha256 (32 raw bytes)                 weights hash the patch applies to
-                   sha256 (32 raw bytes)                      weights hash of the result
+                   sha256                                     32: weights hash of the result
                    sha256(delta bytes as sent)                32
                    u32 retained_from
 """
@@ -27,58 +26,50 @@ from fedge.wire import pack
 __all__ = ["PATCH_TAG", "ModelPatch", "patch_digest"]
 
 PATCH_TAG = b"fedge.patch.v1\x00\x00"
-_HEX = frozenset("0123456789abcdef")
 
 
 def patch_digest(
     from_version: int,
     to_version: int,
     codec: str,
-    base_sha256: str,
-    sha256: str,
+    sha256: bytes,
     delta_sha256: bytes,
     retained_from: int,
 ) -> bytes:
     """The exact bytes the aggregator signs for a patch (module docstring)."""
     c = codec.encode("ascii")
-    if len(c) > 255 or len(delta_sha256) != 32:
-        raise ValueError("codec name longer than 255 bytes or delta hash not 32 bytes")
+    if len(c) > 255 or len(delta_sha256) != 32 or len(sha256) != 32:
+        raise ValueError("codec name longer than 255 bytes or a hash not 32 bytes")
     return b"".join(
         (
             PATCH_TAG,
             struct.pack(">II", from_version, to_version),
             bytes([len(c)]),
             c,
-            bytes.fromhex(base_sha256),
-            bytes.fromhex(sha256),
+            sha256,
             delta_sha256,
             struct.pack(">I", retained_from),
         )
     )
 
 
-def _is_hex64(s: str) -> bool:
-    return len(s) == 64 and set(s) <= _HEX
-
-
 @dataclass(frozen=True)
 class ModelPatch:
     """Weights of ``to_version`` = weights of ``from_version`` + decode(``delta``).
 
-    ``base_sha256`` and ``sha256`` are ``fedge.patches.weights_sha256`` of the weights before
-    and after (lowercase hex). ``retained_from``: the oldest ``from_version`` whose patch the
-    aggregator still keeps retained when it published this one, so a device holding an older
-    version knows at once that only the full model brings it up to date.
+    ``sha256`` is ``fedge.patches.weights_sha256`` of the resulting weights (32 raw bytes: a
+    patch is small, and its envelope is much of it). ``retained_from``: the oldest
+    ``from_version`` whose patch the aggregator still keeps retained when it published this
+    one, so a device holding an older version knows at once that only the full model brings
+    it up to date.
     """
 
     from_version: int
     to_version: int
     codec: str
     delta: bytes
-    base_sha256: str
-    sha256: str
+    sha256: bytes
     retained_from: int
-    created: float = 0.0
     signature: bytes = b""  # Ed25519 by the aggregator over digest(); empty when unsigned
 
     def digest(self) -> bytes:
@@ -86,7 +77,6 @@ class ModelPatch:
             self.from_version,
             self.to_version,
             self.codec,
-            self.base_sha256,
             self.sha256,
             hashlib.sha256(self.delta).digest(),
             self.retained_from,
@@ -101,10 +91,8 @@ class ModelPatch:
                 "to_version": self.to_version,
                 "codec": self.codec,
                 "delta": self.delta,
-                "base_sha256": self.base_sha256,
                 "sha256": self.sha256,
                 "retained_from": self.retained_from,
-                "created": float(self.created),
                 "signature": self.signature,
             }
         )
@@ -117,10 +105,8 @@ class ModelPatch:
             to_version=f.int("to_version", 1, _MAX_ROUND),
             codec=f.str("codec"),
             delta=f.bytes("delta", max_len=limits.max_payload_bytes),
-            base_sha256=f.str("base_sha256"),
-            sha256=f.str("sha256"),
+            sha256=f.bytes("sha256", max_len=32),
             retained_from=f.int("retained_from", 0, _MAX_ROUND),
-            created=f.float("created", 0.0),
             signature=f.bytes("signature", max_len=SIGNATURE_BYTES, optional=True) or b"",
         )
         f.done()
@@ -128,6 +114,6 @@ class ModelPatch:
             raise ProtocolError(
                 "schema", "a patch needs from_version < to_version and retained_from <= from"
             )
-        if not (_is_hex64(p.base_sha256) and _is_hex64(p.sha256)) or len(p.codec) > 255:
-            raise ProtocolError("schema", "patch hashes must be 64 lowercase hex digits")
+        if len(p.sha256) != 32 or len(p.codec) > 255:
+            raise ProtocolError("schema", "a patch's sha256 is 32 bytes, its codec <= 255")
         return p
