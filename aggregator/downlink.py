@@ -1,5 +1,5 @@
 """The downlink chain: the weights devices hold (the "device view") and the patches that
-move it, one per version (fedge/patches.py has the arithmetic, protocol §9.6 the rules).
+move it, one per version (fedge/patches.py has the arithmetic, protocol §5.8 and §9.8 the rules).
 
 Per version the service makes the patch ``target - view`` with the downlink codec, keeps the
 view devices compute from it byte for byte, and keeps the last ``retain`` patch messages to
@@ -37,8 +37,11 @@ class DownlinkChain:
     """The device view and the retained patches of one service (``codec`` None: full models
     only, the view is the exact weights)."""
 
-    def __init__(self, codec: str | None, retain: int, *, feedback: bool = True) -> None:
+    def __init__(
+        self, codec: str | None, retain: int, *, feedback: bool = True, seed: int = 0
+    ) -> None:
         self.codec = codec
+        self.seed = seed  # stochastic rounding draws from (seed, version): reproducible
         self.retain = retain
         self.feedback = feedback
         self.view: dict[str, np.ndarray] = {}
@@ -75,7 +78,6 @@ class DownlinkChain:
         new_version: int,
         target: Weights,
         signing_key: SigningKey | None,
-        rng: np.random.Generator | None = None,
     ) -> dict[str, np.ndarray]:
         """Make the patch to ``new_version``; returns the weights the server continues from."""
         if not self.active:
@@ -90,7 +92,7 @@ class DownlinkChain:
             codec=self.codec,
             retained_from=retained_from,
             signing_key=signing_key,
-            rng=rng,
+            rng=np.random.default_rng([self.seed, new_version]),
         )
         self.patches = [*self.patches, (new_version, patch.to_bytes())][-self.retain :]
         if self.feedback:

@@ -57,7 +57,9 @@ class RoundLifecycle:
         self.metrics = parts.metrics
         c = self.config
         codec = None if c.downlink_codec == "full" else c.downlink_codec
-        chain = DownlinkChain(codec, c.patch_retain, feedback=c.downlink_feedback)
+        chain = DownlinkChain(
+            codec, c.patch_retain, feedback=c.downlink_feedback, seed=c.model.seed
+        )
         self.state = ServiceState(parts.state_file, chain)
         # The ranges the last int8 twin was built from: the next merge is bounded by them
         # (in memory only: the first twin after a restart is trimmed but not bounded).

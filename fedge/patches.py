@@ -1,4 +1,4 @@
-"""Model patches: the exact arithmetic of the downlink (protocol §9.6).
+"""Model patches: the exact arithmetic of the downlink (protocol §5.8, devices §9.8).
 
 A patch takes the weights of version ``v-1`` to those of ``v``. Every device and the
 aggregator must reach the same bytes, so both steps are fixed here:

@@ -69,6 +69,7 @@ class SimConfig:
     codec: str | None = None  # None: default_codec(strategy)
     downlink_codec: str = "full"  # or a patch codec (aggregator/downlink.py)
     patch_retain: int = 8
+    downlink_feedback: bool = True  # False: the server continues from the devices' weights
     model: str | None = None
     epochs: int = 5
     batch_size: int = 32
@@ -267,6 +268,7 @@ def _aggregator_config(
         codec=cfg.codec or default_codec(cfg.strategy),
         downlink_codec=cfg.downlink_codec,
         patch_retain=cfg.patch_retain,
+        downlink_feedback=cfg.downlink_feedback,
         strategy=cfg.strategy,
         strategy_opts=dict(cfg.strategy_opts),
         server_lr=cfg.server_lr,

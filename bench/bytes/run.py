@@ -46,10 +46,12 @@ ROWS = [
 
 
 def run_one(row: str, seed: int, rounds: int, out: Path) -> dict[str, Any]:
-    up, down = row.split("/")
+    """``row`` = UP/DOWN, or UP/DOWN/no-feedback (the server continues from the view)."""
+    up, down, *rest = row.split("/")
     cfg = SimConfig(
         out=out, dataset="digits", devices=10, partition="dirichlet:0.5", seed=seed,
         rounds=rounds, epochs=5, lr=0.1, codec=up, downlink_codec=down,
+        downlink_feedback=rest != ["no-feedback"],
     )  # fmt: skip
     s = simulate(cfg, say=lambda _line: None)
     records = [json.loads(line) for line in Path(s["metrics"]).read_text().splitlines()]
