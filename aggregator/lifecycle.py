@@ -61,6 +61,8 @@ class RoundLifecycle:
             codec, c.patch_retain, feedback=c.downlink_feedback, seed=c.model.seed
         )
         self.state = ServiceState(parts.state_file, chain)
+        if chain.active:
+            self.publisher.announce["patch_retain"] = float(c.patch_retain)
         # The ranges the last int8 twin was built from: the next merge is bounded by them
         # (in memory only: the first twin after a restart is trimmed but not bounded).
         self.calib_ranges: dict[str, tuple[float, float]] | None = None

@@ -103,7 +103,12 @@ class EdgeAgent:
             held=(self.model.version, self.model.sha256) if self.model else None,
         )
         self.downlink = Downlink(
-            device_id, topics, limits, aggregator_key, holding=self.model is not None
+            device_id,
+            topics,
+            limits,
+            aggregator_key,
+            holding=self.model is not None,
+            state_dir=store.dir,
         )
         self.residual = Residual.load(store.dir)
         self.outbox = Outbox(store.dir)
@@ -253,7 +258,7 @@ class EdgeAgent:
             len(m.onnx),
             "signature verified" if self.models.verify_key is not None else "unsigned",
         )
-        self.downlink.adopted_full(m.version)
+        self.downlink.adopted_full(m.metrics.get("patch_retain", 0.0) > 0)
         patched = self.downlink.advance((m.version, entry.weights))
         if patched is not None:
             self._adopt_patched(patched)

@@ -14,8 +14,8 @@ receives one patch per version. It subscribes to the full model again (a *resync
   the aggregator sends full models only).
 
 After a full model it unsubscribes again at once when it has seen a verified patch of the
-fleet, or the model is version 0 (no patch leads there; a fleet on full models brings it back
-with its first task, once).
+fleet or the model's announcement carries ``patch_retain`` in its metrics (the aggregator
+sends patches; not signed, so a forged one costs at most a resync).
 
 Patches arrive in any order (a retained burst after a subscribe): those that do not apply yet
 wait, at most ``MAX_PENDING``. Every patch is verified (signature, then size before decoding)
@@ -25,9 +25,11 @@ adopting it is the agent's.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +38,7 @@ from fedge.errors import ProtocolError
 from fedge.identity import VerifyKey
 from fedge.limits import Limits
 from fedge.patches import apply_patch, verify_patch, weights_sha256
+from fedge.support.fsutil import atomic_write
 from fedge.topics import Topics
 from fedge.transport.base import RoleSession
 
@@ -66,13 +69,16 @@ class Downlink:
         verify_key: VerifyKey | None,
         *,
         holding: bool,
+        state_dir: Path | None = None,
     ) -> None:
         self.device_id = device_id
         self.topics = topics
         self.limits = limits
         self.verify_key = verify_key
-        # A device that holds a model starts on patches; one without subscribes to both.
-        self.full = not holding
+        # Whether the device followed patches when it stopped (a fleet on full models never
+        # does): a device that holds a model and did starts on patches alone.
+        self._flag = None if state_dir is None else Path(state_dir) / "downlink.json"
+        self.full = not (holding and self._followed())
         self.session: RoleSession | None = None
         self._pending: dict[int, ModelPatch] = {}  # by from_version
         self._held_sha: tuple[int, bytes] | None = None  # (version, weights_sha256)
@@ -97,12 +103,23 @@ class Downlink:
         if not self.full and self.session is not None:
             self.session.unsubscribe(self.full_topics)
 
+    def _followed(self) -> bool:
+        try:
+            return bool(json.loads(self._flag.read_text())["patches"]) if self._flag else False
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def _remember(self) -> None:
+        if self._flag is not None:
+            atomic_write(self._flag, json.dumps({"patches": not self.full}).encode())
+
     # -- decisions ------------------------------------------------------------------------------
     def resync(self, why: str, level: int = logging.WARNING) -> None:
         """Take the full model again (once until it arrives)."""
         if self.full:
             return
         self.full = True
+        self._remember()
         self.resyncs += 1
         log.log(level, "%s: resynchronising with the full model: %s", self.device_id, why)
         if self.session is not None:
@@ -112,6 +129,7 @@ class Downlink:
         if not self.full:
             return
         self.full = False
+        self._remember()
         log.info("%s: model follows patches only", self.device_id)
         if self.session is not None:
             self.session.unsubscribe(self.full_topics)
@@ -137,11 +155,10 @@ class Downlink:
         self._pending[p.from_version] = p
         return self.advance(held)
 
-    def adopted_full(self, version: int) -> None:
+    def adopted_full(self, announces_patches: bool) -> None:
         """A full model is held: follow patches from it if this fleet sends them (a verified
-        patch was seen) or it is version 0, which no patch leads to (in a fleet that sends
-        full models only, the next task brings the device back to them)."""
-        if version == 0 or self.seen_patch:
+        patch was seen, or the model's announcement says ``patch_retain``)."""
+        if announces_patches or self.seen_patch:
             self._follow()
 
     def advance(self, held: tuple[int, Weights] | None) -> Patched | None:

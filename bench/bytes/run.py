@@ -10,7 +10,9 @@ averaged over seeds.
         [--rows UP/DOWN,UP/DOWN,...] [--target 0.90] [--out DIR]
 
 Rows name an uplink codec and a downlink codec (``full`` or a patch codec), e.g.
-``fp32/full`` (the baseline, always run), ``topk:0.03+int4+zstd/topk:0.05+int8+zstd``.
+``fp32/full`` (the baseline, always run), ``topk:0.03+int4+zstd/topk:0.05+int8+zstd``; a
+third part ``/no-feedback`` runs the aggregator with ``downlink_feedback: false`` (the server
+continues from the devices' weights).
 The task is ``make demo``'s fleet: digits, 10 devices, Dirichlet(0.5), 5 local epochs, lr 0.1.
 Writes ``OUT/results.json`` and ``OUT/results.md`` (the table for docs/benchmarks.md).
 """

@@ -46,11 +46,31 @@ def _chain(n: int, retain: int, key: SigningKey) -> tuple[dict[str, np.ndarray],
     return w0, chain
 
 
-def _downlink(key: SigningKey, holding: bool = True) -> tuple[Downlink, _Subs]:
-    d = Downlink("dev-0", Topics("t"), DEFAULT_LIMITS, key.verify_key, holding=holding)
+def _downlink(key: SigningKey, following: bool = True) -> tuple[Downlink, _Subs]:
+    d = Downlink("dev-0", Topics("t"), DEFAULT_LIMITS, key.verify_key, holding=following)
+    d.full = not following  # as if its state directory said so (test below)
     subs = _Subs()
     d.session = subs  # type: ignore[assignment]
     return d, subs
+
+
+def test_a_device_starts_on_patches_only_if_it_followed_them_when_it_stopped(
+    tmp_path: Path,
+) -> None:
+    key = SigningKey.generate()
+
+    def start(holding: bool) -> Downlink:
+        d = Downlink("dev-0", Topics("t"), DEFAULT_LIMITS, key.verify_key, holding=holding,
+                     state_dir=tmp_path)  # fmt: skip
+        d.session = _Subs()  # type: ignore[assignment]
+        return d
+
+    assert start(True).full  # never followed patches (a fleet on full models)
+    start(True).adopted_full(announces_patches=True)
+    assert not start(True).full
+    assert start(False).full  # holds no model: needs the full one whatever it did before
+    start(True).resync("test")
+    assert start(True).full
 
 
 def test_patches_in_any_order_reach_the_aggregators_view() -> None:
@@ -91,13 +111,13 @@ def test_a_task_that_patches_cannot_reach_resyncs_once() -> None:
     assert len(subs.calls) == 1
 
 
-def test_a_full_model_is_left_for_patches_at_version_0_or_once_patches_were_seen() -> None:
+def test_a_full_model_is_left_for_patches_once_the_fleet_is_known_to_send_them() -> None:
     key = SigningKey.generate()
-    d, subs = _downlink(key, holding=False)
+    d, subs = _downlink(key, following=False)
     assert d.full
-    d.adopted_full(3)
-    assert d.full  # no patch seen: this fleet may send full models only
-    d.adopted_full(0)
+    d.adopted_full(announces_patches=False)
+    assert d.full  # no patch seen, none announced: this fleet sends full models
+    d.adopted_full(announces_patches=True)
     assert not d.full
     assert subs.calls == [("unsub", (d.topics.model, d.topics.all_model_chunks))]
 
