@@ -24,7 +24,7 @@ DEFAULT_SIM_CODEC = "topk:0.03+int4+zstd"
 
 # How new versions reach simulated devices: signed model patches with server-side error
 # feedback (bench/bytes, docs/benchmarks.md); "full" sends the whole model every version.
-DEFAULT_DOWNLINK_CODEC = "topk:0.05+int8+zstd"
+DEFAULT_DOWNLINK_CODEC = "topk:0.07+int4+zstd"
 
 
 def default_codec(strategy: str) -> str:
