@@ -47,6 +47,7 @@ ROWS = [
     f"{DEFAULT_SIM_CODEC}/topk:0.05+int8+zstd",
     "topk:0.05+int4+zstd/topk:0.05+int4+zstd",
     "topk:0.04+int4+zstd/topk:0.05+int4+zstd",
+    "topk:0.05+int4+zstd/topk:0.04+int4+zstd",
     f"{DEFAULT_SIM_CODEC}/{DEFAULT_DOWNLINK_CODEC}/no-feedback",
 ]
 
