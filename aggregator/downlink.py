@@ -55,15 +55,17 @@ class DownlinkChain:
         return self.codec is not None
 
     def reset(self, weights: Weights) -> None:
-        """A new model: devices will hold exactly ``weights``."""
-        self.view = {k: np.array(v, dtype=np.float32) for k, v in weights.items()}
+        """A new model: devices will hold exactly ``weights`` (no copy without patches)."""
+        self.view = (
+            {k: np.array(v, dtype=np.float32) for k, v in weights.items()} if self.active else {}
+        )
         self.patches = []
 
     def restore(
         self, view: Weights | None, patches: list[tuple[int, bytes]], weights: Weights
     ) -> None:
         """From a checkpoint (a checkpoint without a view: the exact weights)."""
-        if view is None:
+        if view is None or not self.active:
             self.reset(weights)
         else:
             self.view = {k: np.array(v, dtype=np.float32) for k, v in view.items()}
