@@ -14,7 +14,8 @@ Rows name an uplink codec and a downlink codec (``full`` or a patch codec), e.g.
 third part ``/no-feedback`` runs the aggregator with ``downlink_feedback: false`` (the server
 continues from the devices' weights).
 The task is ``make demo``'s fleet: digits, 10 devices, Dirichlet(0.5), 5 local epochs, lr 0.1.
-Writes ``OUT/results.json`` and ``OUT/results.md`` (the table for docs/benchmarks.md).
+Writes ``OUT/results.json``, ``OUT/results.md`` (the table for docs/benchmarks.md) and
+``OUT/accuracy_vs_bytes.png`` (``--plot-only`` redraws it from results.json).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -151,6 +154,30 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(runs: list[dict[str, Any]], rows: list[str], path: Path) -> None:
+    """Accuracy against cumulative bytes (both ways, log scale), mean over seeds per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for row in rows:
+        mine = [r for r in runs if r["row"] == row]
+        n = min(len(r["total_curve"]) for r in mine)
+        x = np.mean([np.cumsum(r["total_curve"][:n]) for r in mine], axis=0)
+        y = np.mean([[a or 0.0 for a in r["accuracy_curve"][:n]] for r in mine], axis=0)
+        ax.plot(x, y, label=row, lw=1.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative bytes, uplink + downlink (MQTT packets)")
+    ax.set_ylabel("central accuracy of the model devices hold")
+    ax.set_ylim(0.5, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
@@ -158,7 +185,12 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--target", type=float, default=0.90)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "bytes" / "results")
+    ap.add_argument("--plot-only", action="store_true", help="redraw OUT/accuracy_vs_bytes.png")
     args = ap.parse_args()
+    if args.plot_only:
+        saved = json.loads((args.out / "results.json").read_text())
+        plot(saved["runs"], [r["row"] for r in saved["rows"]], args.out / "accuracy_vs_bytes.png")
+        return
     logging.basicConfig(level=logging.ERROR)
     seeds = [int(s) for s in args.seeds.split(",")]
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -190,6 +222,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": agg, "runs": runs}))
+    plot(runs, rows, args.out / "accuracy_vs_bytes.png")
     md = markdown(agg, meta)
     (args.out / "results.md").write_text(md)
     print(md)
