@@ -243,3 +243,106 @@ def test_simulated_fleet_takes_one_full_model_each_then_patches(tmp_path: Path, 
     for dev in sorted((out / "agents").iterdir()):
         held = read_initializers((dev / "model.onnx").read_bytes())
         assert weights_sha256(held) == final, dev.name
+
+
+def test_aggregator_sigkilled_between_patches_resumes_the_same_chain(
+    broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    """The aggregator as a real process, SIGKILLed mid-run: the restarted one continues the
+    chain from its checkpoint, so devices keep applying patches (no resync) and end on the
+    checkpointed view, bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import yaml
+
+    from aggregator.checkpoint import load_checkpoint
+    from aggregator.registry import ModelRegistry
+    from edge_agent.data import LocalData
+    from edge_agent.store import AgentStore
+    from fedge.topics import Topics
+    from fedge.transport.mqtt import BrokerURL
+    from fedge.transport.mux import Mux
+
+    data = make_federated("digits", 2, "iid", seed=1)
+    topics = Topics(f"t{uuid.uuid4().hex[:8]}")
+    state = tmp_path / "aggregator"
+    config = tmp_path / "aggregator.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "broker": broker.url, "fleet": topics.fleet, "state_dir": str(state),
+                "hyper": {"epochs": 1}, "rounds": 0, "target_devices": 2, "min_devices": 2,
+                "round_timeout": 30, "downlink_codec": "topk:0.1+int4+zstd", "patch_retain": 4,
+            }
+        )
+    )  # fmt: skip
+    log = tmp_path / "aggregator.log"
+
+    def start() -> subprocess.Popen[bytes]:
+        with log.open("ab") as f:
+            return subprocess.Popen(
+                [sys.executable, "-m", "aggregator", "--config", str(config),
+                 "--log-level", "WARNING"],
+                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+
+    mux, executor = Mux("dev").start(), ThreadPoolExecutor(1)
+    agents = [
+        EdgeAgent(
+            device_id=f"dev-{i}",
+            mux=mux,
+            broker=BrokerURL.parse(broker.url),
+            topics=topics,
+            data=LocalData(x, y),
+            store=AgentStore(tmp_path / f"dev-{i}"),
+            executor=executor,
+            seed=i,
+        )
+        for i, (x, y) in enumerate(data.parts)
+    ]
+    for a in agents:
+        a.start()
+    registry = ModelRegistry(state / "models")
+    proc = start()
+    try:
+        wait_until(lambda: len(registry.versions()) >= 3, 60, "versions 1 and 2")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        before = load_checkpoint(state / "checkpoint.msgpack")
+        assert before is not None
+        assert before.view is not None
+        proc = start()
+        wait_until(lambda: max(registry.versions()) >= before.version + 2, 60, "two more")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+    try:
+        after = load_checkpoint(state / "checkpoint.msgpack")
+        assert after is not None
+        assert after.view is not None
+        view = weights_sha256(after.view)
+        wait_until(
+            lambda: all(a.model is not None and a.model.version == after.version for a in agents),
+            10,
+            "devices on the last version",
+        )
+        for a in agents:
+            assert a.model is not None
+            assert weights_sha256(a._global_weights(a.model)) == view
+            assert a.downlink.resyncs == 0
+            assert a.downlink.patches_applied >= after.version - 1
+        # The chain runs through the kill: consecutive, each patch's result is the next base.
+        chain = [ModelPatch.from_bytes(p) for _, p in after.patches]
+        assert [p.to_version for p in chain] == list(
+            range(after.version - len(chain) + 1, after.version + 1)
+        )
+        assert chain[-1].sha256 == view
+    finally:
+        for a in agents:
+            a.stop()
+        mux.stop()
+        executor.shutdown(cancel_futures=True)
