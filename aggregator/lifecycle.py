@@ -32,6 +32,7 @@ from aggregator.state import ServiceState
 from aggregator.weighting import SampleCap, lower_median, refold_capped
 from fedge.envelopes import DeviceState, DeviceStatus, RoundTask
 from fedge.errors import AggregationError
+from fedge.support.faults import crash_point
 from fedge.tensors import TensorSpec, spec_of
 from fedge.topics import Topics
 from fedge.transport.base import Cancellable
@@ -311,6 +312,7 @@ class RoundLifecycle:
         self.round = None
         self._ended()
         self._checkpoint(counted=tuple(rnd.counted))
+        crash_point("after_version_checkpoint")  # the version and its patch are durable, unsent
         self.journal.discard_through(rnd.round)
         record = self._publish_version(rnd)
         self.metrics.write(record)

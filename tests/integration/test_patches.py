@@ -248,9 +248,9 @@ def test_simulated_fleet_takes_one_full_model_each_then_patches(tmp_path: Path, 
 def test_aggregator_sigkilled_between_patches_resumes_the_same_chain(
     broker: MosquittoBroker, tmp_path: Path
 ) -> None:
-    """The aggregator as a real process, SIGKILLed mid-run: the restarted one continues the
-    chain from its checkpoint, so devices keep applying patches (no resync) and end on the
-    checkpointed view, bit for bit."""
+    """The aggregator as a real process, SIGKILLed between a version's checkpoint and its
+    publication: the restarted one sends the checkpointed patch and continues the chain, so
+    devices keep applying patches (no resync) and end on the checkpointed view, bit for bit."""
     import os
     import signal
     import subprocess
@@ -282,12 +282,15 @@ def test_aggregator_sigkilled_between_patches_resumes_the_same_chain(
     )  # fmt: skip
     log = tmp_path / "aggregator.log"
 
-    def start() -> subprocess.Popen[bytes]:
+    def start(crash_at: str | None = None) -> subprocess.Popen[bytes]:
+        env = {k: v for k, v in os.environ.items() if k != "FEDGE_CRASH_AT"}
+        if crash_at is not None:
+            env["FEDGE_CRASH_AT"] = crash_at
         with log.open("ab") as f:
             return subprocess.Popen(
                 [sys.executable, "-m", "aggregator", "--config", str(config),
                  "--log-level", "WARNING"],
-                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             )  # fmt: skip
 
     mux, executor = Mux("dev").start(), ThreadPoolExecutor(1)
@@ -307,14 +310,15 @@ def test_aggregator_sigkilled_between_patches_resumes_the_same_chain(
     for a in agents:
         a.start()
     registry = ModelRegistry(state / "models")
-    proc = start()
+    # Killed right after version 1 and its patch were checkpointed, before either was sent.
+    proc = start(crash_at="after_version_checkpoint")
     try:
-        wait_until(lambda: len(registry.versions()) >= 3, 60, "versions 1 and 2")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        assert proc.wait(60) == -signal.SIGKILL, log.read_text()[-2000:]
         before = load_checkpoint(state / "checkpoint.msgpack")
         assert before is not None
         assert before.view is not None
+        assert [v for v, _ in before.patches] == [1]
+        assert all(a.model is not None and a.model.version == 0 for a in agents)
         proc = start()
         wait_until(lambda: max(registry.versions()) >= before.version + 2, 60, "two more")
     finally:
