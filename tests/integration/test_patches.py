@@ -113,6 +113,14 @@ def test_late_joiner_gets_the_full_model_once_then_only_patches(fleet: Any) -> N
 
     disk = read_initializers(a.store.model_path.read_bytes())
     assert weights_sha256(disk) == _view_sha(f)
+    from edge_agent.inference import OnnxPredictor
+
+    x = f.data.test[0][:20]
+    served = f.aggregator.registry.path(f.aggregator.version).read_bytes()
+    np.testing.assert_array_equal(
+        OnnxPredictor.from_path(a.store.model_path).predict_logits(x),
+        OnnxPredictor(served).predict_logits(x),
+    )  # the patched graph answers exactly as the aggregator's published version
 
 
 def test_missed_versions_within_retained_catch_up_with_patches_beyond_with_full(
