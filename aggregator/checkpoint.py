@@ -44,6 +44,10 @@ class Checkpoint:
     # The lower median of the last version's update weights: the next round's cap reference
     # (aggregator/weighting.py); 0 before the first version.
     weight_reference: int = 0
+    # The downlink chain (aggregator/downlink.py): the weights devices hold and the retained
+    # patches (to_version, signed bytes); None and () when the service sends full models.
+    view: dict[str, np.ndarray] | None = None
+    patches: tuple[tuple[int, bytes], ...] = ()
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
@@ -71,6 +75,10 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
             },
             "spec": {k: list(s) for k, s in spec_of(ckpt.weights).items()},
             "weights": encode_records([dense_record(k, v, "<f4") for k, v in ckpt.weights.items()]),
+            "view": None
+            if ckpt.view is None
+            else encode_records([dense_record(k, v, "<f4") for k, v in ckpt.view.items()]),
+            "patches": [[v, p] for v, p in ckpt.patches],
         },
         use_bin_type=True,
     )
@@ -99,6 +107,8 @@ def load_checkpoint(path: Path) -> Checkpoint | None:
         recent_tasks=tuple(obj.get("recent_tasks", ())),
         recent_counted={int(r): dict(c) for r, c in obj.get("recent_counted", ())},
         weight_reference=int(obj.get("weight_reference", 0)),
+        view=None if obj.get("view") is None else decode_records(obj["view"], spec, ("<f4",), big),
+        patches=tuple((int(v), bytes(p)) for v, p in obj.get("patches", ())),
     )
 
 

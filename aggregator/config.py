@@ -193,6 +193,20 @@ class AggregatorConfig(BaseModel):
     keep_versions: int = Field(
         default=0, ge=0, description="model versions kept in the registry; 0 = all"
     )
+    downlink_codec: str = Field(
+        default="full",
+        description="how new versions reach devices: full (the signed ONNX every version) or a "
+        "codec for signed model patches with server-side error feedback, e.g. "
+        "topk:0.05+int8+zstd (docs/protocol.md, model patches)",
+    )
+    patch_retain: int = Field(
+        default=8, ge=1, le=1000, description="patches kept retained for devices catching up"
+    )
+    downlink_feedback: bool = Field(
+        default=True,
+        description="carry what a patch did not send into the next one (server-side error "
+        "feedback); false: the server continues from the devices' weights",
+    )
     model_chunk_bytes: int = Field(
         default=4 * 1024 * 1024,
         ge=1024,
@@ -245,6 +259,11 @@ class AggregatorConfig(BaseModel):
         if v not in STRATEGIES:
             raise ValueError(f"unknown strategy {v!r}; choose one of: {', '.join(STRATEGIES)}")
         return v
+
+    @field_validator("downlink_codec")
+    @classmethod
+    def _downlink_codec(cls, v: str) -> str:
+        return "full" if v.strip().lower() == "full" else parse_codec(v).name
 
     @field_validator("codec")
     @classmethod

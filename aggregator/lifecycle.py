@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from aggregator.downlink import DownlinkChain
 from aggregator.parts import RoundParts
 from aggregator.presence import RevocationWatch
 from aggregator.rounds import OpenRound, RoundContext
@@ -31,6 +32,7 @@ from aggregator.state import ServiceState
 from aggregator.weighting import SampleCap, lower_median, refold_capped
 from fedge.envelopes import DeviceState, DeviceStatus, RoundTask
 from fedge.errors import AggregationError
+from fedge.support.faults import crash_point
 from fedge.tensors import TensorSpec, spec_of
 from fedge.topics import Topics
 from fedge.transport.base import Cancellable
@@ -54,7 +56,14 @@ class RoundLifecycle:
         self.intake = parts.intake
         self.presence = parts.presence
         self.metrics = parts.metrics
-        self.state = ServiceState(parts.state_file)
+        c = self.config
+        codec = None if c.downlink_codec == "full" else c.downlink_codec
+        chain = DownlinkChain(
+            codec, c.patch_retain, feedback=c.downlink_feedback, seed=c.model.seed
+        )
+        self.state = ServiceState(parts.state_file, chain)
+        if chain.active:
+            self.publisher.announce["patch_retain"] = float(c.patch_retain)
         # The ranges the last int8 twin was built from: the next merge is bounded by them
         # (in memory only: the first twin after a restart is trimmed but not bounded).
         self.calib_ranges: dict[str, tuple[float, float]] | None = None
@@ -83,7 +92,7 @@ class RoundLifecycle:
         if self.parts.pruner is not None:
             self.parts.pruner.restore(spec_of(st.weights))
         self.journal.discard_through(st.last_round - (1 if ckpt and ckpt.open_task else 0))
-        self.publisher.render(st.version, st.weights)
+        self.publisher.render(st.version, st.downlink.served(st.weights))
         if self.config.rounds and st.version >= self.config.rounds:
             # rounds is the fleet's total (the version to reach), across restarts.
             log.warning(
@@ -107,6 +116,7 @@ class RoundLifecycle:
     def on_connected(self) -> None:
         # Re-publishing is idempotent (same version and hash) and repairs a broker that lost
         # its retained messages.
+        self.state.downlink.publish(self.session, self.parts.topics, every=True)
         self.publisher.publish(self.session)
         if self._revocations is not None and not self._revocations.started:
             self._revocations.look()
@@ -304,15 +314,20 @@ class RoundLifecycle:
             # Finite inputs can still overflow float32; never publish or checkpoint that.
             self._fail_round(rnd, "aggregate is not finite (overflow); model kept")
             return
-        self.state.weights = new
         self.state.version += 1
         if self.parts.pruner is not None:
-            self.parts.pruner.step(self.state.version, self.state.weights)
+            # Masks the new weights in place: the patch below carries the pruned target.
+            self.parts.pruner.step(self.state.version, new)
+        # The patch to the new version is made before the checkpoint that holds it.
+        self.state.weights = self.state.downlink.advance(
+            self.state.version, new, self.publisher.signing_key
+        )
         if rnd.weights:  # a sharded reducer folds partial sums, not weights
             self.state.weight_reference = lower_median(rnd.weights)
         self.round = None
         self._ended()
         self._checkpoint(counted=tuple(rnd.counted))
+        crash_point("after_version_checkpoint")  # the version and its patch are durable, unsent
         self.journal.discard_through(rnd.round)
         self._clear_task()
         record = self._publish_version(rnd)
@@ -369,8 +384,9 @@ class RoundLifecycle:
         """Render, evaluate, publish the new version; step the schedules; its record."""
         pub = self.publisher
         provenance = {"round": rnd.round, "devices": sorted(rnd.counted)}
+        chain = self.state.downlink
         metrics: dict[str, Any] = dict(
-            pub.render(self.state.version, self.state.weights, provenance)
+            pub.render(self.state.version, chain.served(self.state.weights), provenance)
         )
         if rnd.calib is not None:
             ranges = rnd.calib.merged() if rnd.calib.reports else None
@@ -378,7 +394,13 @@ class RoundLifecycle:
             self.calib_ranges = ranges or self.calib_ranges
         if self.parts.pruner is not None:
             metrics.update(self.parts.pruner.serve(pub, self.state.version, self.calib_ranges))
+        chain.publish(self.session, self.parts.topics)  # before the full model: devices patch
         pub.publish(self.session)
+        if chain.active:
+            metrics.update(
+                patch_bytes=chain.patch_bytes,
+                downlink_residual=chain.residual_norm(self.state.weights),
+            )
         if self.config.keep_versions:
             self.parts.registry.prune(self.config.keep_versions)
         metrics.update(self.strategy.round_metrics())

@@ -51,10 +51,13 @@ class ModelPublisher:
         self.int8_message: bytes = b""
         self.model_bytes = 0
         self._chunks_published = 0
+        # Facts devices read off every announcement besides the evaluation: ``patch_retain``
+        # when versions also go out as patches (protocol §5.4, §9.8).
+        self.announce: dict[str, float] = {}
 
     def _announce(self, version: int, onnx: bytes, metrics: dict[str, float]) -> GlobalModel:
         sha = hashlib.sha256(onnx).hexdigest()
-        msg = GlobalModel(version, self.arch, onnx, sha, time.time(), metrics)
+        msg = GlobalModel(version, self.arch, onnx, sha, time.time(), {**metrics, **self.announce})
         if self.signing_key is not None:
             msg = replace(msg, signature=self.signing_key.sign(msg.digest()))
         return msg

@@ -15,6 +15,7 @@ import numpy as np
 
 from aggregator.checkpoint import Checkpoint, StateFile
 from aggregator.config import ModelConfig
+from aggregator.downlink import DownlinkChain
 from aggregator.rounds import OpenRound
 from fedge.envelopes import RoundTask
 
@@ -24,8 +25,10 @@ log = logging.getLogger(__name__)
 
 
 class ServiceState:
-    def __init__(self, file: StateFile) -> None:
+    def __init__(self, file: StateFile, downlink: DownlinkChain | None = None) -> None:
         self.file = file
+        # The device view and its patches (full models only without one).
+        self.downlink = downlink if downlink is not None else DownlinkChain(None, 1)
         self.version, self.last_round, self.failed_rounds = 0, 0, 0
         self.weight_reference = 0  # aggregator/weighting.py
         self.weights: dict[str, np.ndarray] = {}
@@ -40,6 +43,7 @@ class ServiceState:
             from aggregator.warm_start import initial_weights
 
             self.weights = initial_weights(model)
+            self.downlink.reset(self.weights)
             self.save(None, counted=())
             how = f"warm start from {model.init}" if model.init else f"seed {model.seed}"
             log.info("aggregator: new model %s (%s), version 0", model.name, how)
@@ -47,6 +51,7 @@ class ServiceState:
             self.version, self.last_round = ckpt.version, ckpt.last_round
             self.weights, self.failed_rounds = ckpt.weights, ckpt.failed_rounds
             self.weight_reference = ckpt.weight_reference
+            self.downlink.restore(ckpt.view, list(ckpt.patches), self.weights)
             log.info("aggregator: resumed version %d, last round %d", self.version, self.last_round)
         return ckpt
 
@@ -77,5 +82,7 @@ class ServiceState:
             window_tasks,
             {r: dict(o.counted) for r, o in self.window.items()},
             weight_reference=self.weight_reference,
+            view=self.downlink.view if self.downlink.active else None,
+            patches=tuple(self.downlink.patches),
         )
         self.file.save(ck)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.data import LocalData
+from edge_agent.downlink import Downlink, Patched
 from edge_agent.model_cache import ModelCache
 from edge_agent.outbox import Outbox
 from edge_agent.privacy import LocalDP
@@ -108,6 +109,14 @@ class EdgeAgent:
             verify_key=aggregator_key,
             held=(self.model.version, self.model.sha256) if self.model else None,
         )
+        self.downlink = Downlink(
+            device_id,
+            topics,
+            limits,
+            aggregator_key,
+            holding=self.model is not None,
+            state_dir=store.dir,
+        )
         self.residual = Residual.load(store.dir)
         self.outbox = Outbox(store.dir)
         self.uplink = Uplink(device_id, seed, limits, local_dp, signing_key)
@@ -150,8 +159,7 @@ class EdgeAgent:
             SessionRequest(
                 device_id,
                 subscriptions=[
-                    topics.model,
-                    topics.all_model_chunks,
+                    *self.downlink.subscriptions(),
                     topics.task,
                     topics.receipt(device_id),
                     topics.release,
@@ -159,10 +167,12 @@ class EdgeAgent:
                     topics.release_stable,
                     *self.secagg.subscriptions,
                 ],
-                # Only the newest model, chunk set, task and release matter; all retained.
+                # Only the newest model, chunk set, task and release matter, and they are
+                # retained; the last patches are retained too (edge_agent/downlink.py).
                 latest_only=[
                     topics.model,
                     topics.all_model_chunks,
+                    topics.all_model_patches,
                     topics.task,
                     topics.release,
                     topics.release_candidate,
@@ -174,6 +184,7 @@ class EdgeAgent:
                 will=(topics.status(device_id), offline),
             )
         )
+        self.downlink.session = self.session
 
     # -- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -200,6 +211,7 @@ class EdgeAgent:
         )
 
     def _on_connected(self) -> None:
+        self.downlink.on_connected()
         self._publish_status(DeviceState.ONLINE)
         # Every update not yet receipted by the aggregator, after every (re)connect: the broker
         # may have acknowledged it and then lost it in flight (a crash). A resend of an update
@@ -222,11 +234,16 @@ class EdgeAgent:
     # -- incoming -----------------------------------------------------------------------------
     def _on_message(self, topic: str, payload: bytes) -> None:
         qos = 1 if topic == self.topics.receipt(self.device_id) else 0  # latest-only: QoS 0
-        self.counters.rx_bytes += publish_packet_size(topic, len(payload), qos)
+        size = publish_packet_size(topic, len(payload), qos)
+        self.counters.rx_bytes += size
         try:
             if self.secagg.handle(topic, payload):
                 return
-            if self.models.wants(topic):
+            if self.downlink.wants(topic):
+                self.counters.rx_patch_bytes += size
+                self._on_patch(payload)
+            elif self.models.wants(topic):
+                self.counters.rx_model_bytes += size
                 full = self.models.offer(topic, payload)
                 if full is not None:
                     self._on_model(full)
@@ -234,6 +251,7 @@ class EdgeAgent:
                 # The aggregator closed the round (protocol §9.5): the next task follows.
                 self.task = None
             elif topic == self.topics.task:
+                self.counters.rx_task_bytes += size
                 task = RoundTask.from_bytes(payload, self.limits)
                 self._on_task(check_task(task, self._aggregator_key, self.limits))
             elif self.release.wants(topic):
@@ -253,6 +271,8 @@ class EdgeAgent:
                 self.counters.tasks_rejected += 1
             elif self.release.wants(topic):
                 self.counters.releases_rejected += 1
+            elif self.downlink.wants(topic):
+                self.counters.patches_rejected += 1
             else:
                 self.counters.models_rejected += 1
             log.warning("%s: ignored message on %s: %s", self.device_id, topic, e)
@@ -286,7 +306,38 @@ class EdgeAgent:
             len(m.onnx),
             "signature verified" if self.models.verify_key is not None else "unsigned",
         )
+        self.downlink.adopted_full(m.metrics.get("patch_retain", 0.0) > 0)
+        patched = self.downlink.advance((m.version, entry.weights))
+        if patched is not None:
+            self._adopt_patched(patched)
+            return
         # The retained status names the model held: `fedge status` and the dashboard read it.
+        self._publish_status(DeviceState.ONLINE)
+        self._advance()
+
+    def _on_patch(self, payload: bytes) -> None:
+        held = (self.model.version, self._global_weights(self.model)) if self.model else None
+        patched = self.downlink.offer(payload, held)
+        if patched is not None:
+            self._adopt_patched(patched)
+
+    def _adopt_patched(self, p: Patched) -> None:
+        """Keep the model patches brought: its initializers written into the graph we hold
+        (so ``fedge agent predict`` runs it), persisted before it is used."""
+        from models.onnx_weights import onnx_sha256, replace_initializers
+
+        m = self.model
+        assert m is not None
+        entry = self._cache.patched(
+            p.sha256, lambda: (replace_initializers(m.onnx, p.weights), p.weights)
+        )
+        sha = onnx_sha256(entry.onnx)
+        self.store.save_model(GlobalModel(p.version, m.arch, entry.onnx, sha, time.time()))
+        self.models.hold(p.version, sha)
+        self._entry = entry
+        self.model = HeldModel(p.version, m.arch, sha, entry.onnx)
+        self._weights = entry.weights
+        log.info("%s: model v%d from patches (weights sha256 ok)", self.device_id, p.version)
         self._publish_status(DeviceState.ONLINE)
         self._advance()
 
@@ -295,6 +346,7 @@ class EdgeAgent:
             return  # a stale retained/redelivered task; the newer one stands
         self.task = t
         self.secagg.on_task(t)
+        self.downlink.on_task_base(t.base_version, self.model.version if self.model else None)
         self.outbox.drop_before(t.oldest_accepted)  # those rounds closed: no receipt will come
         self._advance()
 

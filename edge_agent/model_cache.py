@@ -29,6 +29,8 @@ class _Entry:
 class ModelCache:
     def __init__(self) -> None:
         self._entries: weakref.WeakValueDictionary[str, _Entry] = weakref.WeakValueDictionary()
+        # The same, by the weights' hash (fedge.patches): agents that applied the same patch.
+        self._patched: weakref.WeakValueDictionary[bytes, _Entry] = weakref.WeakValueDictionary()
 
     def get(
         self, sha256: str, onnx: bytes, parse: Callable[[bytes], dict[str, np.ndarray]]
@@ -37,4 +39,15 @@ class ModelCache:
         if entry is None:
             entry = _Entry(onnx, parse(onnx))
             self._entries[sha256] = entry
+        return entry
+
+    def patched(
+        self, weights_sha256: bytes, make: Callable[[], tuple[bytes, dict[str, np.ndarray]]]
+    ) -> _Entry:
+        """The entry for weights reached by a patch (``make``: their ONNX and arrays)."""
+        entry = self._patched.get(weights_sha256)
+        if entry is None:
+            onnx, weights = make()
+            entry = _Entry(onnx, weights)
+            self._patched[weights_sha256] = entry
         return entry

@@ -37,6 +37,11 @@ class AgentCounters:
     models_rejected: int = 0
     tasks_rejected: int = 0  # unsigned, badly signed or implausible (fedge.task_check)
     releases_rejected: int = 0  # release manifests or models refused (edge_agent.serving)
+    # rx_bytes split by what came down (edge_agent.downlink); receipts are the rest.
+    rx_model_bytes: int = 0  # full models and their chunks
+    rx_patch_bytes: int = 0
+    rx_task_bytes: int = 0
+    patches_rejected: int = 0  # malformed, unsigned, forged or too large
 
 
 def next_state(

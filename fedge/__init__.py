@@ -19,6 +19,7 @@ __all__ = [
     "key_registry",
     "limits",
     "masks",
+    "patches",
     "release_check",
     "secagg",
     "support",

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from fedge.support.runtime import exit_user_error, log_level
-from simulation import DEFAULT_SIM_CODEC
+from simulation import DEFAULT_DOWNLINK_CODEC, DEFAULT_SIM_CODEC
 
 __all__ = ["DEFAULT_SIM_CODEC", "main"]
 
@@ -37,6 +37,15 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
         "(about 40x less uplink than fp32 for -0.56 pp on the demo task, docs/benchmarks.md), "
         "int8+zstd for the robust strategies (median, trimmed_mean, krum, multikrum), which "
         "need dense updates",
+    )
+    p.add_argument(
+        "--downlink-codec",
+        default=None,
+        help=f"how versions reach devices: full (the whole model every version) or a codec for "
+        f"signed model patches with server-side error feedback; default {DEFAULT_DOWNLINK_CODEC}",
+    )
+    p.add_argument(
+        "--patch-retain", type=int, default=8, help="patches kept retained for catching up"
     )
     p.add_argument("--model", default=None, help="model name (default: by dataset)")
     p.add_argument("--epochs", type=int, default=5, help="local epochs per round")
@@ -216,6 +225,8 @@ def _simulate(args: argparse.Namespace) -> None:
         seed=args.seed,
         broker=args.broker,
         codec=args.codec,
+        downlink_codec=args.downlink_codec or DEFAULT_DOWNLINK_CODEC,
+        patch_retain=args.patch_retain,
         model=args.model,
         epochs=args.epochs,
         batch_size=args.batch_size,

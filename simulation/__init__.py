@@ -7,6 +7,7 @@ an enrolled key registry for a simulated fleet. Names listed below may be import
 """
 
 __all__ = [
+    "DEFAULT_DOWNLINK_CODEC",
     "DEFAULT_SIM_CODEC",
     "broker",
     "datasets",
@@ -20,6 +21,10 @@ __all__ = [
 # The best codec within 1 pp of fp32's final accuracy on digits (bench/compression). Defined
 # here, not in fleet.py, so that the CLI's parser has it without importing the fleet.
 DEFAULT_SIM_CODEC = "topk:0.03+int4+zstd"
+
+# How new versions reach simulated devices: signed model patches with server-side error
+# feedback (bench/bytes, docs/benchmarks.md); "full" sends the whole model every version.
+DEFAULT_DOWNLINK_CODEC = "topk:0.07+int4+zstd"
 
 
 def default_codec(strategy: str) -> str:

@@ -78,6 +78,9 @@ class SimConfig:
     seed: int = 0
     broker: str | None = None
     codec: str | None = None  # None: default_codec(strategy)
+    downlink_codec: str = "full"  # or a patch codec (aggregator/downlink.py)
+    patch_retain: int = 8
+    downlink_feedback: bool = True  # False: the server continues from the devices' weights
     model: str | None = None
     epochs: int = 5
     batch_size: int = 32
@@ -129,6 +132,8 @@ class SimConfig:
         # would report them as a pydantic block after the broker is up.
         if self.codec is not None:
             parse_codec(self.codec)
+        if self.downlink_codec.strip().lower() != "full":
+            parse_codec(self.downlink_codec)
         make_strategy(self.strategy, dict(self.strategy_opts), server_lr=self.server_lr)
         problem = self.codec and codec_problem(self.strategy, self.codec)
         if problem:
@@ -256,6 +261,7 @@ class _Run:
     dev_mux: Mux | None = None
     executor: ThreadPoolExecutor | None = None
     topology: Topology | None = None
+    downlink_curve: list[int] = field(default_factory=list)  # bytes down per version
 
     def stop(self) -> None:
         for a in self.agents:
@@ -318,6 +324,9 @@ def _aggregator_config(
         ),
         hyper=HyperConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr),
         codec=cfg.codec or (DENSE_CODEC if cfg.secagg else default_codec(cfg.strategy)),
+        downlink_codec=cfg.downlink_codec,
+        patch_retain=cfg.patch_retain,
+        downlink_feedback=cfg.downlink_feedback,
         strategy=cfg.strategy,
         strategy_opts=dict(cfg.strategy_opts),
         server_lr=cfg.server_lr,
@@ -352,6 +361,7 @@ def _printer(
 
     def on_round(rec: dict[str, Any]) -> None:
         down = sum(a.counters.rx_bytes for a in run.agents)
+        run.downlink_curve.append(down - prev["down"])
         say(
             f"round {rec['round']:3d}  v{rec['version']:<3d} | devices {rec['devices']:3d}/"
             f"{cfg.devices} | acc {rec.get('accuracy', float('nan')):.4f} | "
@@ -416,6 +426,8 @@ def _summary(
         "dp_epsilon": last.get("dp_epsilon"),  # None unless --strategy dp-fedavg
         "uplink_bytes": sum(r["uplink_bytes"] for r in ok),
         "downlink_bytes": sum(a.counters.rx_bytes for a in run.agents),
+        **_downlink_split(run.agents),
+        "downlink_curve": run.downlink_curve,
         "wall_seconds": round(wall, 3),
         "setup_seconds": round(setup, 3),
         "model_onnx": str(agg.latest_model_path.resolve()),
@@ -479,6 +491,18 @@ def _rollout(
         max_regression=cfg.rollout_max_regression, min_devices=cfg.rollout_min_devices,
         seed=cfg.seed, say=say,
     )  # fmt: skip
+
+
+def _downlink_split(agents: list[EdgeAgent]) -> dict[str, int]:
+    """What came down, by kind, counted at the devices (MQTT PUBLISH packets)."""
+    c = [a.counters for a in agents]
+    return {
+        "downlink_patch_bytes": sum(x.rx_patch_bytes for x in c),
+        "downlink_model_bytes": sum(x.rx_model_bytes for x in c),
+        "downlink_task_bytes": sum(x.rx_task_bytes for x in c),
+        "patches_rejected": sum(x.patches_rejected for x in c),
+        "resyncs": sum(a.downlink.resyncs for a in agents),
+    }
 
 
 def _wait_for_final_model(agents: list[EdgeAgent], version: int, timeout: float) -> None:

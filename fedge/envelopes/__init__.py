@@ -3,6 +3,7 @@
     task.py     RoundTask (signed by the aggregator)
     update.py   ModelUpdate (signed by the device)
     model.py    ModelArch, GlobalModel (signed), ModelChunk
+    patch.py    ModelPatch (signed; the arithmetic is fedge.patches)
     status.py   DeviceStatus, Receipt
     release.py  ReleaseManifest (signed), ShadowReport, the cohort rule
     hyper.py    TrainHyper and HYPER_BOUNDS
@@ -17,6 +18,7 @@ import the names below from ``fedge.envelopes`` (its face); the modules are its 
 from fedge.envelopes.common import SCHEMA_VERSION, DeviceState, Kind
 from fedge.envelopes.hyper import HYPER_BOUNDS, Bounds, TrainHyper
 from fedge.envelopes.model import GlobalModel, ModelArch, ModelChunk
+from fedge.envelopes.patch import ModelPatch
 from fedge.envelopes.release import (
     ReleaseManifest,
     ReleaseMode,
@@ -39,6 +41,7 @@ __all__ = [
     "Kind",
     "ModelArch",
     "ModelChunk",
+    "ModelPatch",
     "ModelUpdate",
     "Receipt",
     "ReleaseManifest",

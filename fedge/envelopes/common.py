@@ -30,6 +30,7 @@ class Kind(StrEnum):
     STATUS = "status"
     RECEIPT = "receipt"
     RELEASE = "release"
+    PATCH = "patch"
 
 
 class DeviceState(StrEnum):

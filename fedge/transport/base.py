@@ -58,6 +58,12 @@ class RoleSession(Protocol):
         """From inside a handler (manual ack): leave the message unacked, return its ack."""
         ...
 
+    def subscribe(self, filters: Sequence[str]) -> None:
+        """Add latest-only subscriptions now (retained copies follow) and after reconnects."""
+
+    def unsubscribe(self, filters: Sequence[str]) -> None:
+        """Drop subscriptions now and from every later (re)connect."""
+
     @property
     def current_retained(self) -> bool:
         """From inside a handler: the message carries the retain flag (on a ``watch_retained``

@@ -20,8 +20,8 @@ import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedge.transport.base import PublishDone, SessionRequest
@@ -133,6 +133,23 @@ class MemorySession:
                 self._unacked.remove(msg)
 
         return ack
+
+    def subscribe(self, filters: Sequence[str]) -> None:
+        subs = [
+            *self.request.subscriptions,
+            *(f for f in filters if f not in self.request.subscriptions),
+        ]
+        latest = [*self.request.latest_only, *filters]
+        self.request = replace(self.request, subscriptions=subs, latest_only=latest)
+        if self.connected:
+            for topic, payload in self.broker.retained.items():
+                if any(topic_matches(f, topic) for f in filters):
+                    self.broker.enqueue(self, _Message(topic, payload, retain=True))
+            self.broker.drain()
+
+    def unsubscribe(self, filters: Sequence[str]) -> None:
+        subs = [f for f in self.request.subscriptions if f not in filters]
+        self.request = replace(self.request, subscriptions=subs)
 
     def deliver(self, m: _Message) -> None:
         if not self.connected:

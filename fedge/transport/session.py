@@ -178,6 +178,20 @@ class Session:
             self._pending[info.mid] = on_done
         return size
 
+    def subscribe(self, filters: Sequence[str]) -> None:
+        """Latest-only (QoS 0) subscriptions from now on; the broker sends their retained
+        messages again even for a filter already held (mux thread)."""
+        self.subscriptions += tuple(f for f in filters if f not in self.subscriptions)
+        self.latest_only |= frozenset(filters)
+        if self.connected and filters:
+            self.client.subscribe([(f, SubscribeOptions(0)) for f in filters])
+
+    def unsubscribe(self, filters: Sequence[str]) -> None:
+        """No more messages on ``filters``, now and after reconnects (mux thread)."""
+        self.subscriptions = tuple(f for f in self.subscriptions if f not in filters)
+        if self.connected and filters:
+            self.client.unsubscribe(list(filters))
+
     # -- paho callbacks (mux thread) ------------------------------------------------------------
     def _handle_connect(
         self, client: Client, _u: Any, _flags: Any, rc: ReasonCode, _props: Any

@@ -24,9 +24,11 @@ PACKAGES = ("fedge", "models", "edge_agent", "aggregator", "simulation", "fedge_
 FACES: dict[str, list[str]] = {
     "fedge": [
         "chunks", "clipping", "codecs", "envelopes", "errors", "identity", "key_registry",
-        "client", "crypto", "envelope", "fedge.secagg", "graph", "limits", "masks",
-        "messages", "prg", "release_check", "ring", "secagg", "server", "shamir", "support",
-        "task_check", "tensors", "topics", "transport", "wire",
+        "limits", "masks", "patches", "release_check", "secagg", "support", "task_check",
+        "tensors", "topics", "transport", "wire",
+    ],
+    "fedge.secagg": [
+        "client", "crypto", "envelope", "graph", "messages", "prg", "ring", "server", "shamir",
     ],
     "fedge.transport": ["base", "memory", "mqtt", "mux", "probe", "session"],
     "fedge.support": ["config_io", "faults", "fsutil", "runtime", "shipped"],
@@ -44,8 +46,8 @@ FACES: dict[str, list[str]] = {
     "aggregator.gateway": ["cli", "settings", "site"],
     "aggregator.sharded": ["service", "settings", "worker"],
     "simulation": [
-        "DEFAULT_SIM_CODEC", "broker", "datasets", "default_codec", "fleet", "keys", "partition",
-        "synthetic",
+        "DEFAULT_DOWNLINK_CODEC", "DEFAULT_SIM_CODEC", "broker", "datasets", "default_codec",
+        "fleet", "keys", "partition", "synthetic",
     ],
     "fedge_cli": ["main"],
 }  # fmt: skip

@@ -1,0 +1,232 @@
+"""Bytes to accuracy in both directions: uplink codecs x downlink (full models or patches).
+
+Every run is ``simulation.fleet.simulate`` over a Mosquitto of its own on loopback. Uplink
+bytes are the MQTT PUBLISH packets of updates as the aggregator received them; downlink bytes
+are every PUBLISH packet the devices received (full models, patches, tasks, receipts), counted
+at the devices. Ratios are per seed against the ``fp32 / full`` row of the same seed, then
+averaged over seeds.
+
+    .venv/bin/python bench/bytes/run.py [--seeds 0,1,2] [--rounds 30]
+        [--rows UP/DOWN,UP/DOWN,...] [--target 0.90] [--out DIR]
+
+Rows name an uplink codec and a downlink codec (``full`` or a patch codec), e.g.
+``fp32/full`` (the baseline, always run), ``topk:0.03+int4+zstd/topk:0.05+int8+zstd``; a
+third part ``/no-feedback`` runs the aggregator with ``downlink_feedback: false`` (the server
+continues from the devices' weights).
+The task is ``make demo``'s fleet: digits, 10 devices, Dirichlet(0.5), 5 local epochs, lr 0.1.
+Writes ``OUT/results.json``, ``OUT/results.md`` (the table for docs/benchmarks.md) and
+``OUT/accuracy_vs_bytes.png`` (``--plot-only`` redraws it from results.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from simulation import DEFAULT_DOWNLINK_CODEC, DEFAULT_SIM_CODEC  # noqa: E402
+from simulation.fleet import SimConfig, simulate  # noqa: E402
+
+BASELINE = "fp32/full"
+ROWS = [
+    BASELINE,
+    f"{DEFAULT_SIM_CODEC}/full",  # today's default before patches: compressed up, full down
+    f"{DEFAULT_SIM_CODEC}/topk:0.1+int4+zstd",
+    f"{DEFAULT_SIM_CODEC}/{DEFAULT_DOWNLINK_CODEC}",
+    f"{DEFAULT_SIM_CODEC}/topk:0.05+int4+zstd",
+    f"{DEFAULT_SIM_CODEC}/topk:0.05+int8+zstd",
+    "topk:0.05+int4+zstd/topk:0.05+int4+zstd",
+    "topk:0.04+int4+zstd/topk:0.05+int4+zstd",
+    "topk:0.05+int4+zstd/topk:0.04+int4+zstd",
+    f"{DEFAULT_SIM_CODEC}/{DEFAULT_DOWNLINK_CODEC}/no-feedback",
+]
+
+
+def run_one(row: str, seed: int, rounds: int, out: Path) -> dict[str, Any]:
+    """``row`` = UP/DOWN, or UP/DOWN/no-feedback (the server continues from the view)."""
+    up, down, *rest = row.split("/")
+    cfg = SimConfig(
+        out=out, dataset="digits", devices=10, partition="dirichlet:0.5", seed=seed,
+        rounds=rounds, epochs=5, lr=0.1, codec=up, downlink_codec=down,
+        downlink_feedback=rest != ["no-feedback"],
+    )  # fmt: skip
+    s = simulate(cfg, say=lambda _line: None)
+    records = [json.loads(line) for line in Path(s["metrics"]).read_text().splitlines()]
+    shutil.rmtree(out, ignore_errors=True)  # what the table needs is read above
+    ok = [r for r in records if "version" in r]
+    return {
+        "row": row,
+        "seed": seed,
+        "final_accuracy": s["final_accuracy"],
+        "uplink_bytes": s["uplink_bytes"],
+        "downlink_bytes": s["downlink_bytes"],
+        "downlink_patch_bytes": s["downlink_patch_bytes"],
+        "downlink_model_bytes": s["downlink_model_bytes"],
+        "downlink_task_bytes": s["downlink_task_bytes"],
+        "resyncs": s["resyncs"],
+        "total_bytes": s["uplink_bytes"] + s["downlink_bytes"],
+        "accuracy_curve": [r.get("accuracy") for r in ok],
+        "total_curve": [
+            r["uplink_bytes"] + d for r, d in zip(ok, s["downlink_curve"], strict=False)
+        ],
+        "failed_rounds": s["failed_rounds"],
+    }
+
+
+def to_target(run: dict[str, Any], target: float) -> int | None:
+    """Cumulative bytes (both ways) when accuracy first reaches ``target``."""
+    total = 0
+    for acc, b in zip(run["accuracy_curve"], run["total_curve"], strict=False):
+        total += b
+        if acc is not None and acc >= target:
+            return total
+    return None
+
+
+def aggregate(runs: list[dict[str, Any]], rows: list[str], target: float) -> list[dict[str, Any]]:
+    base = {r["seed"]: r for r in runs if r["row"] == BASELINE}
+    out = []
+    for row in rows:
+        mine = [r for r in runs if r["row"] == row and r["seed"] in base]
+        if not mine:
+            continue
+        reach = [to_target(r, target) for r in mine]
+        base_reach = [to_target(base[r["seed"]], target) for r in mine]
+        out.append(
+            {
+                "row": row,
+                "final_accuracy": statistics.fmean(r["final_accuracy"] for r in mine),
+                "delta_pp": statistics.fmean(
+                    100 * (r["final_accuracy"] - base[r["seed"]]["final_accuracy"]) for r in mine
+                ),
+                "uplink_bytes": statistics.fmean(r["uplink_bytes"] for r in mine),
+                "downlink_bytes": statistics.fmean(r["downlink_bytes"] for r in mine),
+                "downlink_model_bytes": statistics.fmean(r["downlink_model_bytes"] for r in mine),
+                "downlink_patch_bytes": statistics.fmean(r["downlink_patch_bytes"] for r in mine),
+                "total_bytes": statistics.fmean(r["total_bytes"] for r in mine),
+                "total_x": statistics.fmean(
+                    base[r["seed"]]["total_bytes"] / r["total_bytes"] for r in mine
+                ),
+                "to_target": None if None in reach else statistics.fmean(reach),  # type: ignore[arg-type]
+                "to_target_x": None
+                if None in reach or None in base_reach
+                else statistics.fmean(b / c for b, c in zip(base_reach, reach, strict=True)),  # type: ignore[operator]
+                "resyncs": sum(r["resyncs"] for r in mine),
+            }
+        )
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    t = meta["target"]
+    lines = [
+        f"digits, 10 devices, Dirichlet(0.5), {meta['rounds']} rounds, seeds {meta['seeds']}; "
+        f"means over seeds; ratios per seed against `{BASELINE}`.",
+        "",
+        f"| uplink / downlink | final acc | Δ acc (pp) | uplink | downlink (full models + "
+        f"patches) | total | x less total | total to acc {t:.2f} | x less to {t:.2f} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        tt = "—" if r["to_target"] is None else f"{r['to_target'] / 1e6:.3f} MB"
+        tx = "—" if r["to_target_x"] is None else f"{r['to_target_x']:.1f}"
+        lines.append(
+            f"| `{r['row']}` | {r['final_accuracy']:.4f} | {r['delta_pp']:+.2f} | "
+            f"{r['uplink_bytes'] / 1e6:.3f} MB | {r['downlink_bytes'] / 1e6:.3f} MB "
+            f"({r['downlink_model_bytes'] / 1e6:.3f} + {r['downlink_patch_bytes'] / 1e6:.3f}) | "
+            f"{r['total_bytes'] / 1e6:.3f} MB | {r['total_x']:.1f} | {tt} | {tx} |"
+        )
+    lines += ["", f"Command: `{meta['command']}` ({meta['wall_minutes']:.1f} min on "
+              f"{meta['machine']})."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict[str, Any]], rows: list[str], path: Path) -> None:
+    """Accuracy against cumulative bytes (both ways, log scale), mean over seeds per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for row in rows:
+        mine = [r for r in runs if r["row"] == row]
+        n = min(len(r["total_curve"]) for r in mine)
+        x = np.mean([np.cumsum(r["total_curve"][:n]) for r in mine], axis=0)
+        y = np.mean([[a or 0.0 for a in r["accuracy_curve"][:n]] for r in mine], axis=0)
+        ax.plot(x, y, label=row, lw=1.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative bytes, uplink + downlink (MQTT packets)")
+    ax.set_ylabel("central accuracy of the model devices hold")
+    ax.set_ylim(0.5, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--target", type=float, default=0.90)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "bytes" / "results")
+    ap.add_argument("--plot-only", action="store_true", help="redraw OUT/accuracy_vs_bytes.png")
+    args = ap.parse_args()
+    if args.plot_only:
+        saved = json.loads((args.out / "results.json").read_text())
+        plot(saved["runs"], [r["row"] for r in saved["rows"]], args.out / "accuracy_vs_bytes.png")
+        return
+    logging.basicConfig(level=logging.ERROR)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if BASELINE not in rows:
+        rows.insert(0, BASELINE)
+    t0 = time.perf_counter()
+    runs = []
+    for seed in seeds:
+        for row in rows:
+            r = run_one(
+                row, seed, args.rounds, args.out / "runs" / f"{row.replace('/', '_')}-{seed}"
+            )
+            print(
+                f"seed {seed} {row}: acc {r['final_accuracy']:.4f} up {r['uplink_bytes']} "
+                f"down {r['downlink_bytes']} (models {r['downlink_model_bytes']}, patches "
+                f"{r['downlink_patch_bytes']}) resyncs {r['resyncs']}",
+                flush=True,
+            )
+            runs.append(r)
+    agg = aggregate(runs, rows, args.target)
+    meta = {
+        "rounds": args.rounds,
+        "seeds": seeds,
+        "target": args.target,
+        "command": "python bench/bytes/run.py " + shlex.join(sys.argv[1:]),
+        "wall_minutes": (time.perf_counter() - t0) / 60,
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, "
+        f"Python {platform.python_version()}",
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": agg, "runs": runs}))
+    plot(runs, rows, args.out / "accuracy_vs_bytes.png")
+    md = markdown(agg, meta)
+    (args.out / "results.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
