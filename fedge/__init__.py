@@ -25,6 +25,7 @@ __all__ = [
     "task_check",
     "tensors",
     "topics",
+    "trainable",
     "transport",
     "wire",
 ]

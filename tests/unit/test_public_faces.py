@@ -24,9 +24,11 @@ PACKAGES = ("fedge", "models", "edge_agent", "aggregator", "simulation", "fedge_
 FACES: dict[str, list[str]] = {
     "fedge": [
         "chunks", "clipping", "codecs", "envelopes", "errors", "identity", "key_registry",
-        "client", "crypto", "envelope", "fedge.secagg", "graph", "limits", "masks",
-        "messages", "prg", "release_check", "ring", "secagg", "server", "shamir", "support",
-        "task_check", "tensors", "topics", "transport", "wire",
+        "limits", "masks", "release_check", "secagg", "support", "task_check", "tensors",
+        "topics", "trainable", "transport", "wire",
+    ],
+    "fedge.secagg": [
+        "client", "crypto", "envelope", "graph", "messages", "prg", "ring", "server", "shamir",
     ],
     "fedge.transport": ["base", "memory", "mqtt", "mux", "probe", "session"],
     "fedge.support": ["config_io", "faults", "fsutil", "runtime", "shipped"],
