@@ -69,21 +69,23 @@ def run(
 
 
 def envelope_bytes(codec: str) -> int:
-    """The bytes of an update that are not its delta: a device's envelope (device id, round,
-    ids, nonce, counts, codec, the five training metrics) with an empty delta, in its MQTT
-    packet. Fine-tuning shrinks only the delta; this part stays."""
+    """The bytes of an update that are not its delta: a device's envelope as the simulation
+    sends it (device id, round, ids, nonce, counts, codec, four training metrics, an Ed25519
+    signature) with an empty delta, in its MQTT packet. Fine-tuning shrinks only the delta;
+    this part stays."""
     import uuid
 
     from fedge.envelopes import ModelUpdate
     from fedge.topics import Topics
     from fedge.transport.mqtt import publish_packet_size
 
-    metrics = {"loss": 0.5, "accuracy": 0.9, "seconds": 0.1, "epochs": 2.0, "val_loss": 0.5}
+    metrics = {"loss": 0.5, "accuracy": 0.9, "seconds": 0.1, "epochs": 2.0}
     upd = ModelUpdate(
-        device="dev-5", round=20, base_version=19, update_id=uuid.uuid4().hex,
+        device="dev-0005", round=20, base_version=19, update_id=uuid.uuid4().hex,
         nonce=bytes(16), num_samples=172, codec=codec, delta=b"", metrics=metrics,
+        signature=bytes(64),
     )  # fmt: skip
-    return publish_packet_size(Topics("sim-0123abcd").update("dev-5"), len(upd.to_bytes()))
+    return publish_packet_size(Topics("sim-0123abcd").update("dev-0005"), len(upd.to_bytes()))
 
 
 def main() -> None:

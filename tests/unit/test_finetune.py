@@ -210,3 +210,11 @@ def test_every_strategy_leaves_frozen_tensors_and_their_state_alone(name: str) -
         tensor = key.partition("/")[2]
         if tensor in spec and tensor not in LAST and isinstance(value, np.ndarray):
             assert not value.any(), (name, key)
+
+
+def test_simulate_takes_comma_separated_patterns() -> None:
+    from fedge_cli.main import build_parser
+
+    args = build_parser().parse_args(["simulate", "--trainable", "fc3.*, fc2.bias"])
+
+    assert split_patterns(args.trainable) == ("fc3.*", "fc2.bias")
