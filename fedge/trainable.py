@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Collection, Iterable, Sequence
+from fnmatch import fnmatchcase
 
 from fedge.errors import InvalidValue, ProtocolError
 from fedge.tensors import TensorSpec
@@ -41,8 +42,6 @@ def resolve(patterns: Iterable[str], names: Iterable[str]) -> tuple[str, ...]:
     ``InvalidValue`` when a pattern matches nothing (a typo would otherwise freeze the whole
     model silently) or when every tensor matches (that is full training: leave it unset).
     """
-    from fnmatch import fnmatchcase
-
     pats, all_names = list(patterns), list(names)
     if not pats:
         raise InvalidValue("trainable: name at least one pattern, or leave it unset")
