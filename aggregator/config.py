@@ -56,6 +56,18 @@ class ModelConfig(BaseModel):
         "version in another aggregator's registry (STATE_DIR/models/vNNNNNN.onnx); its "
         "tensors must match the model",
     )
+    trainable: list[str] | None = Field(
+        default=None,
+        description="fine-tune only the tensors these glob patterns name (e.g. ['fc3.*']); "
+        "devices train and send only those, the others stay exactly as they are; None: all",
+    )
+
+    @field_validator("trainable")
+    @classmethod
+    def _patterns(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or not all(p.strip() for p in v)):
+            raise ValueError("trainable: list at least one non-empty pattern, or leave it unset")
+        return v
 
 
 class HyperConfig(BaseModel):
@@ -292,6 +304,13 @@ class AggregatorConfig(BaseModel):
                     "shard_workers works with mode: sync and int8: false (the workers do not "
                     "forward staleness or calibration ranges)"
                 )
+        if self.model.trainable is not None and (
+            self.secure_aggregation is not None or self.pruning is not None
+        ):
+            raise ValueError(
+                "model.trainable does not combine with secure_aggregation or pruning yet: "
+                "fine-tune without them"
+            )
         if self.secure_aggregation is not None:
             problem = secagg_problem(self)
             if problem:

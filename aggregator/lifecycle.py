@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from aggregator.downlink import DownlinkChain
+from aggregator.finetune import FineTune
 from aggregator.parts import RoundParts
 from aggregator.presence import RevocationWatch
 from aggregator.rounds import OpenRound, RoundContext
@@ -70,6 +71,7 @@ class RoundLifecycle:
         self.round: OpenRound | None = None
         self.ctx: RoundContext | None = None
         self._deadline: Cancellable | None = None
+        self.finetune = FineTune(None)  # bound to the model in restore()
         keyring = parts.keyring
         self._revocations = (
             RevocationWatch(
@@ -89,6 +91,7 @@ class RoundLifecycle:
         """Load or create the model (slow: torch, ONNX export); resume an open round."""
         st = self.state
         ckpt = st.load(self.config.model)
+        self.finetune = FineTune.bind(self.config.model.trainable, st.weights)
         if self.parts.pruner is not None:
             self.parts.pruner.restore(spec_of(st.weights))
         self.journal.discard_through(st.last_round - (1 if ckpt and ckpt.open_task else 0))
@@ -198,6 +201,7 @@ class RoundLifecycle:
             issued=now,
             accepts_from=accepts_from,
             mask=self.parts.pruner.mask if self.parts.pruner is not None else None,
+            trainable=self.finetune.names,
         )
         task = self.publisher.sign_task(unsigned)
         rnd = self._start_round(task)
@@ -307,6 +311,7 @@ class RoundLifecycle:
             self._gather(rnd)
             self._refold_first_round(rnd)
             new = self.strategy.finish(self.state.weights)
+            new = self.finetune.hold(self.state.weights, new, self.strategy, rnd.task.trainable)
         except AggregationError as e:
             self._fail_round(rnd, f"aggregation failed: {e}")
             return

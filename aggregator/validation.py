@@ -71,10 +71,13 @@ def validate_update(
         if not upd.signature:
             raise InvalidUpdate("unsigned", f"{upd.device}: update carries no signature")
         keyring.check_update(upd.device, upd.digest(), upd.signature)
-    if t.mask:
-        # The task's own mask (checked against the model when the round opened).
-        keep = t.mask.keep(spec)
-        values = parse_codec(upd.codec).decode(upd.delta, live_spec(spec, keep), limits)
+    if t.mask or t.trainable is not None:
+        # The task's own mask and trainable tensors (checked against the model when the round
+        # opened): the delta must carry exactly what they leave live (else ``bad_tensor``);
+        # frozen tensors fold as zeros.
+        keep = t.mask.keep(spec) if t.mask else {}
+        sent = live_spec(spec, keep, t.trainable)
+        values = parse_codec(upd.codec).decode(upd.delta, sent, limits)
         delta = scatter(values, keep, spec)
     else:
         delta = parse_codec(upd.codec).decode(upd.delta, spec, limits)

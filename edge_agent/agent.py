@@ -22,6 +22,7 @@ from edge_agent.model_cache import ModelCache
 from edge_agent.outbox import Outbox
 from edge_agent.privacy import LocalDP
 from edge_agent.residual import Residual
+from edge_agent.round_plan import RoundPlan, plan_round
 from edge_agent.secagg import SecAggDevice, SecAggOptions
 from edge_agent.serving import ReleaseFollower
 from edge_agent.states import AgentCounters, AgentState, next_state
@@ -35,7 +36,6 @@ from fedge.identity import SigningKey, VerifyKey
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.support.faults import crash_point
 from fedge.task_check import check_task, plausible_last_round
-from fedge.tensors import spec_of
 from fedge.topics import Topics
 from fedge.transport.base import SessionFactory, SessionRequest
 from fedge.transport.mqtt import BrokerURL, publish_packet_size
@@ -381,13 +381,13 @@ class EdgeAgent:
             return
         weights = self._global_weights(m)
         try:
-            keep = t.mask.keep(spec_of(weights)) if t.mask else None
+            plan = plan_round(t, weights)
         except ValueError as e:
-            self._skip_round(t, f"cannot honour mask: {e}")
+            self._skip_round(t, str(e))
             return
         self.state = AgentState.TRAINING
         seed = self.seed * 1_000_003 + t.round
-        fut = self.executor.submit(self._train, m.arch, weights, t, seed, keep)
+        fut = self.executor.submit(self._train, m.arch, weights, t, seed, plan)
         fut.add_done_callback(lambda f: self.mux.call_soon(self._trained, t, m, weights, codec, f))
 
     def _global_weights(self, m: HeldModel) -> dict[str, np.ndarray]:
@@ -403,7 +403,7 @@ class EdgeAgent:
         weights: Mapping[str, np.ndarray],
         t: RoundTask,
         seed: int,
-        keep: Mapping[str, np.ndarray] | None = None,
+        plan: RoundPlan,
     ) -> Any:
         train = self._train_fn
         if train is None:
@@ -412,8 +412,7 @@ class EdgeAgent:
             train = train_local
         # Keyword arguments only when used: a train function need not know them.
         kw: dict[str, Any] = {"qat": True} if t.hyper.qat else {}
-        if keep is not None:
-            kw["mask"] = keep  # pruned weights stay exactly zero (protocol §5.2, mask)
+        kw.update(plan.train_kwargs())
         return train(arch, weights, self.data.x, self.data.y, t.hyper, seed, **kw)
 
     def _trained(

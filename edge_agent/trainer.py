@@ -13,7 +13,7 @@ set too small to hold out one example (or to keep one for training) trains witho
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,14 +49,21 @@ def train_local(
     *,
     qat: bool = False,
     mask: Mapping[str, np.ndarray] | None = None,
+    trainable: Collection[str] | None = None,
 ) -> TrainResult:
     """``mask`` (tensor name -> boolean live flags, ``fedge.masks``): the weights it prunes
     are zero from the start and again after every optimizer step, so they come back exactly
-    zero whatever momentum, weight decay or the proximal term did."""
+    zero whatever momentum, weight decay or the proximal term did.
+
+    ``trainable`` (a fine-tuning round's tensors, ``fedge.trainable``): every other parameter
+    has ``requires_grad`` off (no gradient, no optimizer step, no weight decay), and every
+    other tensor (buffers too) is returned exactly as in ``weights``."""
     t0 = time.perf_counter()
     model = build_model(arch.name, arch.input_dim, arch.num_classes)
     load_numpy_state(model, weights)
     masked = _Masked(model, mask) if mask else None
+    if trainable is not None:
+        _freeze(model, trainable)
     if qat:
         enable_qat(model)  # keeps state_dict keys, so the delta below is unchanged in shape
     model.train()
@@ -97,8 +104,11 @@ def train_local(
             seen += len(yb)
         if stopper is not None and stopper.should_stop(model, loss_fn, *held_out):
             break
+    out = stopper.best if stopper is not None and stopper.best else to_numpy_state(model)
+    if trainable is not None:
+        out = {k: (v if k in trainable else _exact(weights[k], v)) for k, v in out.items()}
     return TrainResult(
-        weights=stopper.best if stopper is not None and stopper.best else to_numpy_state(model),
+        weights=out,
         num_samples=n,
         loss=total_loss / max(seen, 1),
         accuracy=total_correct / max(seen, 1),
@@ -106,6 +116,19 @@ def train_local(
         epochs=epochs,
         val_loss=stopper.best_loss if stopper is not None and stopper.best else None,
     )
+
+
+def _exact(base: np.ndarray, like: np.ndarray) -> np.ndarray:
+    return np.array(base, dtype=like.dtype)
+
+
+def _freeze(model: nn.Module, trainable: Collection[str]) -> None:
+    names = set(model.state_dict())
+    unknown = sorted(set(trainable) - names)
+    if unknown:
+        raise ValueError(f"trainable names tensors the model does not have: {unknown[:5]}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
 
 
 class _Masked:

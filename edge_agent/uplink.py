@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -110,7 +110,7 @@ def build_upload(
         delta = uplink.local_dp.privatize(delta, dp_rng)
     rng = np.random.default_rng([uplink.seed & (2**64 - 1), task.round])
     blob, after, changed = encode_with_feedback(
-        delta, codec, residual, rng, uplink.limits, keep=keep
+        delta, codec, residual, rng, uplink.limits, keep=keep, names=task.trainable
     )
     update = ModelUpdate(
         device=uplink.device_id,
@@ -137,6 +137,7 @@ def encode_with_feedback(
     limits: Limits = DEFAULT_LIMITS,
     *,
     keep: Keep | None = None,
+    names: Collection[str] | None = None,
 ) -> tuple[bytes, Residual, bool]:
     """Encode ``delta + residual``; keep what the aggregator will not see.
 
@@ -147,14 +148,17 @@ def encode_with_feedback(
     With a pruning mask (``keep``) only the live entries of masked tensors are encoded
     (``fedge.masks.live``); the residual stays in the model's full shape, so it survives a
     mask that grows between rounds, and its pruned entries are dropped (zero).
+
+    With ``names`` (a fine-tuning round's trainable tensors) only those tensors are encoded,
+    by the same path; the residual of the frozen ones is dropped (they do not move).
     """
     after = residual.copy()
     target = after.apply(delta)
-    if keep:
-        target = {
-            k: (np.where(keep[k], v, np.float32(0)) if k in keep else v) for k, v in target.items()
-        }
-        blob = codec.encode(live(target, keep), rng)
+    selective = bool(keep) or names is not None
+    keep = keep or {}
+    if selective:
+        target = {k: _what_moves(k, v, keep, names) for k, v in target.items()}
+        blob = codec.encode(live(target, keep, names), rng)
     else:
         blob = codec.encode(target, rng)
     if codec.lossless:
@@ -162,13 +166,22 @@ def encode_with_feedback(
             return blob, after, False
         after.reset()
         return blob, after, True
-    if keep:
+    if selective:
         spec = spec_of(target)
-        sent = scatter(codec.decode(blob, live_spec(spec, keep), limits), keep, spec)
+        sent = scatter(codec.decode(blob, live_spec(spec, keep, names), limits), keep, spec)
     else:
         sent = codec.decode(blob, spec_of(target), limits)
     after.update(target, sent)
     return blob, after, True
+
+
+def _what_moves(name: str, v: np.ndarray, keep: Keep, names: Collection[str] | None) -> np.ndarray:
+    """``v`` with what cannot move this round zeroed: a frozen tensor, pruned weights."""
+    if names is not None and name not in names:
+        return np.zeros_like(v)
+    if name in keep:
+        return np.where(keep[name], v, np.float32(0))
+    return v
 
 
 def calibration(uplink: Uplink, onnx: bytes, x: np.ndarray, task: RoundTask) -> Calibration:

@@ -26,6 +26,7 @@ __all__ = [
     "task_check",
     "tensors",
     "topics",
+    "trainable",
     "transport",
     "wire",
 ]

@@ -341,11 +341,14 @@ def task_digest(
     selected: Sequence[str] | None,
     accepts_from: int | None,
     mask: bytes | None = None,
+    trainable: bytes | None = None,
 ) -> bytes:
     """The bytes the aggregator signs for one round task: every field of it.
 
     ``mask`` is the SHA-256 of a pruning mask's canonical map (``fedge.masks.Mask.digest``);
-    a task without a mask signs exactly the bytes it signed before masks existed.
+    ``trainable`` the SHA-256 of the fine-tuned tensor names (``fedge.trainable.
+    trainable_digest``). Each is appended only when present, behind its own tag byte (0x01,
+    0x02), so a task without them signs exactly the bytes it signed before they existed.
 
     ``hyper`` is the ten training settings in the order of the layout (module docstring):
     epochs, batch_size, lr, momentum, weight_decay, prox_mu, qat, calibrate,
@@ -396,4 +399,8 @@ def task_digest(
         if len(mask) != 32:
             raise ValueError("mask must be the 32-byte SHA-256 of the mask")
         parts.append(b"\x01" + mask)
+    if trainable is not None:
+        if len(trainable) != 32:
+            raise ValueError("trainable must be the 32-byte SHA-256 of the tensor names")
+        parts.append(b"\x02" + trainable)
     return b"".join(parts)

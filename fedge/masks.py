@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,24 +160,40 @@ def _shape(spec: TensorSpec, name: str) -> tuple[int, ...]:
     return tuple(spec[name])
 
 
-def live(delta: Mapping[str, np.ndarray], keep: Keep) -> dict[str, np.ndarray]:
-    """Masked tensors as the 1-D vector of their live entries (row-major); others as they are."""
-    return {k: (v[keep[k]] if k in keep else v) for k, v in delta.items()}
+def live(
+    delta: Mapping[str, np.ndarray], keep: Keep, names: Collection[str] | None = None
+) -> dict[str, np.ndarray]:
+    """What a device sends of ``delta``: masked tensors as the 1-D vector of their live
+    entries (row-major), others as they are; with ``names`` (a fine-tuning round's trainable
+    tensors, ``fedge.trainable``) only those tensors."""
+    return {
+        k: (v[keep[k]] if k in keep else v) for k, v in delta.items() if names is None or k in names
+    }
 
 
-def live_spec(spec: TensorSpec, keep: Keep) -> dict[str, tuple[int, ...]]:
-    """The shapes ``live`` gives: ``(live count,)`` for masked tensors."""
-    return {k: ((int(keep[k].sum()),) if k in keep else tuple(s)) for k, s in spec.items()}
+def live_spec(
+    spec: TensorSpec, keep: Keep, names: Collection[str] | None = None
+) -> dict[str, tuple[int, ...]]:
+    """The shapes ``live`` gives: ``(live count,)`` for masked tensors, only ``names``."""
+    return {
+        k: ((int(keep[k].sum()),) if k in keep else tuple(s))
+        for k, s in spec.items()
+        if names is None or k in names
+    }
 
 
 def scatter(
     values: Mapping[str, np.ndarray], keep: Keep, spec: TensorSpec
 ) -> dict[str, np.ndarray]:
-    """The inverse of ``live``: masked tensors back to their shape, zero where pruned."""
+    """The inverse of ``live``: masked tensors back to their shape, zero where pruned, and
+    tensors ``live`` left out (frozen in a fine-tuning round) all zero, in ``spec`` order."""
     out: dict[str, np.ndarray] = {}
-    for k, v in values.items():
-        if k in keep:
-            full = np.zeros(spec[k], dtype=v.dtype)
+    for k, shape in spec.items():
+        v = values.get(k)
+        if v is None:
+            out[k] = np.zeros(shape, dtype=np.float32)
+        elif k in keep:
+            full = np.zeros(shape, dtype=v.dtype)
             full[keep[k]] = v
             out[k] = full
         else:

@@ -173,6 +173,13 @@ def _simulate_args(p: argparse.ArgumentParser) -> None:
         help="warm start: the fleet starts from this ONNX file's weights (model.init)",
     )
     p.add_argument(
+        "--trainable",
+        default=None,
+        metavar="PATTERNS",
+        help="fine-tune only the tensors these comma-separated glob patterns name, e.g. "
+        "'fc3.*' (model.trainable); devices train and send only those",
+    )
+    p.add_argument(
         "--rollout",
         default=None,
         metavar="STAGES",
@@ -212,6 +219,7 @@ def _delay_range(text: str) -> tuple[float, float]:
 def _simulate(args: argparse.Namespace) -> None:
 
     from fedge.support.runtime import setup_logging
+    from fedge.trainable import split_patterns
     from fedge_cli.rollout import parse_stages
     from simulation.fleet import SimConfig, simulate
 
@@ -253,6 +261,7 @@ def _simulate(args: argparse.Namespace) -> None:
         adaptive_server_lr=args.adaptive_server_lr,
         metrics_port=args.metrics_port,
         init=args.init,
+        trainable=split_patterns(args.trainable),
         rollout=parse_stages(args.rollout) if args.rollout else None,
         rollout_candidate=args.rollout_candidate,
         rollout_max_regression=args.rollout_max_regression,

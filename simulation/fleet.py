@@ -119,6 +119,7 @@ class SimConfig:
     rollout_max_regression: float = 1.0
     rollout_min_devices: int = 2
     init: Path | None = None  # warm start from this ONNX file (model.init)
+    trainable: tuple[str, ...] | None = None  # fine-tune only these tensor patterns
     prune: str | None = None  # --prune SPEC (aggregator/prune_config.py); None: dense
     secagg: bool = False  # secure aggregation: the aggregator sees masked vectors only
     secagg_dropout: float = 0.0  # each round, this share of devices vanishes at a random stage
@@ -321,6 +322,7 @@ def _aggregator_config(
             num_classes=data.num_classes,
             seed=cfg.seed,
             init=cfg.init,
+            trainable=list(cfg.trainable) if cfg.trainable else None,
         ),
         hyper=HyperConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr),
         codec=cfg.codec or (DENSE_CODEC if cfg.secagg else default_codec(cfg.strategy)),

@@ -20,6 +20,7 @@ from fedge.envelopes.hyper import TrainHyper
 from fedge.errors import InvalidValue
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.masks import Mask
+from fedge.trainable import read_trainable, trainable_digest
 from fedge.wire import pack
 
 
@@ -44,10 +45,17 @@ class RoundTask:
     # Pruning (fedge.masks): the weights devices keep at zero this round; None: dense. An
     # optional key, covered by the signature through the mask's digest.
     mask: Mask | None = None
+    # Fine-tuning (fedge.trainable): the only tensors devices train and send; None: all. An
+    # optional key, covered by the signature through the names' digest.
+    trainable: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.accepts_from is not None and not 1 <= self.accepts_from <= self.round:
             raise InvalidValue(f"accepts_from must be in [1, round], got {self.accepts_from}")
+        if self.trainable is not None and (
+            not self.trainable or len(set(self.trainable)) != len(self.trainable)
+        ):
+            raise InvalidValue("trainable must name distinct tensors, at least one")
 
     def asks(self, device: str) -> bool:
         return self.selected is None or device in self.selected
@@ -84,6 +92,7 @@ class RoundTask:
             selected=self.selected,
             accepts_from=self.accepts_from,
             mask=self.mask.digest() if self.mask else None,
+            trainable=trainable_digest(self.trainable) if self.trainable is not None else None,
         )
 
     def to_bytes(self) -> bytes:
@@ -94,6 +103,8 @@ class RoundTask:
             extra["signature"] = self.signature
         if self.mask:
             extra["mask"] = self.mask.to_map()
+        if self.trainable is not None:
+            extra["trainable"] = list(self.trainable)
         return pack(
             {
                 "v": SCHEMA_VERSION,
@@ -127,6 +138,7 @@ class RoundTask:
             accepts_from=accepts_from,
             signature=f.bytes("signature", max_len=SIGNATURE_BYTES, optional=True) or b"",
             mask=_mask(f.map("mask", optional=True), limits),
+            trainable=read_trainable(f.str_list("trainable", optional=True), limits.max_tensors),
         )
         f.done()
         return task

@@ -141,8 +141,11 @@ class Fleet:
             broker=str(self.url),
             fleet=self.topics.fleet,
             state_dir=tmp / "aggregator",
-            model=ModelConfig(input_dim=data.input_dim, num_classes=data.num_classes),
-            **{"hyper": HyperConfig(epochs=2, lr=0.1), **cfg},
+            **{
+                "model": ModelConfig(input_dim=data.input_dim, num_classes=data.num_classes),
+                "hyper": HyperConfig(epochs=2, lr=0.1),
+                **cfg,
+            },
         )
         self.aggregator = Aggregator(
             self.config, self.agg_mux, eval_set=EvalSet(*data.test), on_round=self.records.append

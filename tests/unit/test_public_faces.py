@@ -25,7 +25,7 @@ FACES: dict[str, list[str]] = {
     "fedge": [
         "chunks", "clipping", "codecs", "envelopes", "errors", "identity", "key_registry",
         "limits", "masks", "patches", "release_check", "secagg", "support", "task_check",
-        "tensors", "topics", "transport", "wire",
+        "tensors", "topics", "trainable", "transport", "wire",
     ],
     "fedge.secagg": [
         "client", "crypto", "envelope", "graph", "messages", "prg", "ring", "server", "shamir",
