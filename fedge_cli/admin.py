@@ -53,7 +53,7 @@ def _ca_site(args: argparse.Namespace) -> None:
         fleet=args.fleet,
         site_hosts=tuple(args.site_host or DEFAULT_HOSTS),
     )
-    print(f"site {f.site} in {f.home}: bridge identity {f.bridge_name} in {f.bridge}, ")
+    print(f"site {f.site} in {f.home}: bridge identity {f.bridge_name} in {f.bridge}")
     print(f"gateway identity {f.gateway_name} in {f.gateway}; site ACL {f.acl}")
     print(f"bridge to {args.central_host}:{args.central_port} in {f.bridge_conf} (0600)")
     print("send SIGHUP to the central broker to load the new ACL block and passwords")
