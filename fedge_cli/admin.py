@@ -1,4 +1,4 @@
-"""The identity commands: ``fedge ca init|fleet|crl|broker-config``, ``fedge enroll``,
+"""The identity commands: ``fedge ca init|fleet|site|crl|broker-config``, ``fedge enroll``,
 ``fedge revoke``.
 
 Argument parsing and what each command prints; the work is in ``fedge_cli.pki`` (layout of a
@@ -16,6 +16,7 @@ from fedge_cli.pki import (
     DEFAULT_FLEET,
     DEFAULT_HOSTS,
     add_fleet,
+    add_site,
     enroll,
     init_ca,
     revoke,
@@ -43,6 +44,22 @@ def _ca_fleet(args: argparse.Namespace) -> None:
     print("send SIGHUP to the broker to load the new ACL and passwords")
 
 
+def _ca_site(args: argparse.Namespace) -> None:
+    f = add_site(
+        args.dir,
+        args.site,
+        central_host=args.central_host,
+        central_port=args.central_port,
+        fleet=args.fleet,
+        site_hosts=tuple(args.site_host or DEFAULT_HOSTS),
+    )
+    print(f"site {f.site} in {f.home}: bridge identity {f.bridge_name} in {f.bridge}")
+    print(f"gateway identity {f.gateway_name} in {f.gateway}; site ACL {f.acl}")
+    print(f"bridge to {args.central_host}:{args.central_port} in {f.bridge_conf} (0600)")
+    print("send SIGHUP to the central broker to load the new ACL block and passwords")
+    print(f"site broker config: fedge ca broker-config --dir {args.dir} --site {f.site} ...")
+
+
 def _ca_crl(args: argparse.Namespace) -> None:
     print(f"wrote {write_crl(args.dir, args.days)}; send SIGHUP to the broker to load it")
 
@@ -60,6 +77,7 @@ def _broker_config(args: argparse.Namespace) -> None:
         fleet=args.fleet,
         acl_template=args.acl_template,
         include=args.include,
+        site=args.site,
     )
     out = args.out.resolve()
     if args.include:
@@ -69,6 +87,8 @@ def _broker_config(args: argparse.Namespace) -> None:
         return
     data_dir = args.data_dir.resolve()
     print(f"wrote {out}; run: mosquitto -c {out}")
+    if args.site:
+        print(f"it holds the bridge's password (0600): chown mosquitto: {out}")
     print(
         f"the broker user must read {ca.broker} and write {data_dir}, e.g.: "
         f"chown -R mosquitto: {ca.broker} {data_dir}"
@@ -91,7 +111,9 @@ def _revoke(args: argparse.Namespace) -> None:
 def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``ca``, ``enroll`` and ``revoke`` on the ``fedge`` sub-command parser."""
     ca = sub.add_parser("ca", help="the fleet's certificate authority and broker config")
-    csub = ca.add_subparsers(dest="ca_cmd", required=True, metavar="{init,fleet,crl,broker-config}")
+    csub = ca.add_subparsers(
+        dest="ca_cmd", required=True, metavar="{init,fleet,site,crl,broker-config}"
+    )
     init = csub.add_parser("init", help="new CA, broker certificate and aggregator identity")
     init.add_argument("--dir", type=Path, required=True, help="new CA directory")
     init.add_argument(
@@ -115,6 +137,28 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
     fl.add_argument("fleet")
     fl.add_argument("--dir", type=Path, required=True, help="the CA directory")
     fl.set_defaults(func=_ca_fleet)
+    st = csub.add_parser(
+        "site",
+        help="add a site broker bridged to the central one: identities site-SITE (the bridge) "
+        "and gw-SITE (its gateway), the site's ACL and bridge.conf, the central ACL block",
+    )
+    st.add_argument("site")
+    st.add_argument("--dir", type=Path, required=True, help="the CA directory")
+    st.add_argument(
+        "--central-host",
+        default="localhost",
+        help="the central broker, a name in its certificate (default: %(default)s)",
+    )
+    st.add_argument("--central-port", type=int, default=8883, help="its TLS + password port")
+    st.add_argument(
+        "--site-host",
+        action="append",
+        default=None,
+        help="the site broker's host name or IP for its certificate, repeatable "
+        f"(default: {' '.join(DEFAULT_HOSTS)})",
+    )
+    st.add_argument("--fleet", default=None, help="default: the CA's first fleet")
+    st.set_defaults(func=_ca_site)
     crl = csub.add_parser("crl", help="re-sign the CRL before its nextUpdate date")
     crl.add_argument("--dir", type=Path, required=True)
     crl.add_argument(
@@ -146,6 +190,11 @@ def add_arguments(sub: argparse._SubParsersAction) -> None:  # type: ignore[type
         action="store_true",
         help="a conf.d include for Debian's stock mosquitto.conf: leave out pid_file, "
         "persistence, persistence_location and log_dest, which it sets",
+    )
+    bc.add_argument(
+        "--site",
+        default=None,
+        help="render the broker of a site made with fedge ca site (its ACL, certificate, bridge)",
     )
     bc.set_defaults(func=_broker_config)
     en = sub.add_parser("enroll", help="make a device's broker password, certificate, signing key")

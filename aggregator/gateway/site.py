@@ -14,8 +14,15 @@ differences that make it fit a wide-area link:
   this site. Every update journaled for it then gets a *late* receipt (``Receipt.late``) and
   is dropped with its journal; if the round is still open, they count as usual. An update is
   therefore either in exactly one partial the round closed on or told it came too late.
-- **The seal is on disk** (``seal.json``): after a restart the gateway knows whether the
-  round its journal holds was sealed asking it (counted) or left out (late).
+- **A round can fail after the seal.** The centre may still fail a round whose final request
+  asked this gateway (quorum not met on the final merge, an aggregate that does not finish):
+  then no model follows it, and the next task trains the same ``base_version`` the sealed
+  round did. Seeing that, the gateway tells the round's devices their updates are in no
+  version (late receipts), as for a round closed without the site. A closed round always
+  publishes a new version before the next task, so a newer ``base_version`` means counted.
+- **The seal is on disk** (``seal.json``: the round, asked or left out, and the sealed
+  round's base version): after a restart the gateway knows whether the round its journal
+  holds was sealed asking it (counted, unless the next task shows it failed) or left out.
 
 Runs on the mux thread, like every shard worker.
 """
@@ -38,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _ASKED = "asked"  # the final request of the round asked this gateway: counted
 _LEFT_OUT = "left_out"  # a later final request named others: late
+_FAILED = "failed"  # asked, but the centre failed the round after the seal: late
 
 
 class SiteGateway(ShardWorker):
@@ -58,8 +66,16 @@ class SiteGateway(ShardWorker):
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def _record_seal(self, round_id: int, final: str) -> None:
-        atomic_write(self._seal_path, json.dumps({"round": round_id, "final": final}).encode())
+    def _sealed_base(self) -> int | None:
+        """The base version of the round ``seal.json`` records (None: not recorded)."""
+        try:
+            return int(json.loads(self._seal_path.read_text())["base_version"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _record_seal(self, round_id: int, final: str, base_version: int | None = None) -> None:
+        record = {"round": round_id, "final": final, "base_version": base_version}
+        atomic_write(self._seal_path, json.dumps(record).encode())
 
     # -- the ShardWorker hooks -------------------------------------------------------------
     def _dense(self, final: bool) -> bool:
@@ -67,7 +83,8 @@ class SiteGateway(ShardWorker):
         return final
 
     def _on_sealed(self, round_id: int) -> None:
-        self._record_seal(round_id, _ASKED)
+        base = self.round.task.base_version if self.round is not None else None
+        self._record_seal(round_id, _ASKED, base)
 
     def _not_asked(self, req: PartialRequest) -> None:
         rnd = self.round
@@ -86,10 +103,21 @@ class SiteGateway(ShardWorker):
         for r in self.journal.rounds():
             if r >= new_round:
                 continue
+            if seal == (r, _ASKED) and self._failed_after_seal():
+                # Sealed asking this gateway, but no version came of it (module docstring).
+                self._tell_late(r, why="failed at the centre after its seal")
+                self._record_seal(r, _FAILED, self._sealed_base())
+                continue
             if seal is not None and seal[0] == r:
-                continue  # counted (asked), or told already (left out)
+                continue  # counted (asked), or told already (left out, failed)
             # No final request asked this gateway for round r: it closed (or failed) without it.
             self._tell_late(r)
+
+    def _failed_after_seal(self) -> bool:
+        """The newer task trains the base version of the round sealed asking this gateway:
+        that round published no model, so it failed after the seal."""
+        base, task = self._sealed_base(), self._task
+        return base is not None and task is not None and task.base_version == base
 
     def _maybe_open(self) -> None:
         opened = self.round
@@ -101,7 +129,7 @@ class SiteGateway(ShardWorker):
                 self._sealed = rnd.round  # restarted after the seal: later updates are late
 
     # -- late receipts -----------------------------------------------------------------------
-    def _tell_late(self, round_id: int) -> None:
+    def _tell_late(self, round_id: int, why: str = "closed without this site") -> None:
         """A late receipt for every update journaled for ``round_id`` (verified before it was
         journaled); the devices keep no copy of it (their outbox dropped it at the receipt)."""
         told = 0
@@ -119,8 +147,9 @@ class SiteGateway(ShardWorker):
         if told:
             self.late += told
             log.warning(
-                "%s: round %d closed without this site: %d updates told they came too late",
+                "%s: round %d %s: %d updates told they came too late",
                 self.name,
                 round_id,
+                why,
                 told,
             )

@@ -79,7 +79,8 @@ class Receipt:
     alone is not enough: a broker crash can lose a message in flight to the aggregator).
 
     ``late``: the update was recorded (by a site gateway) but its round closed without it (the
-    site was cut off from the centre): it is in no version. Sent only as ``late: true``."""
+    site was cut off from the centre) or failed at the centre after the gateway's partial
+    sealed it: it is in no version. Sent only as ``late: true``."""
 
     device: str
     round: int

@@ -1,7 +1,7 @@
 """Fleet identity: the CA, broker passwords, enrolment and revocation, the broker's config.
 
-The commands (``fedge ca init|fleet|crl|broker-config``, ``fedge enroll``, ``fedge revoke``) are in
-``fedge_cli.admin``; the work is here, one module per job::
+The commands (``fedge ca init|fleet|site|crl|broker-config``, ``fedge enroll``,
+``fedge revoke``) are in ``fedge_cli.admin``; the work is here, one module per job::
 
     cadir.py          the CA directory's layout and its issued-certificate records
     certs.py          ECDSA P-256 keys, the self-signed CA, certificates it issues
@@ -11,6 +11,7 @@ The commands (``fedge ca init|fleet|crl|broker-config``, ``fedge enroll``, ``fed
     enrolment.py      ``enroll`` / ``revoke``
     acl.py            the ACL pinned to one fleet; the names it gives more than a device's rights
     fleets.py         ``ca fleet``: more fleets on one broker, each with its own identities
+    sites.py          ``ca site``: a site broker's bridge and gateway identities, ACLs, bridge
     broker_config.py  ``production.conf`` rendered for a CA, with the broker user's access checked
 
 A CA directory (``fedge ca init --dir CA``) holds everything the fleet's trust rests on::
@@ -25,6 +26,7 @@ A CA directory (``fedge ca init --dir CA``) holds everything the fleet's trust r
     CA/monitor/                 ``fedge status``'s read-only identity (made by ``ca init``)
     CA/fleet.json               the first fleet and the ACL template (``fedge_cli.pki.fleets``)
     CA/fleets/<G>/              a fleet added by ``ca fleet G``: aggregator/, monitor/, keys/
+    CA/sites/<S>/               a site added by ``ca site S``: site-S/, gw-S/, acl, bridge.conf
 
 An identity directory (``enroll`` output, and ``CA/aggregator``) holds ``password`` (0600),
 ``client.crt`` + ``client.key`` (0600), ``ca.crt``, ``signing.key`` (Ed25519, 0600),
@@ -48,6 +50,7 @@ from fedge_cli.pki.cadir import AGGREGATOR, MONITOR, CaDir
 from fedge_cli.pki.enrolment import enroll, revoke
 from fedge_cli.pki.fleets import add_fleet
 from fedge_cli.pki.passwords import hash_password, remove_password, set_password, verify_password
+from fedge_cli.pki.sites import add_site
 
 __all__ = [
     "ACL_TEMPLATE",
@@ -59,6 +62,7 @@ __all__ = [
     "PRODUCTION_TEMPLATE",
     "CaDir",
     "add_fleet",
+    "add_site",
     "enroll",
     "hash_password",
     "init_ca",

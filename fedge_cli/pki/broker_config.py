@@ -95,6 +95,7 @@ def write_broker_config(
     fleet: str | None = None,
     acl_template: Path = ACL_TEMPLATE,
     include: bool = False,
+    site: str | None = None,
 ) -> CaDir:
     """Check the broker user's access (module docstring), render the config, write ``out``.
 
@@ -105,8 +106,14 @@ def write_broker_config(
     that fleet (``fedge_cli.pki.acl.render_acl``), with the blocks of the fleets added by
     ``fedge ca fleet`` after it (``fedge_cli.pki.fleets``); without it the CA's ACL stays as
     it is (``fedge ca init`` pinned it to its ``--fleet``).
+
+    With ``site`` (made by ``fedge ca site``), the config of that site's broker: its ACL and
+    server certificate, its bridge to the central broker appended
+    (``fedge_cli.pki.sites.render_site_broker_config``); written 0600, as it holds the
+    bridge's password (the broker user must own it to re-read it on SIGHUP).
     """
     from fedge_cli.pki.fleets import write_ca_acl
+    from fedge_cli.pki.sites import render_site_broker_config, site_files
 
     ca = CaDir(Path(ca_dir).resolve()).require()
     if include and data_dir is not None:
@@ -125,21 +132,26 @@ def write_broker_config(
             f"data directory {data_dir} does not exist; create it for the broker user"
         )
     problem = None if include else access_problem(data_dir, user, write=True)
+    server_key = ca.server_key if site is None else site_files(ca, site).server_key
     problem = problem or next(
-        (p for f in (ca.server_key, ca.passwd, ca.crl) if (p := access_problem(f, user))),
+        (p for f in (server_key, ca.passwd, ca.crl) if (p := access_problem(f, user))),
         None,
     )
     if problem:
         raise ConfigError(problem)
-    text = render_broker_config(
-        ca.root, port=port, mtls_port=mtls_port, bind=bind, data_dir=data_dir, log_file=log_file
-    )
+    where: dict[str, object] = {"port": port, "mtls_port": mtls_port, "bind": bind}
+    where |= {"data_dir": data_dir, "log_file": log_file}
+    if site is None:
+        text = render_broker_config(ca.root, PRODUCTION_TEMPLATE, **where)
+    else:
+        text = render_site_broker_config(ca.root, site, PRODUCTION_TEMPLATE, **where)
     if include:
         text = as_include(text)
     left = sorted(set(re.findall(r"\{(\w+)\}", text)))
     if left:
         raise ConfigError(f"unfilled placeholders in the template: {', '.join(left)}")
-    atomic_write(out, text.encode(), mode=CONFIG_MODE)
+    mode = CONFIG_MODE if site is None else 0o600
+    atomic_write(out, text.encode(), mode=mode, keep_owner=site is not None)
     return ca
 
 

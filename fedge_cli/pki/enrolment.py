@@ -27,6 +27,7 @@ from fedge_cli.pki.certs import now
 from fedge_cli.pki.credentials import give_aggregator_key, issue_credentials
 from fedge_cli.pki.fleets import added_fleets, fleet_identities
 from fedge_cli.pki.passwords import remove_password
+from fedge_cli.pki.sites import RESERVED_PREFIXES
 
 __all__ = ["check_device", "enroll", "revoke"]
 
@@ -36,11 +37,17 @@ def check_device(device: str, ca: CaDir | None = None) -> str:
 
     With ``ca``, the names of the ``user`` sections of its ``broker/acl`` and of the shipped
     ACLs are refused too (``fedge_cli.pki.acl``): a device enrolled as ``aggregator-1`` would
-    read every device's updates under ``acl.sharded``.
+    read every device's updates under ``acl.sharded``; and so are the names reserved for
+    sites (``site-*``, ``gw-*``: ``fedge_cli.pki.sites``), made only by ``fedge ca site``.
     """
     validate_device_id(device)
     if device in (AGGREGATOR, MONITOR):
         raise ConfigError(f"{device!r} is a service identity of the CA, not a device name")
+    if ca is not None and device.startswith(RESERVED_PREFIXES):
+        raise ConfigError(
+            f"{device!r}: names starting {' or '.join(RESERVED_PREFIXES)} are a site's bridge "
+            "and gateway (fedge ca site NAME makes them), not a device name"
+        )
     if ca is not None and device in privileged_names([ca.acl]):
         raise ConfigError(
             f"{device!r} has its own section in a broker ACL (more rights than a device): "

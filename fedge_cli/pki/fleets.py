@@ -90,9 +90,11 @@ def render_ca_acl(template: Path, first: str, added: list[str]) -> str:
 
 
 def write_ca_acl(ca: CaDir, first: str, template: Path) -> None:
-    """Render ``CA/broker/acl`` for every fleet of the CA and record ``first`` and
-    ``template`` in ``CA/fleet.json``."""
-    acl = render_ca_acl(template, first, added_fleets(ca))
+    """Render ``CA/broker/acl`` for every fleet and site (``fedge ca site``) of the CA and
+    record ``first`` and ``template`` in ``CA/fleet.json``."""
+    from fedge_cli.pki.sites import site_acl_blocks
+
+    acl = render_ca_acl(template, first, added_fleets(ca)) + site_acl_blocks(ca)
     atomic_write(ca.acl, acl.encode(), mode=0o644, keep_owner=True)
     record = {"fleet": first, "acl_template": str(Path(template).resolve())}
     atomic_write(ca.fleet_record, json.dumps(record, indent=2).encode(), mode=0o644)

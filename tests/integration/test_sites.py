@@ -18,6 +18,7 @@ import pytest
 from aggregator.gateway.settings import GatewayConfig
 from aggregator.gateway.site import SiteGateway
 from fedge.codecs import parse_codec
+from fedge.errors import AggregationError
 from fedge.transport.mux import Mux
 from simulation.datasets import make_federated
 from simulation.sites import SiteBrokers
@@ -284,3 +285,46 @@ def test_a_gateway_down_while_its_site_is_left_out_tells_its_devices_after_a_res
         assert [r.late for r in d.receipts].count(True) == 1
     assert again.late == 3
     assert sorted(h.fleet.records[-1]["counted"]) == sorted(names[3:])
+
+
+def test_a_round_the_centre_fails_after_its_seal_tells_the_sites_devices_late(
+    make: object,
+) -> None:
+    h: Hierarchy = make(target_devices=6, min_devices=6, round_timeout=WAIT)  # type: ignore[operator]
+    strategy = h.fleet.aggregator.strategy
+    finish = strategy.finish
+    failed: list[int] = []
+
+    def fail_once(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not failed:  # the centre's aggregate does not finish, once: after the seal
+            failed.append(1)
+            raise AggregationError("injected: the centre fails the sealed round")
+        return finish(weights)
+
+    strategy.finish = fail_once  # type: ignore[method-assign]
+    for s in SITES:
+        h.start_gateway(s)
+    names = [f"dev-{s}{i}" for s in SITES for i in range(3)]
+    for name in names:
+        h.device(name[4], name)
+    for i, name in enumerate(names):
+        h.send(name, i)
+    for name in names:  # recorded by its gateway, counted in the sealed round, which failed
+        d = h.devices[name]
+        wait_until(lambda d=d: len(d.receipts) == 2, WAIT, f"{name}'s late receipt")
+        assert [r.late for r in d.receipts] == [False, True]
+        assert d.receipts[1].round == 1
+    assert failed == [1]
+    assert [h.gateways[s].dense_sent for s in SITES] == [1, 1]  # both were asked: sealed
+    assert [h.gateways[s].late for s in SITES] == [3, 3]
+    assert h.fleet.aggregator.version == 0
+    assert h.fleet.aggregator.failed_rounds == 1
+    # Round 2 trains the same version; a restarted gateway does not tell them again.
+    for d in h.devices.values():
+        d.wait_task(2, WAIT)
+    h.gateways["a"].stop()
+    again = h.start_gateway("a")
+    wait_until(lambda: again.ready.is_set(), WAIT, "gw-a to open round 2 again")
+    time.sleep(0.5)
+    assert again.late == 0
+    assert all(len(h.devices[n].receipts) == 2 for n in names[:3])

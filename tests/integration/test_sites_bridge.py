@@ -1,23 +1,18 @@
 """Mosquitto's bridge between a site broker and the central one, as broker_config/ ships it:
 the topic map (model, round and release in and retained; partials and statuses out; updates
 and receipts local), the ACLs (a device of one site reaches neither another site nor the
-centre), and the production bridge over TLS with the site's password."""
+centre). The production bridge over TLS, as ``fedge ca site`` writes it:
+tests/integration/test_ca_site.py."""
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fedge.support.shipped import broker_config_dir
-from fedge_cli import pki
-from fedge_cli.pki.acl import render_acl
-from simulation.broker import MosquittoBroker
 from simulation.sites import SiteBrokers
 
 pytestmark = pytest.mark.integration
@@ -152,70 +147,3 @@ def test_a_device_of_one_site_reaches_neither_another_site_nor_the_centre(
     clients.append(bridge_a)
     assert bridge_a.publish(f"{P}/partial/gw-b", b"forged") == denied
     assert bridge_a.publish(f"{P}/round/current", b"forged") == denied
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def test_the_production_bridge_links_a_tls_site_to_a_tls_centre_with_its_password(
-    tmp_path: Path, clients: list[_Client]
-) -> None:
-    conf = broker_config_dir()
-    ca = pki.init_ca(tmp_path / "ca", fleet=FLEET)
-    for name in ("site-a", "gw-a", "dev-a1"):
-        pki.enroll(ca.root, name, tmp_path / name)
-    password = (tmp_path / "site-a" / "password").read_text()
-    central_acl = tmp_path / "acl.central"
-    central_acl.write_text(
-        ca.acl.read_text() + render_acl((conf / "acl.central-site").read_text(), FLEET)
-    )
-    central_acl.write_text(central_acl.read_text().replace("{site}", "a"))
-    central_tpl = tmp_path / "central.conf"
-    central_tpl.write_text(
-        pki.render_broker_config(
-            ca.root, mtls_port=_free_port(), bind="127.0.0.1", acl_file=central_acl
-        )
-    )
-    site_acl = tmp_path / "acl.site"
-    site_acl.write_text(render_acl((conf / "acl.site").read_text().format(site="a"), FLEET))
-    with MosquittoBroker(tmp_path / "central", template=central_tpl, acl=central_acl) as central:
-        bridge = (conf / "bridge.conf").read_text()
-        for name, value in {
-            "fleet": FLEET,
-            "site": "a",
-            "remote_host": "127.0.0.1",
-            "remote_port": central.port,
-            "remote_password": password,
-            "bridge_cafile": ca.ca_crt,
-        }.items():
-            bridge = bridge.replace("{" + name + "}", str(value))
-        site_tpl = tmp_path / "site.conf"
-        site_tpl.write_text(
-            pki.render_broker_config(
-                ca.root, mtls_port=_free_port(), bind="127.0.0.1", acl_file=site_acl
-            )
-            + "\n"
-            + bridge
-        )
-        with MosquittoBroker(tmp_path / "site", template=site_tpl, acl=site_acl) as site:
-            end = time.monotonic() + WAIT
-            while "as site-a " not in central.log_path.read_text():
-                assert time.monotonic() < end, central.log_path.read_text()[-2000:]
-                time.sleep(0.05)
-            tls = {"ca_certs": str(ca.ca_crt)}
-            agg_pw = (ca.aggregator / "password").read_text()
-            centre = _Client(central.port, pki.AGGREGATOR, agg_pw, **tls)
-            clients.append(centre)
-            centre.subscribe(f"{P}/#")
-            centre.publish(f"{P}/round/current", b"task-tls", retain=True)
-            gw_pw = (tmp_path / "gw-a" / "password").read_text()
-            gw = _Client(site.port, "gw-a", gw_pw, **tls)
-            clients.append(gw)
-            gw.subscribe(f"{P}/round/current")
-            gw.wait_for(f"{P}/round/current", b"task-tls")
-            assert gw.publish(f"{P}/partial/gw-a", b"partial-tls") < 0x80
-            centre.wait_for(f"{P}/partial/gw-a", b"partial-tls")
-            centre.publish(f"{P}/round/current", b"", retain=True)
