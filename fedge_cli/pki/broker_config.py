@@ -125,8 +125,13 @@ def write_broker_config(
             f"data directory {data_dir} does not exist; create it for the broker user"
         )
     problem = None if include else access_problem(data_dir, user, write=True)
+    # One command that fixes all three (fixing them one by one took three runs).
     problem = problem or next(
-        (p for f in (ca.server_key, ca.passwd, ca.crl) if (p := access_problem(f, user))),
+        (
+            p
+            for f in (ca.server_key, ca.passwd, ca.crl)
+            if (p := access_problem(f, user, fix=f"chown -R {user}: {ca.broker}"))
+        ),
         None,
     )
     if problem:
@@ -143,8 +148,11 @@ def write_broker_config(
     return ca
 
 
-def access_problem(path: Path, user: str, write: bool = False) -> str | None:
-    """Why the broker, started as root and dropping to ``user``, could not use ``path``."""
+def access_problem(
+    path: Path, user: str, write: bool = False, fix: str | None = None
+) -> str | None:
+    """Why the broker, started as root and dropping to ``user``, could not use ``path``;
+    ``fix``: the command to suggest (default ``chown USER: PATH``)."""
     import grp
     import pwd
 
@@ -161,5 +169,6 @@ def access_problem(path: Path, user: str, write: bool = False) -> str | None:
     shift = 6 if st.st_uid == pw.pw_uid else 3 if st.st_gid in gids else 0
     need = 0o3 if write else 0o4
     if (st.st_mode >> shift) & need != need:
-        return f"{path} is not {want} by the broker user {user!r}; run: chown {user}: {path}"
+        fix = fix or f"chown {user}: {path}"
+        return f"{path} is not {want} by the broker user {user!r}; run: {fix}"
     return None
