@@ -602,3 +602,24 @@ def test_an_agent_with_a_fleet_the_acl_refuses_says_so(fleet: Fleet, tmp_path: P
     assert len(lines) == 1, lines
     assert f"fedge/{FLEET}x/status/dev-typo (Not authorized)" in lines[0]
     assert "is the fleet name right" in lines[0]
+
+
+def test_status_of_a_fleet_the_monitor_cannot_read_says_what_that_may_mean(
+    fleet: Fleet,
+) -> None:
+    """`fedge status --fleet` with a typo, as `monitor` on the production broker: the ACL
+    filters every message and the table was silently empty (0 devices, exit 0)."""
+    # Execute
+    p = subprocess.run(
+        [
+            sys.executable, "-m", "fedge_cli.main", "status",
+            "--broker", f"mqtts://127.0.0.1:{fleet.broker.port}", "--fleet", f"{FLEET}-typo",
+            "--password-file", str(fleet.ca.root / "monitor" / "password"),
+            "--ca-cert", str(fleet.ca.ca_crt), "--wait", "0.5",
+        ],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    # Assert: still a table (exit 0), with the line that names the likely causes
+    assert p.returncode == 0, p.stderr
+    assert f"nothing retained under fedge/{FLEET}-typo/" in p.stdout
+    assert "--username monitor.G" in p.stdout
