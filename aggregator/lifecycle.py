@@ -269,7 +269,12 @@ class RoundLifecycle:
         self._checkpoint(counted=())
         self._deadline = self.parts.loop.call_later(self.config.round_timeout, self._on_deadline)
         self.session.publish(self.parts.topics.task, rnd.task.to_bytes(), retain=True)
-        log.info("round %d deadline extended after a broker outage", rnd.round)
+        log.info(
+            "round %d: its deadline passed while this service could not reach the broker "
+            "(a broker outage, or the service stopped): extended by round_timeout (%g s)",
+            rnd.round,
+            self.config.round_timeout,
+        )
 
     # -- closing ----------------------------------------------------------------------------------
     def _on_deadline(self) -> None:

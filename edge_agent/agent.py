@@ -80,6 +80,7 @@ class EdgeAgent:
         self.device_id = device_id
         self.mux = mux
         self.topics = topics
+        self._status_refused = False  # logged once
         self.data = data
         self.store = store
         self.executor = executor
@@ -206,9 +207,23 @@ class EdgeAgent:
         ).to_bytes()
 
     def _publish_status(self, state: DeviceState) -> None:
-        self.session.publish(
-            self.topics.status(self.device_id), self._status(state), qos=1, retain=True
-        )
+        topic = self.topics.status(self.device_id)
+
+        def done(ok: bool, reason: str) -> None:
+            # A fleet name the broker's ACL does not allow: PUBACK 0x87 and no model ever
+            # comes; without this line the agent waited silently forever.
+            if not ok and not self._status_refused:
+                self._status_refused = True
+                log.error(
+                    "%s: the broker refused this device's status on %s (%s): is the fleet "
+                    "name right (the aggregator's fleet; the broker's ACL allows its CA's "
+                    "fleet only)?",
+                    self.device_id,
+                    topic,
+                    reason,
+                )
+
+        self.session.publish(topic, self._status(state), qos=1, retain=True, on_done=done)
 
     def _on_connected(self) -> None:
         self.downlink.on_connected()

@@ -196,15 +196,21 @@ class ReleaseFollower:
                     m.seq, m.version, cand.samples, cand.accuracy, cand.loss, cand.latency_ms,
                     serving.version, b.accuracy, b.loss, b.latency_ms,
                 )  # fmt: skip
+        # Nothing served yet (a fleet's first release): no baseline to compare with, which
+        # read "(serving None: 0.0000)".
+        baseline = (
+            "nothing served yet"
+            if report.baseline is None
+            else f"serving v{report.baseline}: {report.base_accuracy:.4f}"
+        )
         log.info(
-            "%s: shadow evaluation of v%d on %d samples: accuracy %.4f (serving %s: %.4f), "
+            "%s: shadow evaluation of v%d on %d samples: accuracy %.4f (%s), "
             "%.3f ms/sample; %.2f points lost",
             self.device_id,
             m.version,
             report.samples,
             report.accuracy,
-            report.baseline,
-            report.base_accuracy,
+            baseline,
             report.latency_ms,
             report.regression_pp,
         )

@@ -83,15 +83,17 @@ def _broker_config(args: argparse.Namespace) -> None:
     if args.include:
         print(f"wrote {out}; it must be in the include_dir of the main config (Debian: ")
         print("/etc/mosquitto/conf.d/), then: systemctl restart mosquitto")
-        print(f"the broker user must read {ca.broker}, e.g.: chown -R mosquitto: {ca.broker}")
+        print(f"the broker user must read {ca.broker}, e.g.: chown -R {args.user}: {ca.broker}")
         return
     data_dir = args.data_dir.resolve()
     print(f"wrote {out}; run: mosquitto -c {out}")
     if args.site:
-        print(f"it holds the bridge's password (0600): chown mosquitto: {out}")
+        print(f"it holds the bridge's password (0600): chown {args.user}: {out}")
+    log_file = args.log_file.resolve()
     print(
-        f"the broker user must read {ca.broker} and write {data_dir}, e.g.: "
-        f"chown -R mosquitto: {ca.broker} {data_dir}"
+        f"the broker user must read {ca.broker} and write {data_dir} and {log_file}, e.g.: "
+        f"chown -R {args.user}: {ca.broker} {data_dir}; touch {log_file}; "
+        f"chown {args.user}: {log_file}"
     )
 
 

@@ -448,14 +448,20 @@ def _main(argv: list[str] | None) -> None:
         agent_cli.main(argv[1:], prog="fedge agent")
         return
     args = build_parser().parse_args(argv)
+    # A service names itself, as `fedge agent: error:` does: its line is read in a journal
+    # among other units' lines (operations.md, Troubleshooting).
+    prog = f"fedge {args.cmd}" if args.cmd in _SERVICES else "fedge"
     try:
         args.func(args)
     except KeyboardInterrupt:
         sys.exit(130)
     except (FedgeError, ValueError, FileNotFoundError) as e:
-        exit_user_error("fedge", e)
+        exit_user_error(prog, e)
     except RuntimeError as e:  # e.g. mosquitto missing or failing to start
-        exit_user_error("fedge", e)
+        exit_user_error(prog, e)
+
+
+_SERVICES = frozenset({"aggregator", "shard-worker", "gateway"})
 
 
 if __name__ == "__main__":

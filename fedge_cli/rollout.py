@@ -67,12 +67,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _state_dir(args: argparse.Namespace) -> Path:
     if args.state_dir is not None:
-        return Path(args.state_dir)
-    if args.config is not None:
+        state_dir = Path(args.state_dir)
+    elif args.config is not None:
         from aggregator.config import load_aggregator_config
 
-        return load_aggregator_config(args.config).state_dir
-    raise ConfigError("fedge rollout needs --state-dir DIR or --config AGGREGATOR.yaml")
+        state_dir = load_aggregator_config(args.config).state_dir
+    else:
+        raise ConfigError("fedge rollout needs --state-dir DIR or --config AGGREGATOR.yaml")
+    # A mistyped directory would print an empty status, or wait out --timeout for an
+    # aggregator that can never take the request.
+    if not (state_dir / "models").is_dir():
+        raise ConfigError(
+            f"{state_dir} is not an aggregator's state_dir (no models/ in it): "
+            "give the state_dir of its config, or --config AGGREGATOR.yaml"
+        )
+    return state_dir
 
 
 def _start_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -159,6 +159,14 @@ def render(fleet: str, seen: Seen, now: float | None = None) -> str:
     if seen.bad:
         tail += f"; {seen.bad} unreadable messages ignored"
     lines.append(tail)
+    if task is None and not statuses and not seen.bad:
+        # The broker grants every subscription and filters on delivery: a fleet name this
+        # identity may not read looks exactly like an empty fleet.
+        lines.append(
+            f"nothing retained under fedge/{fleet}/: no aggregator nor device of this fleet "
+            "connected yet, or this identity may not read it (the fleet name? a fleet added "
+            "with `fedge ca fleet G` is read as --username monitor.G)"
+        )
     return "\n".join(lines)
 
 

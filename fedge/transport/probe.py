@@ -80,9 +80,14 @@ def probe_mqtt(
             try:
                 sock = ctx.wrap_socket(raw, server_hostname=url.host)
             except ssl.SSLCertVerificationError as e:
+                against = (
+                    f"tls.ca_cert {ca_cert}"
+                    if ca_cert
+                    else "the system CAs (no tls.ca_cert given; fedge status: --ca-cert)"
+                )
                 raise BrokerUnavailable(
-                    f"{url}: the broker's certificate does not verify against tls.ca_cert "
-                    f"{ca_cert or '(the system CAs)'}: {e.verify_message}"
+                    f"{url}: the broker's certificate does not verify against {against}: "
+                    f"{e.verify_message}"
                 ) from None
             except ssl.SSLError as e:
                 hint = " (not a TLS port? use mqtt://)" if "WRONG_VERSION" in str(e) else ""
@@ -122,6 +127,17 @@ def _exchange(sock: socket.socket, url: BrokerURL, deadline: float, timeout: flo
     except TimeoutError:
         raise BrokerUnavailable(
             f"no MQTT answer from {url} within {timeout:g} s: is that port an MQTT broker?{hint}"
+        ) from None
+    except ssl.SSLError as e:
+        # A mutual-TLS listener ends the session after the handshake when no certificate
+        # came (TLS 1.3): with an alert, or an EOF, whichever the client reads first.
+        if "CERTIFICATE_REQUIRED" in str(e):
+            raise BrokerUnavailable(
+                f"{url}: the broker requires a client certificate (a mutual-TLS listener): "
+                "give tls.client_cert and tls.client_key"
+            ) from None
+        raise BrokerUnavailable(
+            f"{url} closed the connection without an MQTT answer{hint}"
         ) from None
     except OSError as e:
         first = b""

@@ -133,8 +133,13 @@ def write_broker_config(
         )
     problem = None if include else access_problem(data_dir, user, write=True)
     server_key = ca.server_key if site is None else site_files(ca, site).server_key
+    # One command that fixes all three (fixing them one by one took three runs).
     problem = problem or next(
-        (p for f in (server_key, ca.passwd, ca.crl) if (p := access_problem(f, user))),
+        (
+            p
+            for f in (server_key, ca.passwd, ca.crl)
+            if (p := access_problem(f, user, fix=f"chown -R {user}: {ca.broker}"))
+        ),
         None,
     )
     if problem:
@@ -155,8 +160,11 @@ def write_broker_config(
     return ca
 
 
-def access_problem(path: Path, user: str, write: bool = False) -> str | None:
-    """Why the broker, started as root and dropping to ``user``, could not use ``path``."""
+def access_problem(
+    path: Path, user: str, write: bool = False, fix: str | None = None
+) -> str | None:
+    """Why the broker, started as root and dropping to ``user``, could not use ``path``;
+    ``fix``: the command to suggest (default ``chown USER: PATH``)."""
     import grp
     import pwd
 
@@ -173,5 +181,6 @@ def access_problem(path: Path, user: str, write: bool = False) -> str | None:
     shift = 6 if st.st_uid == pw.pw_uid else 3 if st.st_gid in gids else 0
     need = 0o3 if write else 0o4
     if (st.st_mode >> shift) & need != need:
-        return f"{path} is not {want} by the broker user {user!r}; run: chown {user}: {path}"
+        fix = fix or f"chown {user}: {path}"
+        return f"{path} is not {want} by the broker user {user!r}; run: {fix}"
     return None

@@ -559,3 +559,67 @@ def test_enrolled_fleet_trains_over_tls_with_signed_updates_and_models(
     assert agg.version == 2
     assert dict(agg.metrics.rejected) == {}
     assert all(a.counters.updates_sent == 2 and a.counters.models_rejected == 0 for a in agents)
+
+
+def test_an_agent_with_a_fleet_the_acl_refuses_says_so(fleet: Fleet, tmp_path: Path) -> None:
+    """An operator's typo in `fleet:` (the production ACL allows the CA's fleet only): the
+    agent connects, every publish is refused (0x87) and no model comes. It waited silently
+    forever; now it says so in one ERROR line."""
+    import numpy as np
+
+    # Prepare: an enrolled device whose config names another fleet
+    pki.enroll(fleet.ca.root, "dev-typo", fleet.root / "dev-typo")
+    fleet.reload()
+    ident = fleet.root / "dev-typo"
+    np.savez(tmp_path / "d.npz", x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int64))
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text(
+        f"device_id: dev-typo\nbroker: mqtts://127.0.0.1:{fleet.broker.port}\n"
+        f"fleet: {FLEET}x\npassword_file: {ident / 'password'}\n"
+        f"tls: {{ca_cert: {ident / 'ca.crt'}}}\n"
+        f"data: {tmp_path / 'd.npz'}\nstate_dir: {tmp_path / 'state'}\n"
+    )
+    err = tmp_path / "stderr"
+    # Execute: run the agent until it says something about the status it published
+    with err.open("w") as f:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "fedge_cli.main", "agent", "--config", str(cfg)],
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        deadline = time.monotonic() + 60  # interpreter and torch import on a shared machine
+        while "refused this device's status" not in err.read_text():
+            assert agent.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, err.read_text()
+            time.sleep(0.1)
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+    # Assert: one line naming the topic, the broker's reason and the likely mistake
+    lines = [line for line in err.read_text().splitlines() if "refused this device's" in line]
+    assert len(lines) == 1, lines
+    assert f"fedge/{FLEET}x/status/dev-typo (Not authorized)" in lines[0]
+    assert "is the fleet name right" in lines[0]
+
+
+def test_status_of_a_fleet_the_monitor_cannot_read_says_what_that_may_mean(
+    fleet: Fleet,
+) -> None:
+    """`fedge status --fleet` with a typo, as `monitor` on the production broker: the ACL
+    filters every message and the table was silently empty (0 devices, exit 0)."""
+    # Execute
+    p = subprocess.run(
+        [
+            sys.executable, "-m", "fedge_cli.main", "status",
+            "--broker", f"mqtts://127.0.0.1:{fleet.broker.port}", "--fleet", f"{FLEET}-typo",
+            "--password-file", str(fleet.ca.root / "monitor" / "password"),
+            "--ca-cert", str(fleet.ca.ca_crt), "--wait", "0.5",
+        ],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    # Assert: still a table (exit 0), with the line that names the likely causes
+    assert p.returncode == 0, p.stderr
+    assert f"nothing retained under fedge/{FLEET}-typo/" in p.stdout
+    assert "--username monitor.G" in p.stdout

@@ -209,3 +209,25 @@ def test_broker_config_as_a_conf_d_include_of_the_stock_config(service_dir: Path
     finally:
         broker.terminate()
         broker.wait(timeout=WAIT)
+
+
+def test_broker_config_names_one_command_that_makes_the_ca_files_readable(
+    service_dir: Path,
+) -> None:
+    """A fresh CA's broker files are root's: `broker-config` refuses them with one line whose
+    command fixes all of them at once (it named server.key alone, then the password file on
+    the next run, then the CRL)."""
+    # Prepare: a CA as `fedge ca init` leaves it, owned by root
+    assert _fedge(service_dir, "ca", "init", "--dir", "ca").returncode == 0
+    args = ("ca", "broker-config", "--dir", "ca", "--include", "--out", "fedge.conf")
+    # Execute: render, run the command the error names, render again
+    refused = _fedge(service_dir, *args)
+    broker_dir = (service_dir / "ca" / "broker").resolve()
+    fix = f"chown -R {USER}: {broker_dir}"
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().endswith(f"run: {fix}"), refused.stderr
+    subprocess.run(fix.split(), check=True)
+    rendered = _fedge(service_dir, *args)
+    # Assert: one run of it was enough
+    assert rendered.returncode == 0, rendered.stderr
+    assert (service_dir / "fedge.conf").is_file()

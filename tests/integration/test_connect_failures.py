@@ -32,6 +32,8 @@ FAST = 8.0  # seconds a failing start may take, probe (3 s) and interpreter star
 
 @pytest.fixture(scope="module")
 def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[MosquittoBroker, Path]]:
+    """``production.conf`` on loopback: the broker (its ``port`` the TLS + password listener)
+    and the CA certificate; the mutual-TLS port is ``MTLS_PORT[broker.port]``."""
     try:
         find_mosquitto()
     except MosquittoNotFound as exc:
@@ -44,7 +46,11 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mosqu
     template = root / "production.conf"
     template.write_text(pki.render_broker_config(ca.root, mtls_port=mtls_port, bind="127.0.0.1"))
     with MosquittoBroker(root / "broker", template=template, acl=ca.acl) as broker:
+        MTLS_PORT[broker.port] = mtls_port
         yield broker, ca.ca_crt
+
+
+MTLS_PORT: dict[int, int] = {}
 
 
 class Listener:
@@ -136,6 +142,33 @@ def test_a_broker_certificate_from_another_ca_names_the_ca_file(
     assert "does not verify" in why
 
 
+def test_tls_without_a_ca_cert_says_which_cas_were_tried(
+    tls_broker: tuple[MosquittoBroker, Path],
+) -> None:
+    tls, _ = tls_broker
+    why, _ = _timed_probe(f"mqtts://127.0.0.1:{tls.port}")
+    # It said "does not verify against tls.ca_cert (the system CAs)": no tls.ca_cert was given.
+    assert "does not verify against the system CAs (no tls.ca_cert given" in why
+    assert "--ca-cert" in why  # fedge status's name for it
+
+
+def test_a_mutual_tls_port_without_a_client_certificate_is_named(
+    tls_broker: tuple[MosquittoBroker, Path],
+) -> None:
+    tls, ca_crt = tls_broker
+    url = f"mqtts://127.0.0.1:{MTLS_PORT[tls.port]}"
+    why, took = _timed_probe(url, ca_cert=str(ca_crt))
+    assert took < 5
+    # It said "EOF occurred in violation of protocol (_ssl.c:2427)" or "[SSL:
+    # TLSV13_ALERT_CERTIFICATE_REQUIRED] ... (_ssl.c:2580)" (whichever the client read first).
+    assert why in (
+        f"{url} closed the connection without an MQTT answer "
+        "(a mutual-TLS listener? give tls.client_cert and tls.client_key)",
+        f"{url}: the broker requires a client certificate (a mutual-TLS listener): "
+        "give tls.client_cert and tls.client_key",
+    )
+
+
 @pytest.mark.parametrize("problem", ["missing", "unreadable", "not a certificate"])
 def test_unusable_ca_cert_names_the_file(tmp_path: Path, problem: str) -> None:
     path = tmp_path / "ca.crt"
@@ -188,6 +221,10 @@ def test_agent_aggregator_and_status_fail_fast_on_a_tls_port(
     for name, (p, took) in runs.items():
         assert took < FAST, (name, took)
         assert_one_line_error(p, url, "use mqtts://")
+    # A service's line names it, as `fedge agent: error:` does (operations.md)
+    assert runs["aggregator"][0].stderr.startswith("fedge aggregator: error: ")
+    assert runs["agent"][0].stderr.startswith("fedge agent: error: ")
+    assert runs["status"][0].stderr.startswith("fedge: error: ")
 
 
 def test_agent_with_a_missing_ca_cert_names_it(tmp_path: Path) -> None:

@@ -69,9 +69,28 @@ def test_a_request_nobody_takes_is_withdrawn(tmp_path: Path) -> None:
 def test_status_reads_the_state_dir_without_an_aggregator(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    (tmp_path / "models").mkdir()  # an aggregator's state_dir, never started a rollout
     main(["rollout", "--state-dir", str(tmp_path), "status"])
     out = json.loads(capsys.readouterr().out)
     assert (out["outcome"], out["serving"], out["active"]) == (None, None, None)
+
+
+@pytest.mark.parametrize("cmd", [["status"], ["start", "4"], ["promote"]])
+def test_a_directory_that_is_no_state_dir_is_one_line_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], cmd: list[str]
+) -> None:
+    # A mistyped --state-dir printed an empty status (exit 0), or waited out --timeout for an
+    # aggregator that could never answer, leaving the directory behind.
+    wrong = tmp_path / "aggstate-typo"
+    with pytest.raises(SystemExit) as e:
+        main(["rollout", "--state-dir", str(wrong), *cmd])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"fedge: error: {wrong} is not an aggregator's state_dir (no models/ in it): "
+        "give the state_dir of its config, or --config AGGREGATOR.yaml"
+    ]
+    assert not wrong.exists()
 
 
 def _report(acc: float, base: float, n: int = 100, error: str = "") -> ShadowReport:

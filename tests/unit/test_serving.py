@@ -132,3 +132,21 @@ def test_direct_rollback_to_the_last_known_good_keeps_it_known_good(
     with pytest.raises(ProtocolError):  # the older manifest again: stale
         f.offer(TOPICS.release, manifest(2, 2, onnx_v[2], (1, onnx_v[1])))
     assert f.serving == 1
+
+
+def test_the_shadow_evaluation_line_names_the_baseline_or_its_absence(
+    tmp_path: Path, onnx_v: dict[int, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first release read "(serving None: 0.0000)" as if None had scored 0.
+    f, _ = follower(tmp_path)
+    with caplog.at_level("INFO", logger="edge_agent.serving"):
+        f.offer(TOPICS.release_candidate, model(1, onnx_v[1]))
+        f.offer(TOPICS.release, manifest(1, 1, onnx_v[1], None))
+        f.offer(TOPICS.release_stable, model(1, onnx_v[1]))
+        f.offer(TOPICS.release_candidate, model(2, onnx_v[2]))
+        f.offer(TOPICS.release, manifest(2, 2, onnx_v[2], (1, onnx_v[1])))
+    lines = [r.getMessage() for r in caplog.records if "shadow evaluation" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "(nothing served yet)" in lines[0]
+    assert "None" not in lines[0]
+    assert f"(serving v1: {f.report.base_accuracy:.4f})" in lines[1]  # type: ignore[union-attr]
