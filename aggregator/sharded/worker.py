@@ -13,7 +13,8 @@ share, and a device the reducer tells it to drop goes by folding the journal aga
 
 Each worker needs its own broker identity (``use_username_as_clientid``: workers sharing one
 username kick each other) with read access to ``{p}/update/+``: ``broker_config/acl.sharded``.
-Everything runs on the mux thread.
+Everything runs on the mux thread. The worker's parts: its intake (``worker_intake``), its
+answers to the reducer (``worker_partials``), its sum (``clipped_sum``).
 """
 
 from __future__ import annotations
@@ -21,59 +22,37 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
 
 from aggregator.intake import UpdateIntake
 from aggregator.journal import RoundJournal
 from aggregator.keyring import KeyRing
 from aggregator.metrics import MetricsSink, NullMetrics
 from aggregator.rounds import OpenRound, RoundContext
-from aggregator.sharded.partials import PartialRequest, PartialSum, ShardPolicy, ShardTopics
+from aggregator.sharded.clipped_sum import ClippedSum
+from aggregator.sharded.partials import PartialRequest, ShardPolicy, ShardTopics
 from aggregator.sharded.settings import WorkerConfig, worker_sessions
-from aggregator.strategies.accumulator import WeightedSum, squared_norm
-from aggregator.weighting import SampleCap, lower_median
+from aggregator.sharded.worker_intake import WorkerIntake
+from aggregator.sharded.worker_partials import WorkerPartials
+from aggregator.weighting import SampleCap
 from fedge.chunks import ModelReceiver
 from fedge.envelopes import (
     DeviceState,
     DeviceStatus,
-    GlobalModel,
     RoundTask,
 )
-from fedge.errors import AggregationError, ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
-from fedge.task_check import check_task
-from fedge.tensors import TensorSpec, spec_of
+from fedge.tensors import TensorSpec
 from fedge.topics import Topics
 from fedge.transport.base import Cancellable, Loop, SessionFactory, SessionRequest
-from fedge.transport.mqtt import publish_packet_size
 
 __all__ = ["ClippedSum", "ShardWorker", "WorkerConfig"]
 
 log = logging.getLogger(__name__)
 
 
-class ClippedSum:
-    """A worker's share of a round: a float64 ``WeightedSum`` of updates whose norm is bounded
-    by ``clip_norm`` as the strategies' ``fold`` bounds it (0: unbounded). A ``FoldSink``."""
-
-    def __init__(self, spec: TensorSpec, clip_norm: float) -> None:
-        self.acc = WeightedSum(spec)
-        self.clip_norm = clip_norm
-
-    def fold(
-        self, delta: Mapping[str, np.ndarray], num_samples: int, *, staleness: int = 0
-    ) -> None:
-        scale = 1.0
-        if self.clip_norm > 0:
-            norm = squared_norm(delta) ** 0.5
-            scale = min(1.0, self.clip_norm / norm) if norm > 0 else 1.0
-        self.acc.add(delta, num_samples, scale=scale)
-
-
-class ShardWorker:
+class ShardWorker(WorkerIntake, WorkerPartials):
     def __init__(
         self,
         config: WorkerConfig,
@@ -178,208 +157,3 @@ class ShardWorker:
         # share of updates, connected or not (persistent session).
         status = DeviceStatus(self.name, DeviceState.ONLINE, ts=time.time()).to_bytes()
         self.session.publish(self.topics.status(self.name), status, qos=1, retain=True)
-
-    # -- incoming ---------------------------------------------------------------------------
-    def _on_message(self, topic: str, payload: bytes) -> None:
-        device = self.topics.device_of(topic, "update")
-        if device is not None:
-            self._on_update(device, topic, payload)
-            return
-        try:
-            if topic == self.topics.task and not payload:
-                return  # the round closed (protocol §10.1): the reducer's request settles it
-            if topic == self.topics.task:
-                task = RoundTask.from_bytes(payload, self.limits)
-                # Verified before it is held: a forged round 2**31 would make every real
-                # task look stale and discard the journals of the rounds below it.
-                self._task = check_task(task, self.config.aggregator_key, self.limits)
-                self._maybe_open()
-            elif topic == self.shard_topics.request:
-                self._on_request(PartialRequest.from_bytes(payload, self.limits))
-            elif self._models.wants(topic):
-                self._on_model(self._models.offer(topic, payload))
-        except (ProtocolError, ValueError) as e:
-            log.warning("%s: ignored %s: %s", self.name, topic, e)
-
-    def _on_model(self, model: GlobalModel | None) -> None:
-        if model is None or model.version == self.model_version:
-            return
-        from models.onnx_weights import read_initializers
-
-        self.spec = spec_of(read_initializers(model.onnx))
-        self.model_version = model.version
-        self._maybe_open()
-
-    def _maybe_open(self) -> None:
-        task, rnd = self._task, self.round
-        if task is None or self.spec is None or task.base_version != self.model_version:
-            return  # the model this task trains arrives separately
-        if rnd is not None and task.round <= rnd.round:
-            if task.round == rnd.round and task.deadline != rnd.task.deadline:
-                rnd.task = task  # deadline extended after a broker outage
-                self._schedule_deadline(task)
-            return
-        if rnd is not None and rnd.weights:
-            self._weight_reference = lower_median(rnd.weights)
-        # A newer task means the reducer checkpointed the last round: its journal can go.
-        self._settle(task.round)
-        self.journal.discard_through(task.round - 1)
-        self._excluded = set()
-        self._start_round(task)
-        self._schedule_deadline(task)
-        pending, self._pending = self._pending, []
-        for device, payload, ack in pending:
-            self._on_update(device, self.topics.update(device), payload, ack)
-        self.ready.set()
-        log.info("%s: round %d open (base v%d)", self.name, task.round, task.base_version)
-        early, self._early = self._early, []
-        for req in early:
-            if req.round == task.round:
-                self._on_request(req)
-
-    def _start_round(self, task: RoundTask) -> None:
-        """Fresh state for ``task``, then fold what the journal holds (minus excluded)."""
-        assert self.spec is not None
-        self.round = OpenRound(task, time.time())
-        sink = ClippedSum(self.spec, self.config.clip_norm)
-        self._ctx = RoundContext(
-            self.round,
-            task.base_version,
-            self.spec,
-            sink,
-            max_weight=self._cap.cap(self._weight_reference),
-        )
-        for device, payload in self.journal.open(task.round):
-            if device in self._excluded:
-                self.round.counted[device] = "(dropped)"  # later copies are duplicates
-            else:
-                self._fold(device, payload, journal=False)
-
-    def _schedule_deadline(self, task: RoundTask) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
-        delay = max(0.0, task.deadline - time.time())
-        self._deadline = self.mux.call_later(delay, lambda: self._publish_partial(0, final=False))
-
-    def _on_update(
-        self, device: str, topic: str, payload: bytes, ack: Callable[[], None] | None = None
-    ) -> None:
-        """``ack``: that of a held update taken up now; None for the message being handled
-        (the session acks it when the handler returns, unless it is held again)."""
-        if self.round is None:
-            self._hold(device, payload, ack)
-            return
-        size = publish_packet_size(topic, len(payload))
-        self.round.uplink_bytes += size
-        self.intake.metrics.received(device, size)
-        if self._fold(device, payload, journal=True, ack=ack) and ack is not None:
-            ack()
-
-    def _hold(self, device: str, payload: bytes, ack: Callable[[], None] | None) -> None:
-        if len(self._pending) >= self.config.max_pending:
-            self._reject("no_round", f"{device}: no round open and {len(self._pending)} held")
-            if ack is not None:
-                ack()
-            return
-        self._pending.append((device, payload, ack or self.session.defer_ack()))
-
-    def _fold(
-        self, device: str, payload: bytes, *, journal: bool, ack: Callable[[], None] | None = None
-    ) -> bool:
-        """Validate, journal, confirm and fold one update through the shared intake; False
-        when it was held again (its ``ack`` then travels with it), True when it is dealt
-        with (counted or refused)."""
-        rnd, ctx = self.round, self._ctx
-        assert rnd is not None
-        assert ctx is not None
-        upd = self.intake.parse(device, payload, ctx)
-        if upd is None:
-            return True
-        if upd.round > rnd.round:
-            # Its task has not reached this worker yet (possible on a broker cluster).
-            self._hold(device, payload, ack)
-            return False
-        checked = self.intake.check(device, upd, ctx, journal=journal)
-        if checked is None:
-            return True
-        if journal and self._sealed == rnd.round:
-            # The reducer closes the round on the sums already sent: no receipt, as for an
-            # update that reaches a single aggregator after its round closed.
-            self._reject("round_closed", f"{device}: round {rnd.round} is closing")
-            return True
-        if self.intake.take(device, payload, checked, ctx, journal=journal):
-            self.folded += 1
-        return True
-
-    def _reject(self, reason: str, detail: str) -> None:
-        self.intake.reject(self.round, reason, detail)
-
-    # -- partial sums ------------------------------------------------------------------------
-    def _on_request(self, req: PartialRequest) -> None:
-        rnd = self.round
-        if rnd is None or req.round > rnd.round:
-            if len(self._early) < 64:  # a few per round; a flood of forged ones is capped
-                self._early.append(req)
-            return
-        if not req.asks(self.name):
-            self._not_asked(req)
-            return
-        if req.round != rnd.round:
-            mine = rnd.round
-            log.info("%s: request for round %d, mine is %s", self.name, req.round, mine)
-            return
-        drop = set(req.drop) & {d for d in rnd.counted if d not in self._excluded}
-        if drop:
-            self._excluded |= drop
-            uplink, rejected = rnd.uplink_bytes, dict(rnd.rejected)
-            self._start_round(rnd.task)  # fold the journal again without them
-            self.round.uplink_bytes, self.round.rejected = uplink, rejected  # type: ignore[union-attr]
-            log.info("%s: dropped %s from round %d", self.name, sorted(drop), rnd.round)
-        if req.final:
-            self._sealed = rnd.round
-            self._on_sealed(rnd.round)
-        self._publish_partial(req.request, final=req.final)
-
-    # -- hooks of a site gateway (aggregator/gateway/site.py) -------------------------------
-    def _settle(self, new_round: int) -> None:
-        """Before the journals of rounds below ``new_round`` go (a newer task came)."""
-
-    def _not_asked(self, req: PartialRequest) -> None:
-        """A request for other workers (a final one naming others: left out)."""
-
-    def _on_sealed(self, round_id: int) -> None:
-        """The reducer sealed ``round_id`` asking this worker: its partial closes it."""
-
-    def _dense(self, final: bool) -> bool:
-        """Send the sums (True) or a summary (counts and ids) in answer to a request."""
-        return True
-
-    def partial(self, request: int, *, dense: bool = True) -> PartialSum:
-        """This worker's share of the open round (mux thread); ``dense=False``: a summary."""
-        rnd, ctx = self.round, self._ctx
-        if rnd is None or ctx is None:
-            raise AggregationError(f"{self.name}: no open round")
-        assert isinstance(ctx.sink, ClippedSum)
-        acc = ctx.sink.acc
-        return PartialSum(
-            round=rnd.round,
-            base_version=rnd.task.base_version,
-            worker=self.name,
-            request=request,
-            total_weight=acc.total_weight,
-            counted={d: u for d, u in rnd.counted.items() if d not in self._excluded},
-            sums=acc.sums if dense else {},
-            uplink_bytes=rnd.uplink_bytes,
-            loss_sum=rnd.train_loss_sum,
-            policy=self.policy,
-            rejected=dict(rnd.rejected),
-        )
-
-    def _publish_partial(self, request: int, *, final: bool) -> None:
-        if self.round is None:
-            return
-        p = self.partial(request, dense=self._dense(final))
-        try:
-            self.session.publish(self.shard_topics.partial(self.name), p.to_bytes())
-        except ProtocolError as e:  # larger than one packet: partials are not chunked yet
-            log.error("%s: cannot publish partial of round %d: %s", self.name, p.round, e)

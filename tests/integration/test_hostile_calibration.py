@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-import edge_agent.agent
+import edge_agent.round_work
 from fedge.envelopes import RoundTask
 from simulation.datasets import make_federated
 from tests.integration.fleet_helpers import wait_until
@@ -28,7 +28,7 @@ def test_one_device_cannot_wreck_the_int8_model(
     fleet_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: dev-3 reports [-1e30, 1e30] (finite in float32, so well-formed) everywhere
-    honest = edge_agent.agent.calibration
+    honest = edge_agent.round_work.calibration
     reported: dict[str, dict[str, tuple[float, float]]] = {}
 
     def calibration(uplink: Any, onnx: bytes, x: np.ndarray, task: RoundTask) -> Any:
@@ -38,7 +38,7 @@ def test_one_device_cannot_wreck_the_int8_model(
         reported[uplink.device_id] = ranges
         return ranges
 
-    monkeypatch.setattr(edge_agent.agent, "calibration", calibration)
+    monkeypatch.setattr(edge_agent.round_work, "calibration", calibration)
     data = make_federated("digits", 4, "iid", seed=0)
     fleet = fleet_factory(
         data, rounds=2, target_devices=4, min_devices=4, round_timeout=30, int8=True
