@@ -23,7 +23,7 @@ import numpy as np
 
 from edge_agent.privacy import LocalDP
 from edge_agent.residual import Residual
-from fedge.codecs import Codec
+from fedge.codecs import Codec, masked_codec
 from fedge.envelopes import ModelUpdate, RoundTask
 from fedge.identity import SigningKey
 from fedge.limits import DEFAULT_LIMITS, Limits
@@ -145,7 +145,8 @@ def encode_with_feedback(
     earlier lossy rounds and keeps none; with no residual to flush there is nothing to save.
 
     With a pruning mask (``keep``) only the live entries of masked tensors are encoded
-    (``fedge.masks.live``); the residual stays in the model's full shape, so it survives a
+    (``fedge.masks.live``), a top-k codec keeping its budget of the full model
+    (``fedge.codecs.masked_codec``); the residual stays in the model's full shape, so it survives a
     mask that grows between rounds, and its pruned entries are dropped (zero).
     """
     after = residual.copy()
@@ -154,7 +155,10 @@ def encode_with_feedback(
         target = {
             k: (np.where(keep[k], v, np.float32(0)) if k in keep else v) for k, v in target.items()
         }
-        blob = codec.encode(live(target, keep), rng)
+        sent_live = live(target, keep)
+        full = sum(v.size for v in target.values())
+        codec = masked_codec(codec, full, sum(v.size for v in sent_live.values()))
+        blob = codec.encode(sent_live, rng)
     else:
         blob = codec.encode(target, rng)
     if codec.lossless:
