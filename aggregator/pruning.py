@@ -241,8 +241,7 @@ class Pruner:
         out = {"sparsity": sparsity(self.keep, self._spec), "prune_level": self.level}
         onnx = shrink_onnx(pub.onnx, self.cuts()) if self.units else pub.onnx
         out["serving_bytes"] = float(len(onnx))
-        path = pub.registry.path(version).with_suffix(".serving.onnx")
-        atomic_write(path, onnx)
+        path = pub.registry.save_serving(version, onnx)
         if pub.eval_set is not None:
             out["serving_accuracy"] = evaluate_onnx(onnx, pub.eval_set)["accuracy"]
         if self.cfg.kind == "structured" and self.units and ranges:

@@ -281,9 +281,10 @@ class RolloutController:
         s.publish(t.release, m.to_bytes(), retain=True)
 
     def _model(self, version: int) -> bytes:
-        onnx, meta = self.registry.load(version)
+        # A pruned version releases its smaller serving model (ModelRegistry.release).
+        onnx, sha, meta = self.registry.release(version)
         g = GlobalModel(
-            version, self.arch, onnx, meta["sha256"], float(meta.get("created", 0.0)),
+            version, self.arch, onnx, sha, float(meta.get("created", 0.0)),
             {k: float(v) for k, v in (meta.get("metrics") or {}).items()},
         )  # fmt: skip
         if self.key is not None:
@@ -292,10 +293,9 @@ class RolloutController:
 
     def _sha(self, version: int) -> str:
         try:
-            _, meta = self.registry.load(version)
+            return self.registry.release(version)[1]
         except KeyError as e:
             raise ConfigError(str(e).strip("'\"")) from None
-        return str(meta["sha256"])
 
     # -- the record -----------------------------------------------------------------------------
     def _record(self, event: str, a: Active, reason: str, d: Decision | None) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from edge_agent.privacy import LocalDP
 from edge_agent.residual import Residual
-from fedge.codecs import Codec
+from fedge.codecs import Codec, masked_codec
 from fedge.envelopes import ModelUpdate, RoundTask
 from fedge.identity import SigningKey
 from fedge.limits import DEFAULT_LIMITS, Limits
@@ -146,7 +146,8 @@ def encode_with_feedback(
     earlier lossy rounds and keeps none; with no residual to flush there is nothing to save.
 
     With a pruning mask (``keep``) only the live entries of masked tensors are encoded
-    (``fedge.masks.live``); the residual stays in the model's full shape, so it survives a
+    (``fedge.masks.live``), a top-k codec keeping its budget of the full model
+    (``fedge.codecs.masked_codec``); the residual stays in the model's full shape, so it survives a
     mask that grows between rounds, and its pruned entries are dropped (zero).
 
     With ``names`` (a fine-tuning round's trainable tensors) only those tensors are encoded,
@@ -158,7 +159,11 @@ def encode_with_feedback(
     keep = keep or {}
     if selective:
         target = {k: _what_moves(k, v, keep, names) for k, v in target.items()}
-        blob = codec.encode(live(target, keep, names), rng)
+        sent_live = live(target, keep, names)
+        if keep:  # pruning: a top-k codec keeps the full model's budget (masked_codec)
+            full = sum(v.size for v in target.values())
+            codec = masked_codec(codec, full, sum(v.size for v in sent_live.values()))
+        blob = codec.encode(sent_live, rng)
     else:
         blob = codec.encode(target, rng)
     if codec.lossless:

@@ -13,10 +13,11 @@ from aggregator.strategies import make_strategy
 from edge_agent.residual import Residual
 from edge_agent.trainer import train_local
 from edge_agent.uplink import Uplink, build_upload, encode_with_feedback
-from fedge.codecs import parse_codec
+from fedge.codecs import masked_codec, parse_codec
 from fedge.envelopes import ModelArch, RoundTask, TrainHyper
 from fedge.errors import ConfigError, InvalidValue, ProtocolError
 from fedge.identity import SigningKey
+from fedge.limits import Limits
 from fedge.masks import Mask, live, live_spec, scatter, sparsity
 from fedge.tensors import spec_of
 from models.onnx_export import OnnxTemplate
@@ -276,3 +277,30 @@ def test_error_feedback_residual_keeps_the_full_shape_across_a_growing_mask() ->
     for k, flags in p.keep.items():
         assert (again.tensors[k][~flags] == 0).all()
         assert (again.tensors[k][flags] != 0).any()
+
+
+def _entries_sent(blob: bytes, spec: dict[str, tuple[int, ...]], codec_name: str) -> int:
+    decoded = parse_codec(codec_name).decode(blob, spec, Limits())
+    return sum(int((v != 0).sum()) for v in decoded.values())
+
+
+@pytest.mark.parametrize(("kind", "target"), [("structured", 0.5), ("unstructured", 0.9)])
+def test_a_masked_update_keeps_the_top_k_budget_of_the_full_model(kind: str, target: float) -> None:
+    w = _weights()
+    p = _pruner(kind, target)
+    p.step(4, w)
+    rng = np.random.default_rng(5)
+    delta = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in w.items()}
+    full = sum(v.size for v in w.values())
+    name = "topk:0.03+int8+zstd"
+    dense_blob, _, _ = encode_with_feedback(delta, parse_codec(name), Residual(), rng)
+    blob, _, _ = encode_with_feedback(delta, parse_codec(name), Residual(), rng, keep=p.keep)
+    live_n = full - round(sparsity(p.keep, spec_of(w)) * full)
+    assert _entries_sent(dense_blob, spec_of(w), name) == int(np.ceil(0.03 * full))
+    sent = _entries_sent(blob, live_spec(spec_of(w), p.keep), name)
+    assert sent == int(np.ceil(0.03 * full))  # as many as the dense update, not 3 % of live
+    assert sent < live_n
+    # A dense codec is untouched, and the budget never exceeds the live entries.
+    assert masked_codec(parse_codec("int8+zstd"), full, live_n).name == "int8+zstd"
+    assert masked_codec(parse_codec("topk:0.5+fp32"), 100, 10).name == "topk:1.0+fp32"
+    assert masked_codec(parse_codec("topk:0.5+fp32"), 100, 100).name == "topk:0.5+fp32"
