@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -634,3 +635,41 @@ def test_a_codec_that_does_not_fit_the_signed_digest_is_a_schema_error(codec: st
             type(env).from_bytes(pack(raw))
         assert e.value.reason == "schema"
         assert "codec must be 1-255 ASCII characters" in str(e.value)
+
+
+def test_task_hyper_leaves_out_defaults_and_reads_them_back() -> None:
+    """Default-valued hyper keys stay off the wire (protocol §5.2); the same task written with
+    every key (as before) reads back equal, with the same signed digest."""
+    # Arrange
+    task = RoundTask(1, 0, 10.0, "fp32", TrainHyper(epochs=5, lr=0.1), bytes(16))
+    full = {
+        "epochs": 5, "batch_size": 32, "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0,
+        "prox_mu": 0.0, "qat": False, "calibrate": False,
+    }  # fmt: skip
+    wire = msgpack.unpackb(task.to_bytes())
+    old = msgpack.packb({**wire, "hyper": full}, use_bin_type=True)
+
+    # Act
+    back = RoundTask.from_bytes(old)
+
+    # Assert
+    assert wire["hyper"] == {"epochs": 5, "batch_size": 32, "lr": 0.1}
+    assert back == task
+    assert back.digest() == task.digest()
+    momentum = replace(task, hyper=TrainHyper(epochs=5, lr=0.1, momentum=0.9))
+    assert msgpack.unpackb(momentum.to_bytes())["hyper"]["momentum"] == 0.9
+    assert momentum.digest() != task.digest()
+
+
+def test_negative_zero_hyper_is_signed_as_zero() -> None:
+    """-0.0 equals the default, is left out, and must not sign other bytes than 0.0 does."""
+    # Arrange
+    plain = RoundTask(1, 0, 10.0, "fp32", TrainHyper(), bytes(16))
+    signed_zero = replace(plain, hyper=TrainHyper(momentum=-0.0, prox_mu=-0.0))
+
+    # Act
+    back = RoundTask.from_bytes(signed_zero.to_bytes())
+
+    # Assert
+    assert "momentum" not in msgpack.unpackb(signed_zero.to_bytes())["hyper"]
+    assert back.digest() == signed_zero.digest() == plain.digest()
