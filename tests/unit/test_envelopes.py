@@ -638,8 +638,8 @@ def test_a_codec_that_does_not_fit_the_signed_digest_is_a_schema_error(codec: st
 
 
 def test_task_hyper_leaves_out_defaults_and_reads_them_back() -> None:
-    """Default-valued hyper keys stay off the wire (protocol §5.2); the same task written with
-    every key (as before) reads back equal, with the same signed digest."""
+    """Default-valued hyper keys and a nil ``selected`` stay off the wire (protocol §5.2); the
+    same task written with every key (as before) reads back equal, with the same digest."""
     # Arrange
     task = RoundTask(1, 0, 10.0, "fp32", TrainHyper(epochs=5, lr=0.1), bytes(16))
     full = {
@@ -647,13 +647,14 @@ def test_task_hyper_leaves_out_defaults_and_reads_them_back() -> None:
         "prox_mu": 0.0, "qat": False, "calibrate": False,
     }  # fmt: skip
     wire = msgpack.unpackb(task.to_bytes())
-    old = msgpack.packb({**wire, "hyper": full}, use_bin_type=True)
+    old = msgpack.packb({**wire, "hyper": full, "selected": None}, use_bin_type=True)
 
     # Act
     back = RoundTask.from_bytes(old)
 
     # Assert
     assert wire["hyper"] == {"epochs": 5, "batch_size": 32, "lr": 0.1}
+    assert "selected" not in wire  # nil: every device
     assert back == task
     assert back.digest() == task.digest()
     momentum = replace(task, hyper=TrainHyper(epochs=5, lr=0.1, momentum=0.9))
