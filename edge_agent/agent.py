@@ -206,7 +206,7 @@ class EdgeAgent:
         ).to_bytes()
 
     def _publish_status(self, state: DeviceState) -> None:
-        self.session.publish(
+        self.counters.tx_status_bytes += self.session.publish(
             self.topics.status(self.device_id), self._status(state), qos=1, retain=True
         )
 

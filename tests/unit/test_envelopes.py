@@ -249,7 +249,7 @@ def test_wire_map_carries_version_and_kind(cls: type) -> None:
 def test_optional_keys_may_be_absent(cls: type) -> None:
     raw = raw_of(cls)
     for key in OPTIONAL_KEYS[cls]:
-        del raw[key]
+        raw.pop(key, None)  # fedge leaves some out already when empty (protocol §4)
 
     decoded = cls.from_bytes(packed(raw))
 
@@ -674,3 +674,18 @@ def test_negative_zero_hyper_is_signed_as_zero() -> None:
     # Assert
     assert "momentum" not in msgpack.unpackb(signed_zero.to_bytes())["hyper"]
     assert back.digest() == signed_zero.digest() == plain.digest()
+
+
+def test_update_without_calibration_leaves_calib_out() -> None:
+    """An empty ``calib`` is not sent (protocol §4); with ranges it is, and both read back."""
+    # Arrange
+    plain = ModelUpdate("d1", 1, 0, "u", bytes(16), 10, "fp32", b"blob")
+    ranged = replace(plain, calib={"x": (0.0, 1.0)})
+
+    # Act
+    back, back_ranged = (ModelUpdate.from_bytes(u.to_bytes()) for u in (plain, ranged))
+
+    # Assert
+    assert "calib" not in msgpack.unpackb(plain.to_bytes())
+    assert msgpack.unpackb(ranged.to_bytes())["calib"] == {"x": [0.0, 1.0]}
+    assert (back, back_ranged) == (plain, ranged)
