@@ -2,7 +2,7 @@
 
     python apply_patch.py PATCH.bin WEIGHTS.npz OUT.npz [--pubkey HEX]
 
-PATCH.bin is the raw MQTT payload received on ``fedge/<fleet>/model/patch/<v>``; WEIGHTS.npz
+PATCH.bin is the raw MQTT payload received on ``fedge/<fleet>/model/patch/<slot>``; WEIGHTS.npz
 holds the float32 weights of version ``from_version`` by tensor name (as read from the ONNX
 initializers). OUT.npz gets the weights of ``to_version`` after the result hash checked out.
 ``--pubkey`` (the aggregator's raw 32-byte Ed25519 public key, hex) verifies the signature
