@@ -79,7 +79,10 @@ class Receipt:
     alone is not enough: a broker crash can lose a message in flight to the aggregator).
 
     ``late``: the update was recorded (by a site gateway) but its round closed without it (the
-    site was cut off from the centre): it is in no version. Sent only as ``late: true``."""
+    site was cut off from the centre): it is in no version. Sent only as ``late: true``.
+
+    ``device`` is not sent: the topic ``{p}/receipt/{device}`` names it (an optional key, read
+    when present; absent, the reader's own id, ``from_bytes(device=...)``)."""
 
     device: str
     round: int
@@ -90,7 +93,6 @@ class Receipt:
         m: dict[str, object] = {
             "v": SCHEMA_VERSION,
             "kind": str(Kind.RECEIPT),
-            "device": self.device,
             "round": self.round,
             "update_id": self.update_id,
         }
@@ -99,10 +101,11 @@ class Receipt:
         return pack(m)
 
     @classmethod
-    def from_bytes(cls, payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Self:
+    def from_bytes(cls, payload: bytes, limits: Limits = DEFAULT_LIMITS, device: str = "") -> Self:
+        """``device``: whose receipt topic it came on (the receipt does not repeat it)."""
         f = _open(payload, Kind.RECEIPT, limits)
         r = cls(
-            device=_device(f),
+            device=device if f.str("device", optional=True) is None else _device(f),
             round=f.int("round", 1, _MAX_ROUND),
             update_id=f.str("update_id"),
             late=bool(f.bool("late", optional=True)),

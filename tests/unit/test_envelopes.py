@@ -689,3 +689,19 @@ def test_update_without_calibration_leaves_calib_out() -> None:
     assert "calib" not in msgpack.unpackb(plain.to_bytes())
     assert msgpack.unpackb(ranged.to_bytes())["calib"] == {"x": [0.0, 1.0]}
     assert (back, back_ranged) == (plain, ranged)
+
+
+def test_receipt_leaves_the_device_to_its_topic() -> None:
+    """``device`` is not sent (protocol §5.7); read when present, else the reader's own id."""
+    # Arrange
+    from fedge.envelopes.status import Receipt
+
+    r = Receipt("dev-01", 7, "3f2a9c1e5b7d4a60")
+    old = msgpack.packb({**msgpack.unpackb(r.to_bytes()), "device": "dev-01"})
+
+    # Act / Assert
+    assert "device" not in msgpack.unpackb(r.to_bytes())
+    assert Receipt.from_bytes(r.to_bytes(), device="dev-01") == r
+    assert Receipt.from_bytes(old) == r
+    with pytest.raises(ProtocolError):
+        Receipt.from_bytes(msgpack.packb({**msgpack.unpackb(old), "device": "a/b"}))
