@@ -92,6 +92,8 @@ def run_one(row: str, seed: int, rounds: int, out: Path) -> dict[str, Any]:
             r["uplink_bytes"] + d for r, d in zip(ok, s["downlink_curve"], strict=False)
         ],
         "failed_rounds": s["failed_rounds"],
+        # Updates folded per version: fewer than the fleet when one came after its round closed.
+        "devices_per_version": [r.get("devices") for r in ok],
     }
 
 
@@ -223,7 +225,9 @@ def main() -> None:
             print(
                 f"seed {seed} {row}: acc {r['final_accuracy']:.4f} up {r['uplink_bytes']} "
                 f"down {r['downlink_bytes']} (models {r['downlink_model_bytes']}, patches "
-                f"{r['downlink_patch_bytes']}) resyncs {r['resyncs']}",
+                f"{r['downlink_patch_bytes']}) resyncs {r['resyncs']} updates per version "
+                f"{min(r['devices_per_version'], default=0)}-"
+                f"{max(r['devices_per_version'], default=0)}",
                 flush=True,
             )
             runs.append(r)
