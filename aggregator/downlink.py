@@ -1,12 +1,13 @@
 """The downlink chain: the weights devices hold (the "device view") and the patches that
-move it, one per version (fedge/patches.py has the arithmetic, protocol §5.8 and §9.8 the rules).
+move it, one per version (fedge/patches.py has the arithmetic, protocol §5.9 and §9.8 the rules).
 
 Per version the service makes the patch ``target - view`` with the downlink codec, keeps the
 view devices compute from it byte for byte, and keeps the last ``retain`` patch messages to
-(re)publish them retained on ``{p}/model/patch/{v}``; the one that falls out of the window has
-its retained copy cleared. What a patch did not send stays in ``target - view`` and goes out
-with the next one: server-side error feedback with no residual of its own to store. View and
-patches are in the checkpoint, so a restarted service continues the same chain.
+(re)publish them retained on ``{p}/model/patch/{v mod retain}``: patch ``v`` replaces the one
+that falls out of the window, so nothing has to be cleared (an empty retained publish would
+reach every subscribed device). What a patch did not send stays in ``target - view`` and goes
+out with the next one: server-side error feedback with no residual of its own to store. View
+and patches are in the checkpoint, so a restarted service continues the same chain.
 
 The full model (``{p}/model/global``) is rendered from the view, so a joiner and a device that
 followed every patch hold the same weights. With ``feedback`` off the server continues from
@@ -47,7 +48,9 @@ class DownlinkChain:
         self.view: dict[str, np.ndarray] = {}
         # (to_version, signed ModelPatch bytes), oldest first, at most ``retain``.
         self.patches: list[tuple[int, bytes]] = []
-        self._cleared_below = 0  # retained patch topics below this were cleared already
+        # Slots at or above ``retain`` that may hold a patch from a larger window (a restart
+        # with a smaller ``patch_retain``): cleared by the next publish(every=True).
+        self._stale_slots: range = range(0)
         self.patch_bytes = 0  # packet size of the last patch published
 
     @property
@@ -69,6 +72,7 @@ class DownlinkChain:
             self.reset(weights)
         else:
             self.view = {k: np.array(v, dtype=np.float32) for k, v in view.items()}
+            self._stale_slots = range(self.retain, len(patches))
             self.patches = list(patches)[-self.retain :]
 
     def served(self, weights: Weights) -> Weights:
@@ -110,16 +114,18 @@ class DownlinkChain:
         )
 
     def publish(self, session: RoleSession, topics: Topics, *, every: bool = False) -> None:
-        """The newest patch (``every``: all retained ones, to repair a broker that lost them),
-        retained, and the clearing of the ones that fell out of the window."""
+        """The newest patch, retained in its slot ``v mod retain`` (``every``: all retained ones,
+        to repair a broker that lost them, and the clearing of slots a larger window used)."""
         if not self.active or not self.patches:
             return
         for v, payload in self.patches if every else self.patches[-1:]:
-            self.patch_bytes = session.publish(topics.model_patch(v), payload, retain=True)
-        below = self.patches[0][0]
-        for v in range(max(self._cleared_below, below - self.retain), below):
-            session.publish(topics.model_patch(v), b"", retain=True)
-        self._cleared_below = below
+            self.patch_bytes = session.publish(
+                topics.model_patch(v % self.retain), payload, retain=True
+            )
+        if every:
+            for slot in self._stale_slots:
+                session.publish(topics.model_patch(slot), b"", retain=True)
+            self._stale_slots = range(0)
 
     @staticmethod
     def describe(payload: bytes) -> str:

@@ -224,7 +224,9 @@ class EdgeAgent(MessageRouting, ModelAdoption, RoundWork):
                     reason,
                 )
 
-        self.session.publish(topic, self._status(state), qos=1, retain=True, on_done=done)
+        self.counters.tx_status_bytes += self.session.publish(
+            topic, self._status(state), qos=1, retain=True, on_done=done
+        )
 
     def _on_connected(self) -> None:
         self.downlink.on_connected()

@@ -43,7 +43,7 @@ class MessageRouting(AgentBase):
             elif self.release.wants(topic):
                 self.release.offer(topic, payload)
             elif topic == self.topics.receipt(self.device_id):
-                r = Receipt.from_bytes(payload, self.limits)
+                r = Receipt.from_bytes(payload, self.limits, device=self.device_id)
                 self.outbox.remove(r.round, r.update_id)
                 log.info(
                     "%s: receipt: update %s of round %d %s",

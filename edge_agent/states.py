@@ -32,6 +32,7 @@ class AgentState(StrEnum):
 class AgentCounters:
     rx_bytes: int = 0  # MQTT PUBLISH packets received (model, task)
     tx_bytes: int = 0  # MQTT PUBLISH packets of updates sent
+    tx_status_bytes: int = 0  # MQTT PUBLISH packets of online statuses sent (not the will)
     updates_sent: int = 0
     rounds_skipped: int = 0
     models_rejected: int = 0

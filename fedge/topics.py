@@ -5,8 +5,8 @@
     {p}/model/global      retained, QoS 1   aggregator -> devices   GlobalModel
     {p}/model/chunk/{i}   retained, QoS 1   aggregator -> devices   ModelChunk (large models)
     {p}/model/int8        retained, QoS 1   aggregator -> devices   GlobalModel (int8 QDQ ONNX)
-    {p}/model/patch/{v}   retained, QoS 1   aggregator -> devices   ModelPatch to version v (the
-                                                                    last patch_retain versions)
+    {p}/model/patch/{s}   retained, QoS 1   aggregator -> devices   ModelPatch to version v, in
+                                                                    slot s = v mod patch_retain
     {p}/round/current     retained, QoS 1   aggregator -> devices   RoundTask
     {p}/update/{device}   QoS 1             device -> aggregator    ModelUpdate
     {p}/status/{device}   retained, QoS 1   device -> all           DeviceStatus (also the will)
@@ -84,8 +84,9 @@ class Topics:
     def all_model_chunks(self) -> str:
         return f"{self.prefix}/model/chunk/+"
 
-    def model_patch(self, to_version: int) -> str:
-        return f"{self.prefix}/model/patch/{int(to_version)}"
+    def model_patch(self, slot: int) -> str:
+        """The retained slot ``to_version mod patch_retain`` (protocol §5.9)."""
+        return f"{self.prefix}/model/patch/{int(slot)}"
 
     @property
     def all_model_patches(self) -> str:

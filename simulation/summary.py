@@ -102,6 +102,7 @@ def _downlink_split(agents: list[EdgeAgent]) -> dict[str, int]:
         "downlink_patch_bytes": sum(x.rx_patch_bytes for x in c),
         "downlink_model_bytes": sum(x.rx_model_bytes for x in c),
         "downlink_task_bytes": sum(x.rx_task_bytes for x in c),
+        "status_bytes": sum(x.tx_status_bytes for x in c),  # devices' statuses, uplink
         "patches_rejected": sum(x.patches_rejected for x in c),
         "resyncs": sum(a.downlink.resyncs for a in agents),
     }

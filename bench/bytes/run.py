@@ -41,6 +41,14 @@ from simulation import DEFAULT_DOWNLINK_CODEC, DEFAULT_SIM_CODEC  # noqa: E402
 from simulation.fleet import SimConfig, simulate  # noqa: E402
 
 BASELINE = "fp32/full"
+TOTAL = (
+    "total = uplink (the update PUBLISH packets the aggregator received) + downlink (every "
+    "PUBLISH packet the devices received: full models, patches, tasks and their clearing on "
+    "round close, receipts, cleared retained patches). Not in it: the devices' status "
+    "PUBLISHes (one per connect and per model version held, the same number in every row; "
+    "their own column, and the ratio with them) and MQTT control packets (CONNECT, SUBSCRIBE, "
+    "PUBACK, PINGREQ)."
+)
 ROWS = [
     BASELINE,
     f"{DEFAULT_SIM_CODEC}/full",  # today's default before patches: compressed up, full down
@@ -78,11 +86,14 @@ def run_one(row: str, seed: int, rounds: int, out: Path) -> dict[str, Any]:
         "downlink_task_bytes": s["downlink_task_bytes"],
         "resyncs": s["resyncs"],
         "total_bytes": s["uplink_bytes"] + s["downlink_bytes"],
+        "status_bytes": s["status_bytes"],
         "accuracy_curve": [r.get("accuracy") for r in ok],
         "total_curve": [
             r["uplink_bytes"] + d for r, d in zip(ok, s["downlink_curve"], strict=False)
         ],
         "failed_rounds": s["failed_rounds"],
+        # Updates folded per version: fewer than the fleet when one came after its round closed.
+        "devices_per_version": [r.get("devices") for r in ok],
     }
 
 
@@ -125,6 +136,12 @@ def aggregate(runs: list[dict[str, Any]], rows: list[str], target: float) -> lis
                 if None in reach or None in base_reach
                 else statistics.fmean(b / c for b, c in zip(base_reach, reach, strict=True)),  # type: ignore[operator]
                 "resyncs": sum(r["resyncs"] for r in mine),
+                "status_bytes": statistics.fmean(r["status_bytes"] for r in mine),
+                "total_x_with_status": statistics.fmean(
+                    (base[r["seed"]]["total_bytes"] + base[r["seed"]]["status_bytes"])
+                    / (r["total_bytes"] + r["status_bytes"])
+                    for r in mine
+                ),
             }
         )
     return out
@@ -134,11 +151,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     t = meta["target"]
     lines = [
         f"digits, 10 devices, Dirichlet(0.5), {meta['rounds']} rounds, seeds {meta['seeds']}; "
-        f"means over seeds; ratios per seed against `{BASELINE}`.",
+        f"means over seeds; ratios per seed against `{BASELINE}`. {TOTAL}",
         "",
         f"| uplink / downlink | final acc | Δ acc (pp) | uplink | downlink (full models + "
-        f"patches) | total | x less total | total to acc {t:.2f} | x less to {t:.2f} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"patches) | total | x less total | total to acc {t:.2f} | x less to {t:.2f} | "
+        "statuses (not in total) | x less with statuses |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         tt = "—" if r["to_target"] is None else f"{r['to_target'] / 1e6:.3f} MB"
@@ -147,7 +165,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| `{r['row']}` | {r['final_accuracy']:.4f} | {r['delta_pp']:+.2f} | "
             f"{r['uplink_bytes'] / 1e6:.3f} MB | {r['downlink_bytes'] / 1e6:.3f} MB "
             f"({r['downlink_model_bytes'] / 1e6:.3f} + {r['downlink_patch_bytes'] / 1e6:.3f}) | "
-            f"{r['total_bytes'] / 1e6:.3f} MB | {r['total_x']:.1f} | {tt} | {tx} |"
+            f"{r['total_bytes'] / 1e6:.3f} MB | {r['total_x']:.1f} | {tt} | {tx} | "
+            f"{r['status_bytes'] / 1e6:.3f} MB | {r['total_x_with_status']:.1f} |"
         )
     lines += ["", f"Command: `{meta['command']}` ({meta['wall_minutes']:.1f} min on "
               f"{meta['machine']})."]  # fmt: skip
@@ -206,7 +225,9 @@ def main() -> None:
             print(
                 f"seed {seed} {row}: acc {r['final_accuracy']:.4f} up {r['uplink_bytes']} "
                 f"down {r['downlink_bytes']} (models {r['downlink_model_bytes']}, patches "
-                f"{r['downlink_patch_bytes']}) resyncs {r['resyncs']}",
+                f"{r['downlink_patch_bytes']}) resyncs {r['resyncs']} updates per version "
+                f"{min(r['devices_per_version'], default=0)}-"
+                f"{max(r['devices_per_version'], default=0)}",
                 flush=True,
             )
             runs.append(r)

@@ -2,7 +2,7 @@
 
     python apply_patch.py PATCH.bin WEIGHTS.npz OUT.npz [--pubkey HEX]
 
-PATCH.bin is the raw MQTT payload received on ``fedge/<fleet>/model/patch/<v>``; WEIGHTS.npz
+PATCH.bin is the raw MQTT payload received on ``fedge/<fleet>/model/patch/<slot>``; WEIGHTS.npz
 holds the float32 weights of version ``from_version`` by tensor name (as read from the ONNX
 initializers). OUT.npz gets the weights of ``to_version`` after the result hash checked out.
 ``--pubkey`` (the aggregator's raw 32-byte Ed25519 public key, hex) verifies the signature
@@ -60,6 +60,8 @@ def decode_patch(payload: bytes) -> dict[str, Any]:
         raise ValueError("not a v1 patch envelope")
     if set(msg) - PATCH_KEYS:
         raise ValueError(f"unknown keys {sorted(set(msg) - PATCH_KEYS)}")
+    if msg.get("to_version") is None:  # optional: absent means from_version + 1
+        msg["to_version"] = msg["from_version"] + 1
     if not isinstance(msg["sha256"], bytes) or len(msg["sha256"]) != 32:
         raise ValueError("sha256 must be 32 bytes of msgpack bin")
     if not msg["from_version"] < msg["to_version"]:

@@ -4,7 +4,7 @@ bounds (``HYPER_BOUNDS``) that the envelope, the task reader and the aggregator'
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -66,6 +66,10 @@ class TrainHyper:
     val_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in _ZERO_DEFAULT:  # -0.0 is 0.0: the signed digest has one zero (§5.2.1)
+            value = getattr(self, name)
+            if isinstance(value, float) and value == 0.0:
+                object.__setattr__(self, name, 0.0)
         for name, bounds in HYPER_BOUNDS.items():
             value = getattr(self, name)
             if value not in bounds:
@@ -74,10 +78,15 @@ class TrainHyper:
             raise InvalidValue("early_stop_patience needs val_fraction > 0")
 
     def to_map(self) -> dict[str, Any]:
-        """The wire map; the early-stopping keys only when it is on (optional on the wire)."""
+        """The wire map: ``epochs``, ``batch_size``, ``lr`` always; every other key only when it
+        is not its default (0 / false; optional on the wire, absent reads as the default, and
+        the signed digest is over the values, so it is the same either way)."""
         out = asdict(self)
+        for name in _ZERO_DEFAULT:
+            if not out[name]:
+                del out[name]
         if not self.early_stop_patience:
-            del out["early_stop_patience"], out["val_fraction"]
+            out.pop("val_fraction", None)
         return out
 
     @classmethod
@@ -99,9 +108,9 @@ class TrainHyper:
             "epochs": whole("epochs"),
             "batch_size": whole("batch_size"),
             "lr": real("lr"),
-            "momentum": real("momentum"),
-            "weight_decay": real("weight_decay"),
-            "prox_mu": real("prox_mu"),
+            "momentum": real("momentum", optional=True) or 0.0,
+            "weight_decay": real("weight_decay", optional=True) or 0.0,
+            "prox_mu": real("prox_mu", optional=True) or 0.0,
             "qat": f.bool("qat", optional=True) or False,
             "calibrate": f.bool("calibrate", optional=True) or False,
             "early_stop_patience": whole("early_stop_patience", optional=True) or 0,
@@ -112,3 +121,9 @@ class TrainHyper:
             return cls(**vals)
         except InvalidValue as e:
             raise ProtocolError("schema", f"task.hyper: {e}") from None
+
+
+_ZERO_DEFAULT = tuple(
+    f.name for f in fields(TrainHyper) if f.name not in ("epochs", "batch_size", "lr")
+)
+"""The settings whose default is 0 / false: omitted from the wire map at their default."""

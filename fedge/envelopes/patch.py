@@ -18,7 +18,7 @@ import struct
 from dataclasses import dataclass
 from typing import Self
 
-from fedge.envelopes.common import _MAX_ROUND, SCHEMA_VERSION, SIGNATURE_BYTES, Kind, _open
+from fedge.envelopes.common import _MAX_ROUND, SCHEMA_VERSION, SIGNATURE_BYTES, Kind, _open, _opt
 from fedge.errors import ProtocolError
 from fedge.limits import DEFAULT_LIMITS, Limits
 from fedge.wire import pack
@@ -88,7 +88,12 @@ class ModelPatch:
                 "v": SCHEMA_VERSION,
                 "kind": str(Kind.PATCH),
                 "from_version": self.from_version,
-                "to_version": self.to_version,
+                # optional, absent = from_version + 1 (always so in fedge): signed either way
+                **(
+                    {}
+                    if self.to_version == self.from_version + 1
+                    else {"to_version": self.to_version}
+                ),
                 "codec": self.codec,
                 "delta": self.delta,
                 "sha256": self.sha256,
@@ -100,9 +105,10 @@ class ModelPatch:
     @classmethod
     def from_bytes(cls, payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Self:
         f = _open(payload, Kind.PATCH, limits)
+        start = f.int("from_version", 0, _MAX_ROUND)
         p = cls(
-            from_version=f.int("from_version", 0, _MAX_ROUND),
-            to_version=f.int("to_version", 1, _MAX_ROUND),
+            from_version=start,
+            to_version=_opt(f.int("to_version", 1, _MAX_ROUND, optional=True), start + 1),
             codec=f.str("codec"),
             delta=f.bytes("delta", max_len=limits.max_payload_bytes),
             sha256=f.bytes("sha256", max_len=32),

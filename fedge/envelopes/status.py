@@ -80,7 +80,10 @@ class Receipt:
 
     ``late``: the update was recorded (by a site gateway) but its round closed without it (the
     site was cut off from the centre) or failed at the centre after the gateway's partial
-    sealed it: it is in no version. Sent only as ``late: true``."""
+    sealed it: it is in no version. Sent only as ``late: true``.
+
+    ``device`` is not sent: the topic ``{p}/receipt/{device}`` names it (an optional key, read
+    when present; absent, the reader's own id, ``from_bytes(device=...)``)."""
 
     device: str
     round: int
@@ -91,7 +94,6 @@ class Receipt:
         m: dict[str, object] = {
             "v": SCHEMA_VERSION,
             "kind": str(Kind.RECEIPT),
-            "device": self.device,
             "round": self.round,
             "update_id": self.update_id,
         }
@@ -100,10 +102,11 @@ class Receipt:
         return pack(m)
 
     @classmethod
-    def from_bytes(cls, payload: bytes, limits: Limits = DEFAULT_LIMITS) -> Self:
+    def from_bytes(cls, payload: bytes, limits: Limits = DEFAULT_LIMITS, device: str = "") -> Self:
+        """``device``: whose receipt topic it came on (the receipt does not repeat it)."""
         f = _open(payload, Kind.RECEIPT, limits)
         r = cls(
-            device=_device(f),
+            device=device if f.str("device", optional=True) is None else _device(f),
             round=f.int("round", 1, _MAX_ROUND),
             update_id=f.str("update_id"),
             late=bool(f.bool("late", optional=True)),

@@ -97,6 +97,8 @@ class RoundTask:
 
     def to_bytes(self) -> bytes:
         extra: dict[str, Any] = {}
+        if self.selected is not None:  # absent: every device (optional since v1)
+            extra["selected"] = list(self.selected)
         if self.accepts_from is not None:
             extra["accepts_from"] = self.accepts_from
         if self.signature:
@@ -116,7 +118,6 @@ class RoundTask:
                 "codec": self.codec,
                 "hyper": self.hyper.to_map(),
                 "nonce": self.nonce,
-                "selected": list(self.selected) if self.selected is not None else None,
                 **extra,
             }
         )

@@ -54,6 +54,8 @@ class ModelUpdate:
         )
 
     def to_bytes(self) -> bytes:
+        # ``calib`` only when there are ranges (optional, absent = {}; signed as the same block)
+        calib = {k: [float(lo), float(hi)] for k, (lo, hi) in self.calib.items()}
         return pack(
             {
                 "v": SCHEMA_VERSION,
@@ -68,7 +70,7 @@ class ModelUpdate:
                 "delta": self.delta,
                 "metrics": dict(self.metrics),
                 "signature": self.signature,
-                "calib": {k: [float(lo), float(hi)] for k, (lo, hi) in self.calib.items()},
+                **({"calib": calib} if calib else {}),
             }
         )
 

@@ -145,3 +145,55 @@ def test_the_msgpack_numpy_example_applies_fedge_patches_bit_exactly() -> None:
         assert key.verify_key.verify(signed_digest(msg), msg["signature"])
         weights = apply(weights, msg)
     assert all(weights[k].tobytes() == chain.view[k].tobytes() for k in w0)
+
+
+class _Retained:
+    """A broker's retained store, and every publish (the session side of ``publish``)."""
+
+    def __init__(self) -> None:
+        self.store: dict[str, bytes] = {}
+        self.sent: list[tuple[str, bytes]] = []
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
+        assert retain
+        self.sent.append((topic, payload))
+        if payload:
+            self.store[topic] = payload
+        else:
+            self.store.pop(topic, None)
+        return len(payload)
+
+
+def _retained_versions(broker: _Retained) -> list[int]:
+    return sorted(ModelPatch.from_bytes(p).to_version for p in broker.store.values())
+
+
+def test_patches_take_slots_so_nothing_is_cleared_and_a_smaller_window_clears_the_rest() -> None:
+    # Arrange
+    key, topics, broker = SigningKey.generate(), Topics("t"), _Retained()
+    rng = np.random.default_rng(0)
+    w0 = {"a": rng.normal(size=(6, 4)).astype(np.float32)}
+    chain = DownlinkChain("topk:0.3+int8+zstd", 3, seed=1)
+    chain.reset(w0)
+    target = dict(w0)
+
+    # Act: seven versions, each published as it is made
+    for v in range(1, 8):
+        target = {k: x + np.float32(0.1) for k, x in target.items()}
+        target = chain.advance(v, target, key)
+        chain.publish(broker, topics)  # type: ignore[arg-type]
+
+    # Assert: the last three stay retained, in three topics, and no empty payload was sent
+    assert _retained_versions(broker) == [5, 6, 7]
+    assert len(broker.store) == 3
+    assert all(p for _, p in broker.sent)
+    assert broker.sent[-1][0] == topics.model_patch(7 % 3)
+
+    # Act: a restart with a window of two republishes it and clears the slot it no longer uses
+    smaller = DownlinkChain("topk:0.3+int8+zstd", 2, seed=1)
+    smaller.restore(chain.view, chain.patches, target)
+    smaller.publish(broker, topics, every=True)  # type: ignore[arg-type]
+
+    # Assert
+    assert _retained_versions(broker) == [6, 7]
+    assert set(broker.store) == {topics.model_patch(0), topics.model_patch(1)}

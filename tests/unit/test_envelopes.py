@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -248,7 +249,7 @@ def test_wire_map_carries_version_and_kind(cls: type) -> None:
 def test_optional_keys_may_be_absent(cls: type) -> None:
     raw = raw_of(cls)
     for key in OPTIONAL_KEYS[cls]:
-        del raw[key]
+        raw.pop(key, None)  # fedge leaves some out already when empty (protocol §4)
 
     decoded = cls.from_bytes(packed(raw))
 
@@ -634,3 +635,73 @@ def test_a_codec_that_does_not_fit_the_signed_digest_is_a_schema_error(codec: st
             type(env).from_bytes(pack(raw))
         assert e.value.reason == "schema"
         assert "codec must be 1-255 ASCII characters" in str(e.value)
+
+
+def test_task_hyper_leaves_out_defaults_and_reads_them_back() -> None:
+    """Default-valued hyper keys and a nil ``selected`` stay off the wire (protocol §5.2); the
+    same task written with every key (as before) reads back equal, with the same digest."""
+    # Arrange
+    task = RoundTask(1, 0, 10.0, "fp32", TrainHyper(epochs=5, lr=0.1), bytes(16))
+    full = {
+        "epochs": 5, "batch_size": 32, "lr": 0.1, "momentum": 0.0, "weight_decay": 0.0,
+        "prox_mu": 0.0, "qat": False, "calibrate": False,
+    }  # fmt: skip
+    wire = msgpack.unpackb(task.to_bytes())
+    old = msgpack.packb({**wire, "hyper": full, "selected": None}, use_bin_type=True)
+
+    # Act
+    back = RoundTask.from_bytes(old)
+
+    # Assert
+    assert wire["hyper"] == {"epochs": 5, "batch_size": 32, "lr": 0.1}
+    assert "selected" not in wire  # nil: every device
+    assert back == task
+    assert back.digest() == task.digest()
+    momentum = replace(task, hyper=TrainHyper(epochs=5, lr=0.1, momentum=0.9))
+    assert msgpack.unpackb(momentum.to_bytes())["hyper"]["momentum"] == 0.9
+    assert momentum.digest() != task.digest()
+
+
+def test_negative_zero_hyper_is_signed_as_zero() -> None:
+    """-0.0 equals the default, is left out, and must not sign other bytes than 0.0 does."""
+    # Arrange
+    plain = RoundTask(1, 0, 10.0, "fp32", TrainHyper(), bytes(16))
+    signed_zero = replace(plain, hyper=TrainHyper(momentum=-0.0, prox_mu=-0.0))
+
+    # Act
+    back = RoundTask.from_bytes(signed_zero.to_bytes())
+
+    # Assert
+    assert "momentum" not in msgpack.unpackb(signed_zero.to_bytes())["hyper"]
+    assert back.digest() == signed_zero.digest() == plain.digest()
+
+
+def test_update_without_calibration_leaves_calib_out() -> None:
+    """An empty ``calib`` is not sent (protocol §4); with ranges it is, and both read back."""
+    # Arrange
+    plain = ModelUpdate("d1", 1, 0, "u", bytes(16), 10, "fp32", b"blob")
+    ranged = replace(plain, calib={"x": (0.0, 1.0)})
+
+    # Act
+    back, back_ranged = (ModelUpdate.from_bytes(u.to_bytes()) for u in (plain, ranged))
+
+    # Assert
+    assert "calib" not in msgpack.unpackb(plain.to_bytes())
+    assert msgpack.unpackb(ranged.to_bytes())["calib"] == {"x": [0.0, 1.0]}
+    assert (back, back_ranged) == (plain, ranged)
+
+
+def test_receipt_leaves_the_device_to_its_topic() -> None:
+    """``device`` is not sent (protocol §5.7); read when present, else the reader's own id."""
+    # Arrange
+    from fedge.envelopes.status import Receipt
+
+    r = Receipt("dev-01", 7, "3f2a9c1e5b7d4a60")
+    old = msgpack.packb({**msgpack.unpackb(r.to_bytes()), "device": "dev-01"})
+
+    # Act / Assert
+    assert "device" not in msgpack.unpackb(r.to_bytes())
+    assert Receipt.from_bytes(r.to_bytes(), device="dev-01") == r
+    assert Receipt.from_bytes(old) == r
+    with pytest.raises(ProtocolError):
+        Receipt.from_bytes(msgpack.packb({**msgpack.unpackb(old), "device": "a/b"}))

@@ -7,6 +7,7 @@ import hashlib
 import struct
 from dataclasses import replace
 
+import msgpack
 import numpy as np
 import pytest
 
@@ -117,3 +118,22 @@ def test_envelope_refuses_inconsistent_fields(change: dict[str, object]) -> None
     patch, _ = make_patch(_weights(0), _weights(1), from_version=3, codec="fp16", retained_from=1)
     with pytest.raises(ProtocolError):
         ModelPatch.from_bytes(replace(patch, **change).to_bytes())  # type: ignore[arg-type]
+
+
+def test_to_version_is_sent_only_when_it_is_not_the_next_version() -> None:
+    """fedge's patches make from_version + 1 and leave ``to_version`` out (protocol §5.9)."""
+    # Arrange
+    key = SigningKey.generate()
+    patch, _ = make_patch(
+        _weights(0), _weights(1), from_version=3, codec="fp16", retained_from=1, signing_key=key
+    )
+    skip = replace(patch, to_version=5)
+
+    # Act
+    back, back_skip = (ModelPatch.from_bytes(p.to_bytes()) for p in (patch, skip))
+
+    # Assert
+    assert "to_version" not in msgpack.unpackb(patch.to_bytes())
+    assert msgpack.unpackb(skip.to_bytes())["to_version"] == 5
+    assert (back, back_skip) == (patch, skip)
+    key.verify_key.verify(back.digest(), back.signature)
