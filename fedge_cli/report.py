@@ -171,6 +171,7 @@ def render_series(
 
         matplotlib.use("Agg")  # files only: never needs a display
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullFormatter
     except ImportError:
         raise RuntimeError("fedge report needs matplotlib: pip install matplotlib") from None
 
@@ -194,6 +195,8 @@ def render_series(
             )
         for ax in axes:
             ax.grid(True, alpha=0.3)
+        for ax in axes[1:]:  # log axes spanning under a decade label minor ticks: they overlap
+            ax.xaxis.set_minor_formatter(NullFormatter())
         # As many columns as fit the figure's width (~70 characters a panel at this font size).
         ncols = max(1, min(len(runs), 70 * panels // max(len(lab) + 6 for lab in labels)))
         fig.legend(loc="outside lower center", ncols=ncols, fontsize="small")
