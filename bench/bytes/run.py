@@ -67,6 +67,8 @@ IMU_ROWS = [
     f"{DEFAULT_SIM_CODEC}/{DEFAULT_DOWNLINK_CODEC}",
     f"{DEFAULT_SIM_CODEC}/full",
     f"{DEFAULT_SIM_CODEC}/topk:0.2+int8+zstd",
+    f"fp32/{DEFAULT_DOWNLINK_CODEC}",  # what the patches alone cost
+    f"topk:0.1+int4+zstd/{DEFAULT_DOWNLINK_CODEC}",  # a denser uplink for the small CNN
 ]
 TASKS: dict[str, dict[str, Any]] = {
     "digits": {"devices": 10, "partition": "dirichlet:0.5", "epochs": 5, "lr": 0.1},
