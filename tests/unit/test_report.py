@@ -6,13 +6,21 @@ from pathlib import Path
 import pytest
 
 from fedge_cli.main import main
-from fedge_cli.report import load_run, render_report, run_labels
+from fedge_cli.report import load_run, render_report, render_series, run_labels
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(root: Path, name: str, codec: str, accuracies: list[float | None], up: int) -> Path:
-    """A run directory shaped like fedge simulate's: summary.json + metrics.jsonl."""
+def make_run(
+    root: Path,
+    name: str,
+    codec: str,
+    accuracies: list[float | None],
+    up: int,
+    downlink_curve: list[int] | None = None,
+) -> Path:
+    """A run directory shaped like fedge simulate's: summary.json + metrics.jsonl (with
+    ``downlink_curve``, bytes the devices received per version, when given)."""
     d = root / name
     d.mkdir()
     lines = []
@@ -23,7 +31,10 @@ def make_run(root: Path, name: str, codec: str, accuracies: list[float | None], 
         lines.append(json.dumps(rec))
     (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     config = {"out": str(d), "dataset": "digits", "devices": 10, "codec": codec, "lr": 0.05}
-    (d / "summary.json").write_text(json.dumps({"rounds": len(accuracies), "config": config}))
+    summary: dict[str, object] = {"rounds": len(accuracies), "config": config}
+    if downlink_curve is not None:
+        summary["downlink_curve"] = downlink_curve
+    (d / "summary.json").write_text(json.dumps(summary))
     return d
 
 
@@ -127,3 +138,57 @@ def test_report_plots_an_aggregator_state_dir_and_a_metrics_file(tmp_path: Path)
     assert by_file.path == state
     assert run_labels([by_dir])[0] == ["fedge-aggregator-state"]
     assert png_size(out) == (600, 240)
+
+
+def test_load_run_adds_the_downlink_per_version_to_the_total(tmp_path: Path) -> None:
+    # Prepare: round 2 failed (uplink sent, no version, no downlink entry)
+    d = make_run(tmp_path, "a", "fp32", [0.5, None, 0.7], up=1000, downlink_curve=[200, 300])
+
+    # Execute
+    run = load_run(d)
+
+    # Assert
+    assert run.cumulative_uplink == (1000, 3000)
+    assert run.cumulative_total == (1200, 3500)
+
+
+@pytest.mark.parametrize(
+    "curve",
+    [None, [200], [200, 300, 400], [200, -1], [200, "300"]],
+    ids=["absent", "short", "long", "negative", "not-int"],
+)
+def test_a_run_without_a_usable_downlink_curve_has_no_total(
+    tmp_path: Path, curve: list[object] | None
+) -> None:
+    # Prepare
+    d = make_run(tmp_path, "a", "fp32", [0.5, 0.7], up=1000, downlink_curve=curve)  # type: ignore[arg-type]
+
+    # Execute
+    run = load_run(d)
+
+    # Assert: the uplink panel still has it; the total panel leaves it out
+    assert run.cumulative_total is None
+    assert run.cumulative_uplink == (1000, 2000)
+
+
+def test_report_draws_a_total_bytes_panel_when_a_run_counts_its_downlink(tmp_path: Path) -> None:
+    # Prepare: one run with the downlink split, one without (a deployment's metrics)
+    a = make_run(tmp_path, "a", "fp32", [0.2, 0.5, 0.8], up=300_000, downlink_curve=[9] * 3)
+    b = make_run(tmp_path, "b", "int8+zstd", [0.2, 0.45, 0.79], up=30_000)
+    out = tmp_path / "total.png"
+
+    # Execute
+    render_report([a, b], out, dpi=50)
+
+    # Assert: a third panel, 18 x 4.8 inches at 50 dpi
+    assert png_size(out) == (900, 240)
+
+
+def test_render_series_refuses_labels_that_do_not_match_the_runs(tmp_path: Path) -> None:
+    # Prepare
+    run = load_run(make_run(tmp_path, "a", "fp32", [0.5], up=10))
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="one label per run"):
+        render_series([run], tmp_path / "x.png", labels=["a", "b"])
+    assert not (tmp_path / "x.png").exists()
