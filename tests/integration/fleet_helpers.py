@@ -137,6 +137,7 @@ class Fleet:
         self.agg_mux, self.dev_mux = Mux("agg").start(), Mux("dev").start()
         self.executor = ThreadPoolExecutor(1)
         self.agents: dict[str, EdgeAgent] = {}
+        self.tasks_seen: dict[str, list[RoundTask]] = {}
         self.config = AggregatorConfig(
             broker=str(self.url),
             fleet=self.topics.fleet,
@@ -168,6 +169,11 @@ class Fleet:
             **{"executor": self.executor, **kw},
         )
         self.agents[dev] = agent
+        # Every verified task the agent took, in order: the agent itself drops its task when
+        # the aggregator clears a closed round's (protocol §9.5), so tests read them here.
+        seen = self.tasks_seen.setdefault(dev, [])
+        take = agent._on_task
+        agent._on_task = lambda t: (seen.append(t), take(t))[1]  # type: ignore[method-assign]
         agent.start()
         return agent
 

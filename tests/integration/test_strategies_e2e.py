@@ -56,7 +56,7 @@ def test_strategy_runs_over_the_broker(
     assert any(not np.array_equal(v0[k], v2[k]) for k in v0)
     assert [r["devices"] for r in fleet.records] == [5, 5]
     if name == "fedprox":  # the proximal term reached the devices through the task
-        assert all(a.task.hyper.prox_mu > 0 for a in fleet.agents.values())
+        assert all(seen[-1].hyper.prox_mu > 0 for seen in fleet.tasks_seen.values())
 
 
 def test_adaptive_rates_and_early_stopping_show_in_the_metrics(
@@ -85,7 +85,7 @@ def test_adaptive_rates_and_early_stopping_show_in_the_metrics(
     wait_until(fleet.aggregator.done.is_set, 60, "three versions with early stopping")
 
     recs = fleet.records
-    assert all(a.task.hyper.early_stop_patience == 1 for a in fleet.agents.values())
+    assert all(seen[-1].hyper.early_stop_patience == 1 for seen in fleet.tasks_seen.values())
     assert all(r["early_stopped"] >= 1 for r in recs)
     assert all(1 <= r["local_epochs_mean"] < 20 for r in recs)
     # The first version sets the best; threshold 0.5 (+50 %) makes every later one a plateau,
