@@ -202,3 +202,44 @@ class Fleet:
         self.dev_mux.stop()
         self.agg_mux.stop()
         self.executor.shutdown(cancel_futures=True)
+
+
+def skip_reason_for_task(fleet_factory: Any, **task_fields: Any) -> tuple[EdgeAgent, str]:
+    """One device at version 1 of an unsigned fleet is handed a round-2 task with
+    ``task_fields`` (fields it cannot honour); returns the agent once it skipped that round,
+    and the reason it logged (what follows ``skipping round 2: ``)."""
+    import logging
+    import os
+
+    from fedge.envelopes import TrainHyper
+    from simulation.datasets import make_federated
+
+    reasons: list[str] = []
+
+    class _Skips(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            head, _, reason = record.getMessage().partition(": skipping round 2: ")
+            if head == "dev-0" and reason:
+                reasons.append(reason)
+
+    data = make_federated("digits", 1, "iid", seed=0)
+    fleet = fleet_factory(data, rounds=1, target_devices=1, min_devices=1, round_timeout=30)
+    fleet.start_aggregator()
+    agent = fleet.add_agent(0)
+    wait_until(fleet.aggregator.done.is_set, 30, "version 1")
+    wait_until(lambda: agent.model is not None and agent.model.version == 1, 10, "v1 on dev-0")
+    task = RoundTask(2, 1, time.time() + 30, "fp32", TrainHyper(), os.urandom(16), **task_fields)
+    handler, log = _Skips(), logging.getLogger("edge_agent.agent")
+    log.addHandler(handler)
+    try:
+        agg = fleet.aggregator
+        fleet.agg_mux.call_soon(
+            lambda: agg.session.publish(fleet.topics.task, task.to_bytes(), retain=True)
+        )
+        wait_until(lambda: agent.counters.rounds_skipped == 1, 10, "dev-0 skips round 2")
+    finally:
+        log.removeHandler(handler)
+    assert agent.last_round == 2
+    assert agent.counters.updates_sent == 1  # round 1 only
+    assert len(reasons) == 1, reasons
+    return agent, reasons[0]
